@@ -1,0 +1,3 @@
+from cml_appliance.cli import main
+
+raise SystemExit(main())

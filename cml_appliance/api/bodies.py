@@ -1,0 +1,84 @@
+"""Reading and checking JSON request bodies: objects only, known fields only, right types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from cml_appliance.core.errors import InvalidArgument, PayloadTooLarge
+
+# Field kinds a body spec may name.
+STR, INT, INT64, FLOAT, BOOL = "string", "integer", "int64", "number", "boolean"
+STR_MAP, STR_LIST, OBJECT, ANY = "map of strings", "list of strings", "object", "any"
+
+
+async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object ({} when empty); 400/413 with a clear message otherwise."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
+    try:
+        raw = await request.content.read(max_bytes + 1)
+    except ValueError:
+        raise InvalidArgument("request body could not be read") from None
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    return body
+
+
+def _type_ok(kind: str, value: Any) -> tuple[bool, Any]:
+    if kind == ANY:
+        return True, value
+    if kind == STR:
+        return isinstance(value, str), value
+    if kind == BOOL:
+        return isinstance(value, bool), value
+    if kind == INT:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == INT64:  # proto3 JSON: int64 may come as a number or a decimal string
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return True, int(value)
+        return False, value
+    if kind == FLOAT:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if kind == STR_MAP:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        return ok, value
+    if kind == STR_LIST:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
+    if kind == OBJECT:
+        return isinstance(value, dict), value
+    raise AssertionError(kind)
+
+
+def check_body(body: Mapping[str, Any], spec: Mapping[str, str], ignored: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Return the known fields of body, converted; unknown fields or wrong types are a 400.
+
+    `ignored` names output-only fields a client may echo back (they are dropped, not refused).
+    Null counts as absent, as in proto3 JSON.
+    """
+    unknown = sorted(k for k in body if k not in spec and k not in ignored)
+    if unknown:
+        raise InvalidArgument(f"unknown field(s): {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    for key, kind in spec.items():
+        if key not in body or body[key] is None:
+            continue
+        ok, value = _type_ok(kind, body[key])
+        if not ok:
+            raise InvalidArgument(f"field {key!r} must be a {kind}, got {json.dumps(body[key])[:80]}")
+        out[key] = value
+    return out

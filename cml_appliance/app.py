@@ -1,0 +1,89 @@
+"""The one factory: create_app(settings) wires every component as a cleanup context,
+opened in dependency order and closed in reverse."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from cml_appliance.auth import api as auth_api
+from cml_appliance.auth import ui as auth_ui
+from cml_appliance.core.paths import static_dir
+from cml_appliance.core.settings import Settings
+from cml_appliance.core.tasks import Supervisor
+from cml_appliance.db import migrate
+from cml_appliance.db.pool import create_pool, database_url
+from cml_appliance.projects import api as projects_api
+from cml_appliance.projects import ui as projects_ui
+from cml_appliance.projects.service import ProjectService
+from cml_appliance.runtimes import api as runtimes_api
+from cml_appliance.runtimes import catalog
+from cml_appliance.runtimes import ui as runtimes_ui
+from cml_appliance.web import health, middlewares, templating
+from cml_appliance.web.keys import METRICS, POOL, PROJECTS, SETTINGS, SUPERVISOR
+from cml_appliance.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allow_local_git: bool = False) -> web.Application:
+    app = web.Application(
+        middlewares=[middlewares.observe, middlewares.errors, middlewares.authenticate, middlewares.csrf],
+        client_max_size=settings.max_json_body_mb * 1024 * 1024,
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("cml_appliance.web", "templates"),
+        autoescape=True,
+        context_processors=[templating.context_processor],
+    )
+    templating.setup(app)
+    should_migrate = settings.migrate_on_start if migrate_on_start is None else migrate_on_start
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        async with database_url(settings.database_url, settings.data_dir) as dsn:
+            pool = await create_pool(dsn, settings.database_pool_min, settings.database_pool_max)
+            try:
+                async with pool.acquire() as conn:
+                    if should_migrate:
+                        await migrate.migrate(conn)
+                    await migrate.require_current_schema(conn)
+                await catalog.seed_runtimes(pool, settings.runtimes)
+                await catalog.seed_profiles(pool, settings.cpu_profiles)
+                app[POOL] = pool
+                app[METRICS].watch_pool(lambda: (pool.get_size(), pool.get_idle_size(), pool.get_max_size()))
+                yield
+            finally:
+                await pool.close()
+
+    async def supervisor(app: web.Application) -> AsyncIterator[None]:
+        app[SUPERVISOR] = Supervisor()
+        yield
+        await app[SUPERVISOR].close()
+
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        settings.projects_dir.mkdir(parents=True, exist_ok=True)
+        projects = ProjectService(app[POOL], settings.projects_dir, app[SUPERVISOR], allow_local_git=allow_local_git)
+        failed = await projects.fail_interrupted_creations()
+        if failed:
+            log.warning("marked %d project creation(s) interrupted by a restart as failed", failed)
+        app[PROJECTS] = projects
+        yield
+
+    app.cleanup_ctx.extend([database, supervisor, services])
+
+    app.router.add_routes(health.routes())
+    app.router.add_routes(auth_api.routes())
+    app.router.add_routes(projects_api.routes())
+    app.router.add_routes(runtimes_api.routes())
+    app.router.add_routes(auth_ui.routes())
+    app.router.add_routes(projects_ui.routes())
+    app.router.add_routes(runtimes_ui.routes())
+    app.router.add_static("/static", static_dir(), name="static", append_version=True)
+    return app

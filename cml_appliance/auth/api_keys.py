@@ -1,0 +1,126 @@
+"""CML API v2 keys: random, shown once, stored as a digest, with an expiry and audiences."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from datetime import datetime, timezone
+
+import asyncpg
+
+from cml_appliance.auth.users import User, get_by_id
+from cml_appliance.core import audit
+from cml_appliance.core.errors import InvalidArgument, NotFound
+from cml_appliance.core.security import new_token, token_digest
+from cml_appliance.core.timefmt import parse_rfc3339
+
+AUDIENCES = ("API", "Application")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    user_id: int
+    comments: str
+    audiences: tuple[str, ...]
+    expires_at: datetime | None
+    created_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyCheck:
+    """What a presented key turned out to be."""
+
+    user: User | None
+    key: ApiKey | None
+    problem: str  # empty when the key is valid
+
+
+def _key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        row["key_id"], row["user_id"], row["comments"], tuple(row["audiences"]), row["expires_at"], row["created_at"]
+    )
+
+
+def parse_audiences(values: list[str] | None) -> list[str]:
+    if not values:
+        return list(AUDIENCES)
+    bad = [v for v in values if v not in AUDIENCES]
+    if bad:
+        raise InvalidArgument(f"unknown audience(s) {bad}: use {' and/or '.join(AUDIENCES)}")
+    return sorted(set(values), key=AUDIENCES.index)
+
+
+def parse_expiry(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = parse_rfc3339(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"expiry_date: {exc}") from None
+    if when <= datetime.now(timezone.utc):
+        raise InvalidArgument("expiry_date must be in the future")
+    return when
+
+
+async def create(
+    pool: asyncpg.Pool,
+    user: User,
+    *,
+    comments: str = "",
+    audiences: list[str] | None = None,
+    expires_at: datetime | None = None,
+    actor_id: int | None = None,
+) -> tuple[str, ApiKey]:
+    """Create a key; returns (the secret, shown only now, and its record)."""
+    secret = new_token(32)
+    key_id = secrets.token_hex(8)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+            key_id,
+            user.id,
+            token_digest(secret),
+            comments,
+            parse_audiences(audiences),
+            expires_at,
+        )
+        await audit.record(conn, actor_id or user.id, "api_key.create", "api_key", key_id, {"user": user.username})
+    return secret, _key(row)
+
+
+async def list_for(pool: asyncpg.Pool, user: User) -> list[ApiKey]:
+    rows = await pool.fetch("SELECT * FROM api_keys WHERE user_id = $1 ORDER BY created_at, id", user.id)
+    return [_key(r) for r in rows]
+
+
+async def delete(pool: asyncpg.Pool, user: User, key_id: str, actor_id: int) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        done = await conn.execute("DELETE FROM api_keys WHERE user_id = $1 AND key_id = $2", user.id, key_id)
+        if done == "DELETE 0":
+            raise NotFound(f"API key {key_id!r} not found")
+        await audit.record(conn, actor_id, "api_key.delete", "api_key", key_id, {"user": user.username})
+
+
+async def delete_all(pool: asyncpg.Pool, user: User, actor_id: int) -> int:
+    async with pool.acquire() as conn, conn.transaction():
+        done = await conn.execute("DELETE FROM api_keys WHERE user_id = $1", user.id)
+        count = int(done.split()[-1])
+        await audit.record(conn, actor_id, "api_key.delete_all", "user", user.username, {"count": count})
+    return count
+
+
+async def check(pool: asyncpg.Pool, secret: str, audience: str = "API") -> KeyCheck:
+    row = await pool.fetchrow("SELECT * FROM api_keys WHERE key_digest = $1", token_digest(secret))
+    if row is None:
+        return KeyCheck(None, None, "API key is not valid")
+    key = _key(row)
+    user = await get_by_id(pool, key.user_id)
+    if user is None or not user.is_active:
+        return KeyCheck(user, key, "the key's user is deactivated")
+    if key.expires_at is not None and key.expires_at <= datetime.now(timezone.utc):
+        return KeyCheck(user, key, "API key has expired")
+    if audience not in key.audiences:
+        return KeyCheck(user, key, f"API key is not valid for the audience {audience!r}")
+    return KeyCheck(user, key, "")

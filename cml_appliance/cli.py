@@ -1,0 +1,200 @@
+"""Command line: serve, migrate, check-config, users, api-keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+
+import asyncpg
+
+from cml_appliance.core.errors import AppError
+from cml_appliance.core.logs import setup_logging
+from cml_appliance.core.settings import Settings, SettingsError, ensure_secret_key, load_settings
+from cml_appliance.db import migrate as migrations
+from cml_appliance.db.pool import create_pool, database_url
+
+log = logging.getLogger(__name__)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="Postgres DSN (CML_DATABASE_URL); empty: embedded Postgres")
+    parser.add_argument("--data-dir", help="where files, the secret key and the embedded database live (CML_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cml-appliance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the appliance")
+    _add_common(serve)
+    serve.add_argument("--host", help="address to listen on (CML_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (CML_PORT)")
+    serve.add_argument("--public-url", help="URL users reach the appliance at (CML_PUBLIC_URL)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations; refuse to start if any are pending")
+
+    mig = sub.add_parser("migrate", help="apply pending database migrations")
+    _add_common(mig)
+
+    check = sub.add_parser("check-config", help="print the effective settings, secrets redacted")
+    _add_common(check)
+
+    users = sub.add_parser("users", help="manage users")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    create = users_sub.add_parser("create", help="create a user")
+    _add_common(create)
+    create.add_argument("username")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    create.add_argument("--admin", action="store_true", help="make the user a site administrator")
+    lst = users_sub.add_parser("list", help="list users")
+    _add_common(lst)
+
+    keys = sub.add_parser("api-keys", help="manage API v2 keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kcreate = keys_sub.add_parser("create", help="create an API v2 key; the key is the last line printed")
+    _add_common(kcreate)
+    kcreate.add_argument("username")
+    kcreate.add_argument("--comments", default="created with the command line")
+    kcreate.add_argument("--audience", action="append", choices=["API", "Application"])
+    kcreate.add_argument("--expires", help="expiry as an RFC 3339 time, e.g. 2027-01-01T00:00:00Z")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: getattr(args, key, None)
+        for key in ("database_url", "data_dir", "host", "port", "public_url")
+    }
+    if getattr(args, "no_migrate", False):
+        overrides["migrate_on_start"] = False
+    return load_settings(overrides)
+
+
+@contextlib.asynccontextmanager
+async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    async with database_url(settings.database_url, settings.data_dir) as dsn:
+        pool = await create_pool(dsn, 1, 2)
+        try:
+            yield pool
+        finally:
+            await pool.close()
+
+
+async def _migrate(settings: Settings) -> int:
+    async with _pool(settings) as pool, pool.acquire() as conn:
+        applied = await migrations.migrate(conn)
+    if applied:
+        for m in applied:
+            print(f"applied {m.version:04d}_{m.name}")
+    else:
+        print("the database is up to date")
+    return 0
+
+
+async def _with_current_schema(settings: Settings, pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await migrations.require_current_schema(conn)
+
+
+async def _create_user(settings: Settings, args: argparse.Namespace) -> int:
+    from cml_appliance.auth import users
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+    async with _pool(settings) as pool:
+        await _with_current_schema(settings, pool)
+        user = await users.create_user(pool, args.username, args.email, password, name=args.name, is_admin=args.admin)
+    print(f"created user {user.username}{' (site administrator)' if user.is_admin else ''}")
+    return 0
+
+
+async def _list_users(settings: Settings) -> int:
+    from cml_appliance.auth import users
+
+    async with _pool(settings) as pool:
+        await _with_current_schema(settings, pool)
+        for user in await users.list_users(pool):
+            flags = ",".join(f for f, on in (("admin", user.is_admin), ("inactive", not user.is_active)) if on)
+            print(f"{user.username}\t{user.email}\t{flags}")
+    return 0
+
+
+async def _create_key(settings: Settings, args: argparse.Namespace) -> int:
+    from cml_appliance.auth import api_keys, users
+
+    async with _pool(settings) as pool:
+        await _with_current_schema(settings, pool)
+        user = await users.get_by_username(pool, args.username)
+        secret, key = await api_keys.create(
+            pool, user, comments=args.comments, audiences=args.audience, expires_at=api_keys.parse_expiry(args.expires)
+        )
+    print(f"created API key {key.key_id} for {user.username} (audiences: {', '.join(key.audiences)}); it is shown only once:")
+    print(secret)
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from cml_appliance.app import create_app
+
+    app = create_app(settings)
+    log.info("cml-appliance listening on %s:%s (public URL %s)", settings.host, settings.port, settings.base_url)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=15,
+        loop=uvloop.new_event_loop(),
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except SettingsError as exc:
+        print(f"cml-appliance: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format if args.command == "serve" else "text", settings.log_level)
+    if args.command == "check-config":
+        print(json.dumps(settings.redacted(), indent=2))
+        return 0
+    settings = ensure_secret_key(settings)
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "users":
+            if args.users_command == "create":
+                return asyncio.run(_create_user(settings, args))
+            return asyncio.run(_list_users(settings))
+        if args.command == "api-keys":
+            return asyncio.run(_create_key(settings, args))
+    except migrations.SchemaError as exc:
+        print(f"cml-appliance: {exc}", file=sys.stderr)
+        return 3
+    except AppError as exc:
+        print(f"cml-appliance: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"cml-appliance: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)
+
+

@@ -1,0 +1,218 @@
+"""Settings: config/defaults.toml, overridden by CML_* environment variables, then CLI flags.
+
+Validation collects every problem and reports them together, each with how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from cml_appliance.core.paths import config_dir
+
+ENV_PREFIX = "CML_"
+SECRET_FIELDS = frozenset({"secret_key"})
+
+
+class SettingsError(Exception):
+    """The configuration is invalid; str() lists every problem and its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    public_url: str
+    database_url: str
+    database_pool_min: int
+    database_pool_max: int
+    data_dir: Path
+    secret_key: str
+    migrate_on_start: bool
+    log_format: str
+    log_level: str
+    max_json_body_mb: int
+    max_upload_mb: int
+    session_hours: int
+    login_max_failures: int
+    runtimes: tuple[Mapping[str, Any], ...] = ()
+    cpu_profiles: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def base_url(self) -> str:
+        """The URL users reach the appliance at, without a trailing slash."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def domain(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.base_url.startswith("https://")
+
+    @property
+    def projects_dir(self) -> Path:
+        return self.data_dir / "projects"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets and DSN passwords hidden."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in SECRET_FIELDS:
+                value = "<redacted>" if value else "<generated in data_dir/secret_key>"
+            elif field.name == "database_url":
+                value = redact_dsn(value) if value else "<embedded pgserver in data_dir/postgres>"
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [dict(v) for v in value]
+            out[field.name] = value
+        return out
+
+
+def redact_dsn(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":<redacted>@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_HINTS = typing.get_type_hints(Settings)
+_SCALAR_TYPES: dict[str, Any] = {
+    f.name: _HINTS[f.name] for f in dataclasses.fields(Settings) if f.name not in ("runtimes", "cpu_profiles")
+}
+
+
+def _coerce(name: str, raw: Any, problems: list[str], source: str) -> Any:
+    kind = _SCALAR_TYPES[name]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        problems.append(f"{name} from {source} is {raw!r}: use true or false")
+        return None
+    if kind is int:
+        if isinstance(raw, bool):
+            problems.append(f"{name} from {source} is {raw!r}: use a whole number")
+            return None
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            problems.append(f"{name} from {source} is {raw!r}: use a whole number")
+            return None
+    if kind is Path:
+        return Path(str(raw)).expanduser()
+    return str(raw)
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    defaults_file: Path | None = None,
+) -> Settings:
+    """Build and validate the settings; raises SettingsError listing every problem."""
+    environ = os.environ if environ is None else environ
+    defaults_file = defaults_file or config_dir() / "defaults.toml"
+    with open(defaults_file, "rb") as fh:
+        raw: dict[str, Any] = tomllib.load(fh)
+    sources = {key: str(defaults_file) for key in raw}
+    problems: list[str] = []
+
+    unknown = sorted(k for k in raw if k not in _SCALAR_TYPES and k not in ("runtimes", "cpu_profiles"))
+    problems += [f"unknown setting {k!r} in {defaults_file}: remove it" for k in unknown]
+
+    for name in _SCALAR_TYPES:
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ:
+            raw[name] = environ[env_name]
+            sources[name] = f"environment variable {env_name}"
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+            sources[name] = f"command-line flag --{name.replace('_', '-')}"
+
+    values: dict[str, Any] = {}
+    for name in _SCALAR_TYPES:
+        if name not in raw:
+            problems.append(f"{name} is missing from {defaults_file}: restore it")
+            continue
+        values[name] = _coerce(name, raw[name], problems, sources[name])
+
+    if not problems:
+        _validate(values, sources, problems)
+    if problems:
+        raise SettingsError(problems)
+
+    values["data_dir"] = values["data_dir"].resolve()
+    values["runtimes"] = tuple(raw.get("runtimes", ()))
+    values["cpu_profiles"] = tuple(raw.get("cpu_profiles", ()))
+    return Settings(**values)
+
+
+def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[str]) -> None:
+    def bad(name: str, why: str) -> None:
+        problems.append(f"{name} from {sources[name]} is {values[name]!r}: {why}")
+
+    if not 1 <= values["port"] <= 65535:
+        bad("port", "use a port between 1 and 65535 (CML_PORT)")
+    url = values["database_url"]
+    if url and urlsplit(url).scheme not in ("postgres", "postgresql"):
+        problems.append(
+            f"database_url from {sources['database_url']} must start with postgresql:// "
+            "(for example postgresql://user:password@db-host:5432/cml), or be empty for the embedded Postgres"
+        )
+    public = values["public_url"]
+    if public and (urlsplit(public).scheme not in ("http", "https") or not urlsplit(public).netloc):
+        bad("public_url", "use a full URL such as https://cml.example.com, or leave it empty")
+    if values["database_pool_min"] < 1 or values["database_pool_max"] < values["database_pool_min"]:
+        problems.append("database_pool_min must be at least 1 and no larger than database_pool_max")
+    if values["log_format"] not in ("json", "text"):
+        bad("log_format", "use json or text")
+    if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        bad("log_level", "use DEBUG, INFO, WARNING or ERROR")
+    values["log_level"] = values["log_level"].upper()
+    for name in ("max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures"):
+        if values[name] < 1:
+            bad(name, "use a whole number of at least 1")
+    if values["secret_key"] and len(values["secret_key"]) < 32:
+        bad("secret_key", "use at least 32 characters, or leave it empty to have one generated")
+
+
+def ensure_secret_key(settings: Settings) -> Settings:
+    """Return settings with a secret key: the configured one, or one kept in data_dir/secret_key."""
+    if settings.secret_key:
+        return settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / "secret_key"
+    if not path.exists():
+        # O_EXCL so two processes starting together agree on one key.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48))
+    key = path.read_text().strip()
+    return dataclasses.replace(settings, secret_key=key)

@@ -1,0 +1,65 @@
+"""Supervised background work: no fire-and-forget tasks.
+
+The supervisor keeps a reference to every task, logs failures, restarts loops with capped
+backoff and cancels everything on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a one-off job; its failure is logged, not lost."""
+        if self._closing:
+            coro.close()
+            raise RuntimeError("the supervisor is shutting down")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def loop(self, name: str, body: Callable[[], Awaitable[None]], interval: float, max_backoff: float = 60.0) -> None:
+        """Call body every `interval` seconds; after a failure wait longer, up to max_backoff."""
+
+        async def run() -> None:
+            delay = interval
+            while True:
+                try:
+                    await body()
+                    delay = interval
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("background loop %s failed; retrying in %.0f s", name, delay)
+                    delay = min(max(delay * 2, 1.0), max_backoff)
+                await asyncio.sleep(delay)
+
+        self.spawn(name, run())
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def wait_idle(self) -> None:
+        """Wait for the current one-off tasks (used by tests)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

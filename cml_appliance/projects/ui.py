@@ -1,0 +1,310 @@
+"""Pages: the project list, creating a project, and a project's files, collaborators and settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp_jinja2
+from aiohttp import BodyPartReader, MultipartReader, web
+
+from cml_appliance.api.listing import ListQuery
+from cml_appliance.auth.permissions import PERMISSION_NAMES, Role
+from cml_appliance.core.errors import AppError, InvalidArgument
+from cml_appliance.projects import files
+from cml_appliance.projects.service import VISIBILITIES
+from cml_appliance.projects.store import Project
+from cml_appliance.web.context import check_csrf, current_user
+from cml_appliance.web.keys import PROJECTS, SETTINGS
+from cml_appliance.web.templating import redirect
+
+PAGE_SIZE = 20
+MAX_VIEW_BYTES = 512 * 1024
+
+
+async def project_list(request: web.Request) -> web.StreamResponse:
+    user = current_user(request)
+    search = request.query.get("q", "").strip()
+    try:
+        page_no = max(1, int(request.query.get("page", "1")))
+    except ValueError:
+        page_no = 1
+    q = ListQuery(PAGE_SIZE, (page_no - 1) * PAGE_SIZE, {"name": search} if search else {}, [], "")
+    projects, more = await request.app[PROJECTS].list(user, q, include_public=True, include_all=False)
+
+    def page_link(n: int) -> str:
+        return "/projects?" + urlencode({"q": search, "page": n} if search else {"page": n})
+
+    return aiohttp_jinja2.render_template(
+        "projects.html",
+        request,
+        {
+            "projects": projects,
+            "search": search,
+            "page_no": page_no,
+            "prev_link": page_link(page_no - 1) if page_no > 1 else "",
+            "next_link": page_link(page_no + 1) if more else "",
+        },
+    )
+
+
+async def new_project_page(request: web.Request, *, error: str = "", form: dict[str, str] | None = None, status: int = 200) -> web.StreamResponse:
+    current_user(request)
+    return aiohttp_jinja2.render_template(
+        "project_new.html", request, {"error": error, "form": form or {}, "visibilities": VISIBILITIES}, status=status
+    )
+
+
+async def _form_fields(reader: MultipartReader, request: web.Request) -> tuple[dict[str, str], BodyPartReader | None]:
+    """Read plain fields up to the first file part; the CSRF token must come first."""
+    fields: dict[str, str] = {}
+    checked = False
+    async for part in reader:
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.filename is not None:
+            if not checked:
+                check_csrf(request, "")
+            return fields, part
+        value = (await part.read(decode=True)).decode(errors="replace")
+        if part.name == "csrf_token":
+            check_csrf(request, value)
+            checked = True
+        elif part.name:
+            fields[part.name] = value[:10_000]
+    if not checked:
+        check_csrf(request, "")
+    return fields, None
+
+
+async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(256 * 1024):
+        yield chunk
+
+
+async def _write_parts(request: web.Request, root: Any, first: BodyPartReader | None, reader: MultipartReader, folder: str) -> int:
+    limit = request.app[SETTINGS].max_upload_mb * 1024 * 1024
+    count = 0
+    part: Any = first
+    while part is not None:
+        if isinstance(part, BodyPartReader) and part.filename:
+            await files.write_upload(root, str(PurePosixPath(folder) / PurePosixPath(part.filename).name), _chunks(part), limit)
+            count += 1
+        part = await reader.next()
+    return count
+
+
+async def create_project(request: web.Request) -> web.StreamResponse:
+    user = current_user(request)
+    if request.content_type != "multipart/form-data":
+        raise InvalidArgument("the form must be sent as multipart/form-data")
+    reader = await request.multipart()
+    fields, first_file = await _form_fields(reader, request)
+    template = fields.get("template", "blank")
+    body = {
+        "name": fields.get("name", ""),
+        "description": fields.get("description", ""),
+        "visibility": fields.get("visibility", "private"),
+        "template": "local" if template == "upload" else template,
+    }
+    if template == "git":
+        body["git_url"] = fields.get("git_url", "").strip()
+    service = request.app[PROJECTS]
+    try:
+        project = await service.create(user, body)
+    except AppError as exc:
+        return await new_project_page(request, error=exc.message, form=fields, status=exc.status)
+    uploaded = 0
+    if template == "upload":
+        try:
+            uploaded = await _write_parts(request, service.directory(project), first_file, reader, "")
+        except AppError as exc:
+            raise redirect(request, f"/projects/{project.public_id}", "error", f"Project created, but the upload failed: {exc.message}")
+    note = f" with {uploaded} file(s)" if uploaded else ""
+    if template == "git":
+        note = "; cloning the repository now"
+    raise redirect(request, f"/projects/{project.public_id}", "ok", f"Created project {project.name}{note}.")
+
+
+async def _project(request: web.Request, needed: Role = Role.READ) -> Project:
+    return await request.app[PROJECTS].get(current_user(request), request.match_info["project_id"], needed)
+
+
+def _crumbs(path: str) -> list[tuple[str, str]]:
+    parts = [p for p in path.split("/") if p]
+    return [(name, "/".join(parts[: i + 1])) for i, name in enumerate(parts)]
+
+
+async def project_page(request: web.Request) -> web.StreamResponse:
+    project = await _project(request)
+    service = request.app[PROJECTS]
+    path = files.clean_relative(request.match_info.get("path", ""))
+    root = service.directory(project)
+    context: dict[str, Any] = {
+        "project": project,
+        "path": path,
+        "crumbs": _crumbs(path),
+        "can_write": project.role >= Role.WRITE,
+        "can_admin": project.role >= Role.ADMIN,
+        "permissions": PERMISSION_NAMES,
+        "visibilities": VISIBILITIES,
+        "quote": quote,
+    }
+    if root.exists():
+        target = files.resolve(root, path)
+        if target.is_dir():
+            context["entries"] = files.list_dir(root, path)
+        else:
+            context["file"] = files.file_info(root, path)
+            raw = target.read_bytes()[:MAX_VIEW_BYTES]
+            try:
+                context["text"] = raw.decode("utf-8")
+                context["truncated"] = target.stat().st_size > MAX_VIEW_BYTES
+            except UnicodeDecodeError:
+                context["text"] = None
+    else:
+        context["entries"] = []
+    if not path:
+        rows, _ = await service.list_collaborators(current_user(request), project.public_id, ListQuery(200, 0, {}, [], ""))
+        context["collaborators"] = rows
+        context["env_text"] = "\n".join(f"{k}={v}" for k, v in sorted(project.environment.items()))
+    return aiohttp_jinja2.render_template("project.html", request, context)
+
+
+async def upload(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.WRITE)
+    folder = files.clean_relative(request.query.get("path", ""))
+    back = f"/projects/{project.public_id}/files/{quote(folder)}" if folder else f"/projects/{project.public_id}"
+    if request.content_type != "multipart/form-data":
+        raise InvalidArgument("the form must be sent as multipart/form-data")
+    reader = await request.multipart()
+    _, first_file = await _form_fields(reader, request)
+    try:
+        count = await _write_parts(request, request.app[PROJECTS].directory(project), first_file, reader, folder)
+    except AppError as exc:
+        raise redirect(request, back, "error", f"Upload failed: {exc.message}")
+    if not count:
+        raise redirect(request, back, "error", "Choose at least one file to upload.")
+    raise redirect(request, back, "ok", f"Uploaded {count} file(s).")
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    return {k: str(v) for k, v in (await request.post()).items()}
+
+
+async def delete_file(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.WRITE)
+    form = await _form(request)
+    path = files.clean_relative(form.get("path", ""))
+    parent = str(PurePosixPath(path).parent) if "/" in path else ""
+    back = f"/projects/{project.public_id}/files/{quote(parent)}" if parent else f"/projects/{project.public_id}"
+    try:
+        files.delete(request.app[PROJECTS].directory(project), path)
+    except AppError as exc:
+        raise redirect(request, back, "error", exc.message)
+    raise redirect(request, back, "ok", f"Deleted {path}.")
+
+
+async def make_dir(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.WRITE)
+    form = await _form(request)
+    folder = files.clean_relative(form.get("folder", ""))
+    back = f"/projects/{project.public_id}/files/{quote(folder)}" if folder else f"/projects/{project.public_id}"
+    try:
+        files.make_dir(request.app[PROJECTS].directory(project), str(PurePosixPath(folder) / form.get("name", "").strip()))
+    except AppError as exc:
+        raise redirect(request, back, "error", exc.message)
+    raise redirect(request, back, "ok", "Folder created.")
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    project = await _project(request)
+    target = files.resolve(request.app[PROJECTS].directory(project), request.match_info["path"])
+    if target.is_dir():
+        raise InvalidArgument("only files can be downloaded")
+    return web.FileResponse(target, headers={"Content-Disposition": f'attachment; filename="{target.name}"'})
+
+
+async def put_collaborator(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.ADMIN)
+    form = await _form(request)
+    username = form.get("username", "").strip().lower()
+    try:
+        await request.app[PROJECTS].put_collaborator(current_user(request), project.public_id, username, form.get("permission", ""))
+    except AppError as exc:
+        raise redirect(request, f"/projects/{project.public_id}#collaborators", "error", exc.message)
+    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"{username} is now a collaborator.")
+
+
+async def delete_collaborator(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.ADMIN)
+    username = request.match_info["username"]
+    await request.app[PROJECTS].delete_collaborator(current_user(request), project.public_id, username)
+    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"Removed {username}.")
+
+
+def parse_env_text(text: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep:
+            raise InvalidArgument(f"line {n}: write NAME=value")
+        env[name.strip()] = value.strip()
+    return env
+
+
+async def save_environment(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.WRITE)
+    form = await _form(request)
+    back = f"/projects/{project.public_id}#environment"
+    try:
+        await request.app[PROJECTS].set_environment(current_user(request), project.public_id, parse_env_text(form.get("environment", "")))
+    except AppError as exc:
+        raise redirect(request, back, "error", f"Environment not saved: {exc.message}")
+    raise redirect(request, back, "ok", "Environment variables saved.")
+
+
+async def save_settings(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.WRITE)
+    form = await _form(request)
+    back = f"/projects/{project.public_id}#settings"
+    fields = {k: form[k] for k in ("name", "description", "visibility") if k in form}
+    try:
+        await request.app[PROJECTS].update(current_user(request), project.public_id, fields)
+    except AppError as exc:
+        raise redirect(request, back, "error", exc.message)
+    raise redirect(request, back, "ok", "Project settings saved.")
+
+
+async def delete_project(request: web.Request) -> web.StreamResponse:
+    project = await _project(request, Role.ADMIN)
+    form = await _form(request)
+    if form.get("confirm_name", "") != project.name:
+        raise redirect(request, f"/projects/{project.public_id}#settings", "error", "Type the project's name to confirm deletion.")
+    await request.app[PROJECTS].delete(current_user(request), project.public_id)
+    raise redirect(request, "/projects", "ok", f"Deleted project {project.name}.")
+
+
+def routes() -> list[web.RouteDef]:
+    base = "/projects/{project_id}"
+    return [
+        web.get("/projects", project_list, name="ui_projects"),
+        web.get("/projects/new", new_project_page, name="ui_project_new"),
+        web.post("/projects/new", create_project, name="ui_project_create"),
+        web.get(base, project_page, name="ui_project"),
+        web.get(base + "/files/{path:.*}", project_page, name="ui_project_files"),
+        web.get(base + "/download/{path:.+}", download, name="ui_project_download"),
+        web.post(base + "/upload", upload, name="ui_project_upload"),
+        web.post(base + "/delete-file", delete_file, name="ui_project_delete_file"),
+        web.post(base + "/mkdir", make_dir, name="ui_project_mkdir"),
+        web.post(base + "/collaborators", put_collaborator, name="ui_project_collaborator_put"),
+        web.post(base + "/collaborators/{username}/delete", delete_collaborator, name="ui_project_collaborator_delete"),
+        web.post(base + "/environment", save_environment, name="ui_project_environment"),
+        web.post(base + "/settings", save_settings, name="ui_project_settings"),
+        web.post(base + "/delete", delete_project, name="ui_project_delete"),
+    ]

@@ -1,0 +1,36 @@
+"""Operations endpoints: liveness, readiness (the database answers) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from cml_appliance import __version__
+from cml_appliance.web.keys import METRICS, POOL
+from cml_appliance.web.metrics import CONTENT_TYPE
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        async with asyncio.timeout(2):
+            await request.app[POOL].fetchval("SELECT 1")
+    except Exception as exc:  # any failure to reach the database means not ready
+        return web.json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, status=503)
+    return web.json_response({"status": "ready", "database": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/healthz", healthz, name="healthz"),
+        web.get("/readyz", readyz, name="readyz"),
+        web.get("/metrics", metrics, name="metrics"),
+    ]

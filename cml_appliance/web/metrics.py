@@ -1,0 +1,49 @@
+"""Prometheus metrics: requests by route and status, latency, and the database pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _PoolCollector(Collector):
+    def __init__(self, stats: Callable[[], tuple[int, int, int] | None]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        if stats is None:
+            return
+        size, idle, max_size = stats
+        yield GaugeMetricFamily("cml_db_pool_connections", "Open connections in the database pool", value=size)
+        yield GaugeMetricFamily("cml_db_pool_idle_connections", "Idle connections in the database pool", value=idle)
+        yield GaugeMetricFamily("cml_db_pool_in_use_connections", "Connections in use", value=size - idle)
+        yield GaugeMetricFamily("cml_db_pool_max_connections", "Largest size of the pool", value=max_size)
+
+
+class Metrics:
+    """One registry per application, so several apps (tests) never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cml_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "cml_http_request_duration_seconds",
+            "Time to answer HTTP requests",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+    def watch_pool(self, stats: Callable[[], tuple[int, int, int] | None]) -> None:
+        self.registry.register(_PoolCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,177 @@
+"""Middlewares, outermost first:
+
+1. observe: request id (echoed as X-Request-ID), one JSON log line and metrics per request.
+   Outermost so it sees the final status of every answer, errors included.
+2. errors: domain errors and HTTP exceptions become CML's JSON error body under /api and a page
+   elsewhere; anything unexpected is logged once and answered with a generic 500.
+3. authenticate: a Bearer API key for /api, the sign-in cookie for pages; public routes are listed.
+4. csrf: unsafe page requests must carry the sign-in session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from cml_appliance.auth import api_keys, login_sessions
+from cml_appliance.core.errors import AppError, Unauthenticated
+from cml_appliance.core.logs import request_id_var
+from cml_appliance.web.context import (
+    LOGIN,
+    SESSION_COOKIE,
+    USER,
+    check_csrf,
+    is_api_path,
+)
+from cml_appliance.web.keys import METRICS, POOL
+
+log = logging.getLogger("cml_appliance.access")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Routes anyone may reach without signing in.
+PUBLIC_ROUTES = frozenset(
+    {"healthz", "readyz", "metrics", "login", "login_post", "static", "api_validate_key", "index"}
+)
+# HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
+_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}
+
+
+def _route_name(request: web.Request) -> str:
+    # match_info is a dict of path parameters: empty (falsy) for routes without any.
+    route = request.match_info.route
+    if route is None or route.resource is None:
+        return "unmatched"
+    return route.name or route.resource.canonical
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    token = request_id_var.set(request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-ID"] = request_id
+        return response
+    except web.HTTPException as exc:  # redirects and bare HTTP errors are answers too
+        status = exc.status
+        exc.headers["X-Request-ID"] = request_id
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        route = _route_name(request)
+        metrics = request.app[METRICS]
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(route).observe(elapsed)
+        user = request.get(USER)
+        log.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            status,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+                "user": user.username if user else None,
+            },
+        )
+        request_id_var.reset(token)
+
+
+def api_error(status: int, message: str, grpc_code: int | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    code = grpc_code if grpc_code is not None else _GRPC_CODES.get(status, 2)
+    body = {"error": message, "code": code, "message": message, "details": []}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _page_error(request: web.Request, status: int, message: str) -> web.Response:
+    response = aiohttp_jinja2.render_template(
+        "error.html", request, {"status": status, "message": message}, status=status
+    )
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api = is_api_path(request.path)
+    try:
+        return await handler(request)
+    except AppError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+        if api:
+            return api_error(exc.status, exc.message, exc.grpc_code, headers)
+        if isinstance(exc, Unauthenticated):
+            raise web.HTTPFound(f"/login?next={request.path_qs}") from None
+        return _page_error(request, exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.empty_body:
+            raise
+        message = exc.reason if exc.text is None or exc.text.startswith(f"{exc.status}:") else exc.text
+        if exc.status == 413:
+            message = "request body is too large"
+        if api:
+            return api_error(exc.status, message)
+        return _page_error(request, exc.status, message)
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        message = f"internal error; quote request id {request_id_var.get()} when reporting it"
+        if api:
+            return api_error(500, message, 13)
+        return _page_error(request, 500, message)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    pool = request.app[POOL]
+    cookie = request.cookies.get(SESSION_COOKIE)
+    login = await login_sessions.resolve(pool, cookie) if cookie else None
+    if login is not None:
+        request[LOGIN] = login
+        request[USER] = login.user
+    if is_api_path(request.path):
+        secret = _bearer(request)
+        if secret is not None:
+            result = await api_keys.check(pool, secret, "API")
+            request[USER] = result.user if not result.problem else None
+            if result.problem and _route_name(request) not in PUBLIC_ROUTES:
+                raise Unauthenticated(result.problem)
+        elif login is not None and request.method not in ("GET", "HEAD"):
+            # The cookie alone may read the API from the UI's own pages, never change it.
+            request[USER] = None
+    if request.get(USER) is None and _route_name(request) not in PUBLIC_ROUTES:
+        if request.match_info.http_exception is not None:
+            raise request.match_info.http_exception
+        raise Unauthenticated("sign in first: send 'Authorization: Bearer <API key>'" if is_api_path(request.path) else "sign in first")
+    return await handler(request)
+
+
+@web.middleware
+async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method in ("GET", "HEAD", "OPTIONS") or is_api_path(request.path):
+        return await handler(request)
+    # Multipart forms carry the token as their first field; their handlers check it while streaming.
+    if request.content_type != "multipart/form-data":
+        form = await request.post()
+        check_csrf(request, str(form.get("csrf_token", "")))
+    return await handler(request)
+

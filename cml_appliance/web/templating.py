@@ -1,0 +1,89 @@
+"""Template context every page gets, filters, and one-shot flash messages."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from cml_appliance import __version__
+from cml_appliance.core.security import sign, verify_signature
+from cml_appliance.web.context import USER, csrf_token
+from cml_appliance.web.keys import SETTINGS
+
+FLASH_COOKIE = "cml_flash"
+
+
+def flash(request: web.Request, response: web.StreamResponse, kind: str, text: str) -> web.StreamResponse:
+    """Show `text` on the next page rendered (kind: ok or error). Signed so it cannot be forged."""
+    payload = base64.urlsafe_b64encode(json.dumps([kind, text]).encode()).decode()
+    value = f"{payload}.{sign(request.app[SETTINGS].secret_key, 'flash:' + payload)}"
+    response.set_cookie(FLASH_COOKIE, value, httponly=True, samesite="Lax", path="/")
+    return response
+
+
+def redirect(request: web.Request, location: str, kind: str = "", text: str = "") -> web.HTTPFound:
+    response = web.HTTPFound(location)
+    if text:
+        flash(request, response, kind, text)
+    return response
+
+
+def _read_flash(request: web.Request) -> list[tuple[str, str]]:
+    raw = request.cookies.get(FLASH_COOKIE, "")
+    payload, _, signature = raw.partition(".")
+    if not payload or not verify_signature(request.app[SETTINGS].secret_key, "flash:" + payload, signature):
+        return []
+    try:
+        kind, text = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, TypeError):
+        return []
+    request["flash_shown"] = True
+    return [(str(kind), str(text))]
+
+
+async def context_processor(request: web.Request) -> dict[str, Any]:
+    router = request.app.router
+
+    def static_url(filename: str) -> str:
+        return str(router["static"].url_for(filename=filename))
+
+    return {
+        "current_user": request.get(USER),
+        "csrf_token": csrf_token(request),
+        "version": __version__,
+        "request_path": request.path,
+        "static_url": static_url,
+        "messages": _read_flash(request),
+    }
+
+
+async def clear_shown_flash(request: web.Request, response: web.StreamResponse) -> None:
+    if request.get("flash_shown") and FLASH_COOKIE not in response.cookies:
+        response.del_cookie(FLASH_COOKIE, path="/")
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
+
+
+def _size(value: str | int | None) -> str:
+    if value in (None, ""):
+        return ""
+    n = float(value)  # type: ignore[arg-type]
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def setup(app: web.Application) -> None:
+    env = aiohttp_jinja2.get_env(app)
+    env.filters["when"] = _when
+    env.filters["size"] = _size
+    app.on_response_prepare.append(clear_shown_flash)

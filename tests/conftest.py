@@ -1,0 +1,204 @@
+"""Test fixtures: a real Postgres (DATABASE_URL, else an embedded pgserver), a fresh database per
+test run, and every test starting from empty tables."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from cml_appliance.app import create_app
+from cml_appliance.auth import api_keys, users
+from cml_appliance.core.settings import Settings, load_settings
+from cml_appliance.db import migrate
+from cml_appliance.web.keys import POOL
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CML_SHARED_DIR", REPO.parent / "shared"))
+
+
+def require_tool(available: bool, what: str) -> None:
+    """Skip when a tool is missing, except in CI, where a missing tool is a failure."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but is missing")
+    pytest.skip(f"{what} is not available")
+
+
+def _with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def database_server() -> Iterator[str]:
+    """DSN of a Postgres server: DATABASE_URL's, or an embedded one for laptops."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    import pgserver
+
+    pgdata = Path(tempfile.mkdtemp(prefix="cml-test-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def database_url(database_server: str) -> Iterator[str]:
+    """A database created for this run, migrated once, dropped at the end."""
+    name = f"cml_test_{uuid.uuid4().hex[:10]}"
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(database_server)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(_with_database(database_server, name))
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close()
+
+    async def teardown() -> None:
+        conn = await asyncpg.connect(database_server)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    yield _with_database(database_server, name)
+    asyncio.run(teardown())
+
+
+@pytest.fixture
+async def clean_db(database_url: str) -> str:
+    """Empty every table but the migration record: each test starts from a known state."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+        )
+        if tables:
+            names = ", ".join(f'"{t["tablename"]}"' for t in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    return database_url
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cml-test-data-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(clean_db: str, data_dir: Path) -> Settings:
+    base = load_settings(environ={})
+    return dataclasses.replace(
+        base,
+        database_url=clean_db,
+        data_dir=data_dir,
+        secret_key="test-secret-key-" + "x" * 32,
+        log_format="text",
+        max_upload_mb=2,
+    )
+
+
+class Api:
+    """A test client speaking as one user through a Bearer API key."""
+
+    def __init__(self, client: TestClient, key: str, username: str):
+        self.client = client
+        self.key = key
+        self.username = username
+
+    def _headers(self, extra: dict[str, str] | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", **(extra or {})}
+
+    async def call(self, method: str, path: str, *, json: Any = None, data: Any = None,
+                   headers: dict[str, str] | None = None, params: Any = None) -> tuple[int, Any]:
+        resp = await self.client.request(method, path, json=json, data=data, headers=self._headers(headers), params=params)
+        body: Any
+        if resp.content_type == "application/json":
+            body = await resp.json()
+        else:
+            body = await resp.read()
+        return resp.status, body
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.call("GET", path, **kw)
+
+    async def post(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.call("POST", path, **kw)
+
+    async def patch(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.call("PATCH", path, **kw)
+
+    async def put(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.call("PUT", path, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.call("DELETE", path, **kw)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient:
+    app = create_app(settings, allow_local_git=True)
+    return await aiohttp_client(app)
+
+
+@pytest.fixture
+def make_user(client: TestClient) -> Any:
+    """make_user(name, admin=False) -> Api for a new user with a fresh API key."""
+
+    async def make(username: str, *, admin: bool = False, password: str = "correct horse") -> Api:
+        pool = client.app[POOL]
+        user = await users.create_user(pool, username, f"{username}@example.com", password, is_admin=admin)
+        secret, _ = await api_keys.create(pool, user)
+        return Api(client, secret, username)
+
+    return make
+
+
+@pytest.fixture
+async def alice(make_user: Any) -> Api:
+    return await make_user("alice")
+
+
+@pytest.fixture
+async def bob(make_user: Any) -> Api:
+    return await make_user("bob")
+
+
+@pytest.fixture
+async def admin(make_user: Any) -> Api:
+    return await make_user("root-admin", admin=True)
+
+
+def assert_error(status: int, body: Any, expected_status: int) -> None:
+    """Every API error has CML's shape: {error, code, message, details}."""
+    assert status == expected_status, body
+    assert isinstance(body, dict), body
+    assert set(body) == {"error", "code", "message", "details"}, body
+    assert isinstance(body["code"], int) and body["code"] > 0
+    assert body["message"] and body["error"] == body["message"]
+    assert body["details"] == []
