@@ -10,7 +10,15 @@ from aiohttp import web
 from cml_appliance.auth import api_keys, login_sessions, users
 from cml_appliance.core.errors import AppError, InvalidArgument, TooManyRequests
 from cml_appliance.core.security import new_token
-from cml_appliance.web.context import LOGIN, PRELOGIN_COOKIE, SESSION_COOKIE, current_user, require_site_admin
+from cml_appliance.web.context import (
+    LOGIN,
+    PRELOGIN_COOKIE,
+    PRELOGIN_NONCE,
+    SESSION_COOKIE,
+    csrf_token,
+    current_user,
+    require_site_admin,
+)
 from cml_appliance.web.keys import POOL, SETTINGS
 from cml_appliance.web.templating import redirect
 
@@ -25,20 +33,58 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:
+    if not await users.count_users(request.app[POOL]):
+        raise web.HTTPFound("/setup")
     if request.get(LOGIN):
         raise web.HTTPFound(_safe_next(request.query.get("next", "/projects")))
     return await _render_login(request, next_path=request.query.get("next", "/projects"))
 
 
-async def _render_login(request: web.Request, *, next_path: str, error: str = "", username: str = "", status: int = 200) -> web.StreamResponse:
-    # The form's CSRF token is bound to a random cookie set with the page (double submit).
+def _render_anonymous(request: web.Request, template: str, context: dict[str, Any], status: int = 200) -> web.StreamResponse:
+    """A page for signed-out visitors. Its form's CSRF token is bound to a random cookie set with it."""
     nonce = request.cookies.get(PRELOGIN_COOKIE) or new_token(16)
-    request[PRELOGIN_COOKIE] = nonce
-    response = aiohttp_jinja2.render_template(
-        "login.html", request, {"next": _safe_next(next_path), "error": error, "username": username}, status=status
-    )
+    request[PRELOGIN_NONCE] = nonce
+    # Context processors ran before the handler chose the nonce: give the token explicitly.
+    context = context | {"csrf_token": csrf_token(request)}
+    response = aiohttp_jinja2.render_template(template, request, context, status=status)
     response.set_cookie(PRELOGIN_COOKIE, nonce, httponly=True, samesite="Lax", path="/",
                         secure=request.app[SETTINGS].secure_cookies)
+    return response
+
+
+async def _render_login(request: web.Request, *, next_path: str, error: str = "", username: str = "", status: int = 200) -> web.StreamResponse:
+    context = {"next": _safe_next(next_path), "error": error, "username": username}
+    return _render_anonymous(request, "login.html", context, status)
+
+
+def _sign_in(request: web.Request, response: web.StreamResponse, token: str) -> None:
+    settings = request.app[SETTINGS]
+    response.set_cookie(
+        SESSION_COOKIE, token, httponly=True, samesite="Lax", path="/", secure=settings.secure_cookies,
+        max_age=settings.session_hours * 3600,
+    )
+    response.del_cookie(PRELOGIN_COOKIE, path="/")
+
+
+async def setup_page(request: web.Request) -> web.StreamResponse:
+    """First run: with no users at all, whoever opens the appliance first creates its administrator."""
+    if await users.count_users(request.app[POOL]):
+        raise web.HTTPFound("/login")
+    return _render_anonymous(request, "setup.html", {"error": "", "form": {}})
+
+
+async def setup_submit(request: web.Request) -> web.StreamResponse:
+    form = {k: str(v) for k, v in (await request.post()).items()}
+    try:
+        user = await users.create_user(
+            request.app[POOL], form.get("username", "").strip().lower(), form.get("email", "").strip(),
+            form.get("password", ""), name=form.get("name", "").strip(), is_admin=True, first_user_only=True,
+        )
+    except AppError as exc:
+        return _render_anonymous(request, "setup.html", {"error": exc.message, "form": form}, exc.status)
+    token = await login_sessions.create(request.app[POOL], user, request.app[SETTINGS].session_hours)
+    response = web.HTTPFound("/projects")
+    _sign_in(request, response, token)
     return response
 
 
@@ -60,11 +106,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         )
     token = await login_sessions.create(request.app[POOL], user, settings.session_hours)
     response = web.HTTPFound(next_path)
-    response.set_cookie(
-        SESSION_COOKIE, token, httponly=True, samesite="Lax", path="/", secure=settings.secure_cookies,
-        max_age=settings.session_hours * 3600,
-    )
-    response.del_cookie(PRELOGIN_COOKIE, path="/")
+    _sign_in(request, response, token)
     return response
 
 
@@ -163,6 +205,8 @@ async def admin_update_user(request: web.Request) -> web.StreamResponse:
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/", index, name="index"),
+        web.get("/setup", setup_page, name="setup"),
+        web.post("/setup", setup_submit, name="setup_post"),
         web.get("/login", login_page, name="login"),
         web.post("/login", login_submit, name="login_post"),
         web.post("/logout", logout, name="logout"),

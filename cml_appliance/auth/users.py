@@ -16,6 +16,7 @@ from cml_appliance.core.security import hash_password, verify_password
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 THROTTLE_WINDOW = "15 minutes"
+FIRST_USER_LOCK_KEY = 0x434D4C02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +61,18 @@ async def create_user(
     name: str = "",
     is_admin: bool = False,
     actor_id: int | None = None,
+    first_user_only: bool = False,
 ) -> User:
+    """Create a user. With first_user_only, refuse unless nobody exists yet (first-run set-up)."""
     check_new_user(username, email, password)
     # Hashing is deliberately slow: keep it off the event loop.
     password_hash = await asyncio.to_thread(hash_password, password)
     async with pool.acquire() as conn, conn.transaction():
+        if first_user_only:
+            # Two browsers finishing set-up at once: the lock lets exactly one of them win.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", FIRST_USER_LOCK_KEY)
+            if await conn.fetchval("SELECT count(*) FROM users"):
+                raise AlreadyExists("the appliance is already set up: sign in instead")
         try:
             row = await conn.fetchrow(
                 f"INSERT INTO users (username, email, name, password_hash, is_admin) VALUES ($1, $2, $3, $4, $5)"

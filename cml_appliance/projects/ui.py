@@ -98,10 +98,13 @@ async def _write_parts(request: web.Request, root: Any, first: BodyPartReader | 
 
 async def create_project(request: web.Request) -> web.StreamResponse:
     user = current_user(request)
-    if request.content_type != "multipart/form-data":
-        raise InvalidArgument("the form must be sent as multipart/form-data")
-    reader = await request.multipart()
-    fields, first_file = await _form_fields(reader, request)
+    reader: MultipartReader | None = None
+    first_file: BodyPartReader | None = None
+    if request.content_type == "multipart/form-data":
+        reader = await request.multipart()
+        fields, first_file = await _form_fields(reader, request)
+    else:  # a plain form (no files); the csrf middleware has checked its token
+        fields = await _form(request)
     template = fields.get("template", "blank")
     body = {
         "name": fields.get("name", ""),
@@ -117,7 +120,7 @@ async def create_project(request: web.Request) -> web.StreamResponse:
     except AppError as exc:
         return await new_project_page(request, error=exc.message, form=fields, status=exc.status)
     uploaded = 0
-    if template == "upload":
+    if template == "upload" and reader is not None:
         try:
             uploaded = await _write_parts(request, service.directory(project), first_file, reader, "")
         except AppError as exc:

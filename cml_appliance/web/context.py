@@ -14,6 +14,8 @@ USER = web.RequestKey("user", User)
 LOGIN = web.RequestKey("login", LoginSession)
 SESSION_COOKIE = "cml_session"
 PRELOGIN_COOKIE = "cml_prelogin"
+# The pre-sign-in nonce chosen while rendering a page, before its cookie reaches the browser.
+PRELOGIN_NONCE = web.RequestKey("prelogin_nonce", str)
 
 
 def is_api_path(path: str) -> bool:
@@ -39,7 +41,7 @@ def csrf_token(request: web.Request) -> str:
     login = request.get(LOGIN)
     if login is not None:
         return login.csrf_token
-    nonce = request.get(PRELOGIN_COOKIE) or request.cookies.get(PRELOGIN_COOKIE, "")
+    nonce = request.get(PRELOGIN_NONCE) or request.cookies.get(PRELOGIN_COOKIE, "")
     return sign(request.app[SETTINGS].secret_key, "prelogin:" + nonce) if nonce else ""
 
 

@@ -29,6 +29,7 @@ from cml_appliance.web.context import (
     check_csrf,
     is_api_path,
 )
+from cml_appliance.web import templating
 from cml_appliance.web.keys import METRICS, POOL
 
 log = logging.getLogger("cml_appliance.access")
@@ -37,7 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Routes anyone may reach without signing in.
 PUBLIC_ROUTES = frozenset(
-    {"healthz", "readyz", "metrics", "login", "login_post", "static", "api_validate_key", "index"}
+    {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "api_validate_key", "index"}
 )
 # HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}
@@ -96,11 +97,10 @@ def api_error(status: int, message: str, grpc_code: int | None = None, headers: 
     return web.json_response(body, status=status, headers=headers)
 
 
-def _page_error(request: web.Request, status: int, message: str) -> web.Response:
-    response = aiohttp_jinja2.render_template(
-        "error.html", request, {"status": status, "message": message}, status=status
-    )
-    return response
+async def _page_error(request: web.Request, status: int, message: str) -> web.Response:
+    # The error may come from a middleware that runs before aiohttp_jinja2's context processors.
+    context = await templating.context_processor(request) | {"status": status, "message": message}
+    return aiohttp_jinja2.render_template("error.html", request, context, status=status)
 
 
 @web.middleware
@@ -114,7 +114,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             return api_error(exc.status, exc.message, exc.grpc_code, headers)
         if isinstance(exc, Unauthenticated):
             raise web.HTTPFound(f"/login?next={request.path_qs}") from None
-        return _page_error(request, exc.status, exc.message)
+        return await _page_error(request, exc.status, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.empty_body:
             raise
@@ -123,13 +123,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             message = "request body is too large"
         if api:
             return api_error(exc.status, message)
-        return _page_error(request, exc.status, message)
+        return await _page_error(request, exc.status, message)
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         message = f"internal error; quote request id {request_id_var.get()} when reporting it"
         if api:
             return api_error(500, message, 13)
-        return _page_error(request, 500, message)
+        return await _page_error(request, 500, message)
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -16,6 +16,7 @@ from cml_appliance.web.context import USER, csrf_token
 from cml_appliance.web.keys import SETTINGS
 
 FLASH_COOKIE = "cml_flash"
+FLASH_SHOWN = web.RequestKey("flash_shown", bool)
 
 
 def flash(request: web.Request, response: web.StreamResponse, kind: str, text: str) -> web.StreamResponse:
@@ -42,28 +43,22 @@ def _read_flash(request: web.Request) -> list[tuple[str, str]]:
         kind, text = json.loads(base64.urlsafe_b64decode(payload))
     except (ValueError, TypeError):
         return []
-    request["flash_shown"] = True
+    request[FLASH_SHOWN] = True
     return [(str(kind), str(text))]
 
 
 async def context_processor(request: web.Request) -> dict[str, Any]:
-    router = request.app.router
-
-    def static_url(filename: str) -> str:
-        return str(router["static"].url_for(filename=filename))
-
     return {
         "current_user": request.get(USER),
         "csrf_token": csrf_token(request),
         "version": __version__,
         "request_path": request.path,
-        "static_url": static_url,
         "messages": _read_flash(request),
     }
 
 
 async def clear_shown_flash(request: web.Request, response: web.StreamResponse) -> None:
-    if request.get("flash_shown") and FLASH_COOKIE not in response.cookies:
+    if request.get(FLASH_SHOWN) and FLASH_COOKIE not in response.cookies:
         response.del_cookie(FLASH_COOKIE, path="/")
 
 
@@ -86,4 +81,5 @@ def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.get_env(app)
     env.filters["when"] = _when
     env.filters["size"] = _size
+    env.globals["static_url"] = lambda filename: str(app.router["static"].url_for(filename=filename))
     app.on_response_prepare.append(clear_shown_flash)

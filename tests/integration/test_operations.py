@@ -57,7 +57,7 @@ async def test_unknown_routes_and_methods_answer_with_the_error_shape(alice: Api
     assert_error(resp.status, await resp.json(), 401)
 
 
-async def test_unknown_page_is_a_readable_page(client: TestClient) -> None:
+async def test_pages_ask_to_sign_in(client: TestClient, alice: Api) -> None:
     resp = await client.get("/login")
     assert resp.status == 200 and "Sign in" in await resp.text()
     resp = await client.get("/projects", allow_redirects=False)

@@ -1,0 +1,150 @@
+"""The web UI over HTTP: first-run set-up, sign-in, CSRF, throttling, pages and forms."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import Api
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+async def csrf_of(client: TestClient, path: str) -> str:
+    resp = await client.get(path)
+    assert resp.status == 200, await resp.text()
+    match = CSRF_RE.search(await resp.text())
+    assert match, "the page has no CSRF token"
+    return match.group(1)
+
+
+async def sign_in(client: TestClient, username: str, password: str = "correct horse") -> aiohttp.ClientResponse:
+    token = await csrf_of(client, "/login")
+    return await client.post(
+        "/login", data={"csrf_token": token, "username": username, "password": password, "next": "/projects"},
+        allow_redirects=False,
+    )
+
+
+async def test_first_run_creates_the_administrator(client: TestClient) -> None:
+    resp = await client.get("/login", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/setup"
+    token = await csrf_of(client, "/setup")
+    resp = await client.post(
+        "/setup", data={"csrf_token": token, "username": "boss", "email": "b@example.com", "password": "longenough"},
+        allow_redirects=False,
+    )
+    assert resp.status == 302 and resp.headers["Location"] == "/projects"
+    resp = await client.get("/admin/users")
+    assert resp.status == 200 and "boss" in await resp.text()
+    # Set-up happens once.
+    resp = await client.get("/setup", allow_redirects=False)
+    assert resp.headers["Location"] == "/login"
+    client.session.cookie_jar.clear()
+    resp = await client.post(
+        "/setup", data={"csrf_token": token, "username": "intruder", "email": "i@example.com", "password": "longenough"},
+    )
+    assert resp.status in (403, 409)
+
+
+async def test_sign_in_sets_a_safe_cookie_and_sign_out_ends_it(client: TestClient, alice: Api) -> None:
+    resp = await sign_in(client, "alice")
+    assert resp.status == 302 and resp.headers["Location"] == "/projects"
+    cookie = resp.cookies["cml_session"]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax"
+    resp = await client.get("/projects")
+    assert resp.status == 200 and "Projects" in await resp.text()
+    token = CSRF_RE.search(await resp.text()).group(1)  # type: ignore[union-attr]
+    resp = await client.post("/logout", data={"csrf_token": token}, allow_redirects=False)
+    assert resp.status == 302
+    resp = await client.get("/projects", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"].startswith("/login")
+
+
+async def test_forms_without_the_csrf_token_are_refused(client: TestClient, alice: Api) -> None:
+    await sign_in(client, "alice")
+    resp = await client.post("/settings/api-keys", data={"comments": "x"})
+    assert resp.status == 403 and "expired" in await resp.text()
+    resp = await client.post("/login", data={"username": "alice", "password": "correct horse"})
+    assert resp.status == 403
+
+
+async def test_wrong_passwords_are_throttled(client: TestClient, alice: Api) -> None:
+    for _ in range(5):
+        resp = await sign_in(client, "alice", "wrong password")
+        assert resp.status == 401 and "Wrong username or password" in await resp.text()
+    resp = await sign_in(client, "alice")  # even the right password waits now
+    assert resp.status == 429 and "wait 15 minutes" in await resp.text()
+
+
+async def test_deactivated_user_cannot_sign_in_or_use_keys(client: TestClient, make_user: Any) -> None:
+    boss = await make_user("boss", admin=True)
+    carol = await make_user("carol")
+    await sign_in(client, "boss")
+    token = await csrf_of(client, "/admin/users")
+    resp = await client.post("/admin/users/carol", data={"csrf_token": token, "action": "deactivate"})
+    assert resp.status == 200 and "deactivated" in await resp.text()
+    status, _ = await carol.get("/api/v2/projects")
+    assert status == 401
+    client.session.cookie_jar.clear()
+    resp = await sign_in(client, "carol")
+    assert resp.status == 401
+    del boss
+
+
+async def test_admin_pages_are_for_site_admins_only(client: TestClient, alice: Api) -> None:
+    await sign_in(client, "alice")
+    resp = await client.get("/admin/users")
+    assert resp.status == 403 and "site administrators" in await resp.text()
+
+
+async def test_project_pages_create_upload_view(client: TestClient, alice: Api, bob: Api) -> None:
+    await sign_in(client, "alice")
+    token = await csrf_of(client, "/projects/new")
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("name", "Web project")
+    form.add_field("template", "upload")
+    form.add_field("files", b"print('hello')\n", filename="hello.py", content_type="text/x-python")
+    resp = await client.post("/projects/new", data=form)
+    assert resp.status == 200
+    page = await resp.text()
+    assert "Created project Web project with 1 file(s)" in page and "hello.py" in page
+    project_path = resp.url.path
+    resp = await client.get(project_path + "/files/hello.py")
+    assert "print(&#39;hello&#39;)" in await resp.text()
+
+    # Bad input on a form gives a readable message, not a 500.
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("name", "Web project")
+    form.add_field("template", "blank")
+    resp = await client.post("/projects/new", data=form)
+    assert resp.status == 409 and "already have a project named" in await resp.text()
+
+    # Another user's project page is a 404 page.
+    client2_status, _ = await bob.get("/api/v2/projects" + project_path.removeprefix("/projects"))
+    assert client2_status == 404
+
+    # Environment variables through the form.
+    resp = await client.post(project_path + "/environment", data={"csrf_token": token, "environment": "A=1\nbad line"})
+    assert "write NAME=value" in await resp.text()
+    resp = await client.post(project_path + "/environment", data={"csrf_token": token, "environment": "A=1\nB = two"})
+    assert "Environment variables saved" in await resp.text()
+    status, project = await alice.get("/api/v2/projects" + project_path.removeprefix("/projects"))
+    assert project["environment"] == '{"A": "1", "B": "two"}'
+
+
+async def test_api_key_page_shows_a_new_key_once(client: TestClient, alice: Api) -> None:
+    await sign_in(client, "alice")
+    token = await csrf_of(client, "/settings/api-keys")
+    resp = await client.post("/settings/api-keys", data={"csrf_token": token, "comments": "laptop", "audiences": "API"})
+    page = await resp.text()
+    key = re.search(r'data-testid="new-api-key">([^<]+)<', page).group(1)  # type: ignore[union-attr]
+    resp = await client.get("/api/v2/projects", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+    page = await (await client.get("/settings/api-keys")).text()
+    assert key not in page and "laptop" in page
