@@ -28,22 +28,26 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="where files, the secret key and the embedded database live (CML_DATA_DIR)")
 
 
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("--host", help="address to listen on (CML_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (CML_PORT)")
+    parser.add_argument("--public-url", help="URL users reach the appliance at (CML_PUBLIC_URL)")
+    parser.add_argument("--no-migrate", action="store_true", help="do not apply migrations; refuse to start if any are pending")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cml-appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the appliance")
-    _add_common(serve)
-    serve.add_argument("--host", help="address to listen on (CML_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (CML_PORT)")
-    serve.add_argument("--public-url", help="URL users reach the appliance at (CML_PUBLIC_URL)")
-    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations; refuse to start if any are pending")
+    _add_server_flags(serve)
+
+    check = sub.add_parser("check-config", help="print the effective settings (with serve's flags), secrets redacted")
+    _add_server_flags(check)
 
     mig = sub.add_parser("migrate", help="apply pending database migrations")
     _add_common(mig)
-
-    check = sub.add_parser("check-config", help="print the effective settings, secrets redacted")
-    _add_common(check)
 
     users = sub.add_parser("users", help="manage users")
     users_sub = users.add_subparsers(dest="users_command", required=True)

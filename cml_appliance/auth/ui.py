@@ -85,7 +85,7 @@ async def setup_submit(request: web.Request) -> web.StreamResponse:
     token = await login_sessions.create(request.app[POOL], user, request.app[SETTINGS].session_hours)
     response = web.HTTPFound("/projects")
     _sign_in(request, response, token)
-    return response
+    raise response
 
 
 async def login_submit(request: web.Request) -> web.StreamResponse:
@@ -107,7 +107,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     token = await login_sessions.create(request.app[POOL], user, settings.session_hours)
     response = web.HTTPFound(next_path)
     _sign_in(request, response, token)
-    return response
+    raise response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
@@ -116,7 +116,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
         await login_sessions.delete(request.app[POOL], token)
     response = web.HTTPFound("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
-    return response
+    raise response
 
 
 # API keys ------------------------------------------------------------------------------------

@@ -159,8 +159,7 @@ def load_settings(
             continue
         values[name] = _coerce(name, raw[name], problems, sources[name])
 
-    if not problems:
-        _validate(values, sources, problems)
+    _validate(values, sources, problems)
     if problems:
         raise SettingsError(problems)
 
@@ -171,31 +170,39 @@ def load_settings(
 
 
 def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[str]) -> None:
+    """Check values that parsed (None marks one that did not, already reported)."""
+
     def bad(name: str, why: str) -> None:
         problems.append(f"{name} from {sources[name]} is {values[name]!r}: {why}")
 
-    if not 1 <= values["port"] <= 65535:
+    def ok(*names: str) -> bool:
+        return all(values.get(n) is not None for n in names)
+
+    if ok("port") and not 1 <= values["port"] <= 65535:
         bad("port", "use a port between 1 and 65535 (CML_PORT)")
-    url = values["database_url"]
+    url = values.get("database_url")
     if url and urlsplit(url).scheme not in ("postgres", "postgresql"):
         problems.append(
             f"database_url from {sources['database_url']} must start with postgresql:// "
             "(for example postgresql://user:password@db-host:5432/cml), or be empty for the embedded Postgres"
         )
-    public = values["public_url"]
+    public = values.get("public_url")
     if public and (urlsplit(public).scheme not in ("http", "https") or not urlsplit(public).netloc):
         bad("public_url", "use a full URL such as https://cml.example.com, or leave it empty")
-    if values["database_pool_min"] < 1 or values["database_pool_max"] < values["database_pool_min"]:
+    if ok("database_pool_min", "database_pool_max") and (
+        values["database_pool_min"] < 1 or values["database_pool_max"] < values["database_pool_min"]
+    ):
         problems.append("database_pool_min must be at least 1 and no larger than database_pool_max")
-    if values["log_format"] not in ("json", "text"):
+    if ok("log_format") and values["log_format"] not in ("json", "text"):
         bad("log_format", "use json or text")
-    if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        bad("log_level", "use DEBUG, INFO, WARNING or ERROR")
-    values["log_level"] = values["log_level"].upper()
+    if ok("log_level"):
+        if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            bad("log_level", "use DEBUG, INFO, WARNING or ERROR")
+        values["log_level"] = values["log_level"].upper()
     for name in ("max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures"):
-        if values[name] < 1:
+        if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")
-    if values["secret_key"] and len(values["secret_key"]) < 32:
+    if values.get("secret_key") and len(values["secret_key"]) < 32:
         bad("secret_key", "use at least 32 characters, or leave it empty to have one generated")
 
 
