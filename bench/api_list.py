@@ -401,27 +401,34 @@ async def load(
     session: aiohttp.ClientSession, server: Server, headers: dict[str, str], concurrency: int,
     seconds: float, expected: int, more: bool,
 ) -> Round:
+    """Keep `concurrency` requests in flight for `seconds`. Throughput counts the requests completed
+    by the deadline over `seconds`; the latencies of those still in flight then are kept too."""
     latencies: list[float] = []
     clock = time.perf_counter
-    deadline = clock() + seconds
+    completed = 0
+    started = clock()
+    deadline = started + seconds
 
     async def worker() -> None:
+        nonlocal completed
         while clock() < deadline:
-            started = clock()
+            sent = clock()
             async with session.get(server.url, headers=headers) as resp:
                 body = await resp.read()
                 status = resp.status
-            latencies.append(clock() - started)
+            done = clock()
+            latencies.append(done - sent)
+            if done <= deadline:
+                completed += 1
             check_response(server.name, status, body, expected, more)
 
-    started = clock()
     tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
     try:
         await asyncio.gather(*tasks)
     finally:
         for t in tasks:
             t.cancel()
-    return Round(server.name, len(latencies), clock() - started, latencies)
+    return Round(server.name, completed, seconds, latencies)
 
 
 def _median(values: list[float]) -> float:
@@ -451,13 +458,16 @@ async def measure(
                 "the bare handler's projects differ from the appliance's:\n"
                 f"  appliance: {json.dumps(pages[0][:1])}\n  bare:      {json.dumps(pages[1][:1])}"
             )
+        # Warm-up: open the client's and the pools' connections, fill asyncpg's statement caches.
+        for s in servers:
+            if args.warmup > 0:
+                await load(sessions[s.name], s, headers, args.concurrency, args.warmup, expected, more)
         rounds: list[Round] = []
         for i in range(args.rounds):
-            # ABBA order: A B, B A, A B... so a drift in machine speed favours neither.
+            # ABBA order: A B, B A, A B... so a drift in machine speed favours neither; short rounds
+            # so that bursts of noise from elsewhere hit both targets.
             order = servers if i % 2 == 0 else servers[::-1]
             for s in order:
-                if args.warmup > 0:
-                    await load(sessions[s.name], s, headers, args.concurrency, args.warmup, expected, more)
                 r = await load(sessions[s.name], s, headers, args.concurrency, args.duration, expected, more)
                 rounds.append(r)
                 on_round(i + 1, r)
@@ -485,9 +495,9 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per round and target (5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (1)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per target, interleaved (4)")
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per round and target (3)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per target before the rounds (2)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per target, interleaved (8)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent requests (32)")
     parser.add_argument("--projects", type=int, default=1000, help="projects to seed (1000)")
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "DSN"), help=argparse.SUPPRESS)
@@ -551,8 +561,8 @@ def main() -> int:
         ))
 
         print(f"GET {LIST_PATH}{QUERY}: {args.projects} projects, concurrency {args.concurrency}, "
-              f"{args.rounds} rounds x {args.duration:g} s per target (+{args.warmup:g} s warm-up each), "
-              f"interleaved ABBA", file=out)
+              f"{args.rounds} rounds x {args.duration:g} s per target after {args.warmup:g} s of warm-up each, "
+              f"interleaved A B B A A B...", file=out)
         print(f"database:  {where}; seeded in {seed_seconds:.1f} s; dropped at the end", file=out)
         print(f"appliance: python -m cml_appliance serve (uvloop), pool {settings.database_pool_min}.."
               f"{settings.database_pool_max}, CML_LOG_LEVEL=WARNING: the access log lines (INFO on "
@@ -606,7 +616,7 @@ def main() -> int:
     for name, (rps, p50, p99) in summary.items():
         print(f"{name:<9}  {rps:>8.1f}  {p50:>7.2f}  {p99:>7.2f}", file=out)
     pair_ratios = [a.rps / b.rps for a, b in zip(by_target["appliance"], by_target["bare"])]
-    print(f"per-round ratios: {' '.join(f'{x:.2f}' for x in pair_ratios)}; "
+    print(f"per-round ratios: {' '.join(f'{x:.2f}' for x in pair_ratios)} (median {_median(pair_ratios):.2f}); "
           f"total time {time.monotonic() - began:.0f} s", file=out)
     print(f"ratio: {summary['appliance'][0] / summary['bare'][0]:.2f}", file=out, flush=True)
     return 0
