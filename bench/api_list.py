@@ -372,6 +372,13 @@ class Round:
     requests: int
     seconds: float
     latencies: list[float] = field(repr=False)
+    cpu_seconds: float | None = None  # the server process's user + system CPU time during the round
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        if self.cpu_seconds is None or not self.requests:
+            return None
+        return self.cpu_seconds * 1000 / len(self.latencies)
 
     @property
     def rps(self) -> float:
@@ -381,6 +388,18 @@ class Round:
         """Nearest-rank percentile, in milliseconds."""
         ordered = sorted(self.latencies)
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def check_response(target: str, status: int, body: bytes, expected: int, more: bool) -> dict[str, Any]:
@@ -468,7 +487,11 @@ async def measure(
             # so that bursts of noise from elsewhere hit both targets.
             order = servers if i % 2 == 0 else servers[::-1]
             for s in order:
+                cpu_before = cpu_seconds(s.proc.pid)
                 r = await load(sessions[s.name], s, headers, args.concurrency, args.duration, expected, more)
+                cpu_after = cpu_seconds(s.proc.pid)
+                if cpu_before is not None and cpu_after is not None:
+                    r.cpu_seconds = cpu_after - cpu_before
                 rounds.append(r)
                 on_round(i + 1, r)
                 if s.proc.poll() is not None:
@@ -495,9 +518,9 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per round and target (3)")
+    parser.add_argument("--duration", type=float, default=2.0, help="measured seconds per round and target (2)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per target before the rounds (2)")
-    parser.add_argument("--rounds", type=int, default=8, help="rounds per target, interleaved (8)")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds per target, interleaved (12)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent requests (32)")
     parser.add_argument("--projects", type=int, default=1000, help="projects to seed (1000)")
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "DSN"), help=argparse.SUPPRESS)
@@ -574,11 +597,13 @@ def main() -> int:
               f"{args.concurrency} workers, keep-alive; it shares the machine's {os.cpu_count()} CPU(s) with both "
               f"servers and Postgres, so the figures are lower bounds for either server", file=out)
         print(file=out)
-        print(f"{'round':>5}  {'target':<9}  {'requests':>8}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}", file=out)
+        print(f"{'round':>5}  {'target':<9}  {'requests':>8}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  "
+              f"{'CPU ms/req':>10}", file=out)
 
         def on_round(i: int, r: Round) -> None:
+            cpu = r.cpu_ms_per_request
             print(f"{i:>5}  {r.target:<9}  {r.requests:>8}  {r.rps:>8.1f}  {r.percentile(0.50):>7.2f}  "
-                  f"{r.percentile(0.99):>7.2f}", file=out, flush=True)
+                  f"{r.percentile(0.99):>7.2f}  {'n/a' if cpu is None else f'{cpu:.2f}':>10}", file=out, flush=True)
 
         rounds = run_async(measure(servers, secret, args, on_round))
     finally:
@@ -607,14 +632,18 @@ def main() -> int:
             _median([r.rps for r in rs]),
             _median([r.percentile(0.50) for r in rs]),
             _median([r.percentile(0.99) for r in rs]),
+            _median(cpus) if (cpus := [c for r in rs if (c := r.cpu_ms_per_request) is not None]) else None,
         )
         for name, rs in by_target.items()
     }
     print(file=out)
     print(f"median of {args.rounds} rounds:", file=out)
-    print(f"{'target':<9}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}", file=out)
-    for name, (rps, p50, p99) in summary.items():
-        print(f"{name:<9}  {rps:>8.1f}  {p50:>7.2f}  {p99:>7.2f}", file=out)
+    print(f"{'target':<9}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'CPU ms/req':>10}", file=out)
+    for name, (rps, p50, p99, cpu) in summary.items():
+        print(f"{name:<9}  {rps:>8.1f}  {p50:>7.2f}  {p99:>7.2f}  {'n/a' if cpu is None else f'{cpu:.2f}':>10}",
+              file=out)
+    print("(CPU ms/req: the server process's own CPU time per request, Postgres and the load generator "
+          "excluded; steadier than req/s when the machine is busy)", file=out)
     pair_ratios = [a.rps / b.rps for a, b in zip(by_target["appliance"], by_target["bare"])]
     print(f"per-round ratios: {' '.join(f'{x:.2f}' for x in pair_ratios)} (median {_median(pair_ratios):.2f}); "
           f"total time {time.monotonic() - began:.0f} s", file=out)

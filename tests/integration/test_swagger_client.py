@@ -90,7 +90,6 @@ def _proto3_64bit(name: str, low: int, high: int) -> SwaggerFormat:
 
 
 CONFIG: dict[str, Any] = {
-    "validate_swagger_spec": True,
     "validate_requests": True,
     "validate_responses": True,
     "use_models": False,
@@ -111,14 +110,23 @@ def cml_swagger() -> dict[str, Any]:
     return spec
 
 
-def build_client(spec_dict: dict[str, Any], host: str, formats: list[SwaggerFormat] | None = None) -> SwaggerClient:
+@pytest.fixture(scope="module")
+def offline(cml_swagger: dict[str, Any]) -> SwaggerClient:
+    """A client with no server behind it, built once, checking the swagger itself on the way
+    (swagger-spec-validator): the per-test clients then skip that second-long check."""
+    return build_client(cml_swagger, "127.0.0.1:9", validate_spec=True)
+
+
+def build_client(
+    spec_dict: dict[str, Any], host: str, *, validate_spec: bool, formats: list[SwaggerFormat] | None = None
+) -> SwaggerClient:
     spec = copy.deepcopy(spec_dict)
     # CML's swagger has no host, basePath or schemes: say where this appliance is.
     spec["host"] = host
     spec["schemes"] = ["http"]
     http = RequestsClient()
     http.session.trust_env = False  # loopback only: never a proxy from the environment
-    config = {**CONFIG, "formats": _formats() if formats is None else formats}
+    config = {**CONFIG, "validate_swagger_spec": validate_spec, "formats": _formats() if formats is None else formats}
     return SwaggerClient.from_spec(spec, origin_url=f"http://{host}/", http_client=http, config=config)
 
 
@@ -158,16 +166,16 @@ class Cml:
 
 
 @pytest.fixture
-async def cml(client: TestClient, cml_swagger: dict[str, Any]) -> Cml:
+async def cml(client: TestClient, cml_swagger: dict[str, Any], offline: SwaggerClient) -> Cml:
     host = f"{client.server.host}:{client.server.port}"
-    return Cml(await asyncio.to_thread(build_client, cml_swagger, host))
+    return Cml(await asyncio.to_thread(build_client, cml_swagger, host, validate_spec=False))
 
 
 # The validators themselves ----------------------------------------------------------------------
 
-def test_validation_is_really_on(cml_swagger: dict[str, Any]) -> None:
+def test_validation_is_really_on(offline: SwaggerClient) -> None:
     """Response validation catches a wrong type, a bad date-time and a bad int64: none is a no-op."""
-    spec = build_client(cml_swagger, "127.0.0.1:9").swagger_spec
+    spec = offline.swagger_spec
     assert spec.config["validate_responses"] and spec.config["validate_requests"]
     assert "date-time" in spec.format_checker.checkers  # else jsonschema skips date-time silently
     definitions = spec.spec_dict["definitions"]
@@ -186,7 +194,7 @@ def test_validation_is_really_on(cml_swagger: dict[str, Any]) -> None:
             validate_schema_object(spec, definitions[schema], bad)
 
 
-def test_stock_int64_format_is_wrong_for_proto3_json(cml_swagger: dict[str, Any]) -> None:
+def test_stock_int64_format_is_wrong_for_proto3_json(cml_swagger: dict[str, Any], offline: SwaggerClient) -> None:
     """Why the client registers its own int64: stock bravado-core rejects a FileInfo sent back as received."""
     body = {"path": "inputs/train.csv", "is_dir": False, "file_size": "8"}
 
@@ -197,10 +205,10 @@ def test_stock_int64_format_is_wrong_for_proto3_json(cml_swagger: dict[str, Any]
             marshal_param(param, {"project_id": "p", "path": "a.csv", "body": body}[param.name], request)
         return request
 
-    stock = build_client(cml_swagger, "127.0.0.1:9", formats=[])
+    stock = build_client(cml_swagger, "127.0.0.1:9", validate_spec=False, formats=[])
     with pytest.raises(jsonschema.ValidationError, match="8 is not of type 'string'"):
         marshal(stock)
-    assert json.loads(marshal(build_client(cml_swagger, "127.0.0.1:9"))["data"]) == body
+    assert json.loads(marshal(offline)["data"]) == body
 
 
 # Keys -------------------------------------------------------------------------------------------
