@@ -124,7 +124,9 @@ async def logout(request: web.Request) -> web.StreamResponse:
 async def _keys_page(request: web.Request, extra: dict[str, Any] | None = None, status: int = 200) -> web.StreamResponse:
     user = current_user(request)
     keys = await api_keys.list_for(request.app[POOL], user)
-    context = {"keys": keys, "new_key": None, "error": "", "api_url": request.app[SETTINGS].base_url} | (extra or {})
+    # The address clients should use: the configured public URL, else the one this page came from.
+    api_url = request.app[SETTINGS].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+    context = {"keys": keys, "new_key": None, "error": "", "api_url": api_url} | (extra or {})
     return aiohttp_jinja2.render_template("api_keys.html", request, context, status=status)
 
 

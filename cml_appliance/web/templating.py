@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp_jinja2
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from cml_appliance import __version__
 from cml_appliance.core.security import sign, verify_signature
@@ -58,8 +58,12 @@ async def context_processor(request: web.Request) -> dict[str, Any]:
 
 
 async def clear_shown_flash(request: web.Request, response: web.StreamResponse) -> None:
+    # By the time this signal runs aiohttp has already turned response.cookies into headers,
+    # so the expiring cookie is added as a header of its own.
     if request.get(FLASH_SHOWN) and FLASH_COOKIE not in response.cookies:
-        response.del_cookie(FLASH_COOKIE, path="/")
+        response.headers.add(
+            hdrs.SET_COOKIE, f'{FLASH_COOKIE}=""; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Path=/'
+        )
 
 
 def _when(value: datetime | None) -> str:

@@ -256,12 +256,6 @@ async def test_api_key_shown_once_works_and_admin_adds_user(browser: Browser, ma
     browser.assert_clean()
 
 
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the flash cookie is never cleared: clear_shown_flash runs in on_response_prepare, after aiohttp "
-    "has already turned response.cookies into Set-Cookie headers, so its del_cookie is dropped",
-)
 async def test_flash_message_is_shown_only_once(client: TestClient, make_user: Any) -> None:
     """Over plain HTTP (no browser launch, to keep this file fast); the screenshots show the effect:
     "Uploaded 1 file(s)." is still on file-view.png and projects-list.png."""
