@@ -4,8 +4,10 @@
 With N projects (default 1,000) seeded in a fresh database, the load generator (this process)
 drives both servers at the same concurrency (default 32), in interleaved rounds
 (appliance, bare, bare, appliance, appliance, bare, ...) so that machine noise hits both alike,
-and reports requests/s, p50 and p99 for each: the medians over the rounds. The last line is
-`ratio: X`, the appliance's throughput over the bare handler's. The target is at least 0.8.
+and reports requests/s, p50 and p99 for each: the medians over the rounds, with each server
+process's CPU time per request (read from /proc; steadier than requests/s on a busy machine).
+The last line is `ratio: X`: the appliance's median requests/s over the bare handler's. The
+target is at least 0.8. The per-round ratios and their median are printed just above it.
 
 - Appliance: the real `python -m cml_appliance serve` (uvloop) in its own process, with
   CML_LOG_LEVEL=WARNING.
@@ -20,7 +22,7 @@ and reports requests/s, p50 and p99 for each: the medians over the rounds. The l
   database cml_bench_<random>, migrated with cml_appliance.db.migrate and dropped at the end.
 
 Usage: /tmp/venv/bin/python bench/api_list.py [--duration S] [--rounds N] [--concurrency C]
-       [--projects N] [--warmup S]
+       [--projects N] [--warmup S]        (defaults: 2 s x 12 rounds, 32, 1000, 2 s: about 60 s)
 """
 
 from __future__ import annotations
@@ -373,6 +375,7 @@ class Round:
     seconds: float
     latencies: list[float] = field(repr=False)
     cpu_seconds: float | None = None  # the server process's user + system CPU time during the round
+    load_cpu_seconds: float = 0.0  # the load generator's (this process's) CPU time during the round
 
     @property
     def cpu_ms_per_request(self) -> float | None:
@@ -487,9 +490,9 @@ async def measure(
             # so that bursts of noise from elsewhere hit both targets.
             order = servers if i % 2 == 0 else servers[::-1]
             for s in order:
-                cpu_before = cpu_seconds(s.proc.pid)
+                cpu_before, load_before = cpu_seconds(s.proc.pid), time.process_time()
                 r = await load(sessions[s.name], s, headers, args.concurrency, args.duration, expected, more)
-                cpu_after = cpu_seconds(s.proc.pid)
+                cpu_after, r.load_cpu_seconds = cpu_seconds(s.proc.pid), time.process_time() - load_before
                 if cpu_before is not None and cpu_after is not None:
                     r.cpu_seconds = cpu_after - cpu_before
                 rounds.append(r)
@@ -642,8 +645,10 @@ def main() -> int:
     for name, (rps, p50, p99, cpu) in summary.items():
         print(f"{name:<9}  {rps:>8.1f}  {p50:>7.2f}  {p99:>7.2f}  {'n/a' if cpu is None else f'{cpu:.2f}':>10}",
               file=out)
-    print("(CPU ms/req: the server process's own CPU time per request, Postgres and the load generator "
-          "excluded; steadier than req/s when the machine is busy)", file=out)
+    load_cpu = _median([r.load_cpu_seconds * 1000 / len(r.latencies) for r in rounds if r.latencies])
+    print(f"(CPU ms/req: the server process's own CPU time per request, Postgres and the load generator "
+          f"excluded; steadier than req/s on a busy machine. The load generator used {load_cpu:.2f} ms "
+          f"of CPU per request.)", file=out)
     pair_ratios = [a.rps / b.rps for a, b in zip(by_target["appliance"], by_target["bare"])]
     print(f"per-round ratios: {' '.join(f'{x:.2f}' for x in pair_ratios)} (median {_median(pair_ratios):.2f}); "
           f"total time {time.monotonic() - began:.0f} s", file=out)
