@@ -11,12 +11,16 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 
-
 import asyncpg
 
 from cml_appliance.core.errors import AppError
 from cml_appliance.core.logs import setup_logging
-from cml_appliance.core.settings import Settings, SettingsError, ensure_secret_key, load_settings
+from cml_appliance.core.settings import (
+    Settings,
+    SettingsError,
+    ensure_secret_key,
+    load_settings,
+)
 from cml_appliance.db import migrate as migrations
 from cml_appliance.db.pool import create_pool, database_url
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -58,7 +58,7 @@ def parse_expiry(text: str | None) -> datetime | None:
         when = parse_rfc3339(text)
     except ValueError as exc:
         raise InvalidArgument(f"expiry_date: {exc}") from None
-    if when <= datetime.now(timezone.utc):
+    if when <= datetime.now(UTC):
         raise InvalidArgument("expiry_date must be in the future")
     return when
 
@@ -119,7 +119,7 @@ async def check(pool: asyncpg.Pool, secret: str, audience: str = "API") -> KeyCh
     user = await get_by_id(pool, key.user_id)
     if user is None or not user.is_active:
         return KeyCheck(user, key, "the key's user is deactivated")
-    if key.expires_at is not None and key.expires_at <= datetime.now(timezone.utc):
+    if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
         return KeyCheck(user, key, "API key has expired")
     if audience not in key.audiences:
         return KeyCheck(user, key, f"API key is not valid for the audience {audience!r}")

@@ -10,7 +10,12 @@ from datetime import datetime
 import asyncpg
 
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, TooManyRequests
+from cml_appliance.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    TooManyRequests,
+)
 from cml_appliance.core.security import hash_password, verify_password
 
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -47,7 +47,7 @@ def project_json(p: Project) -> dict[str, Any]:
 async def list_projects(request: web.Request) -> web.Response:
     user = current_user(request)
     q = list_query(request, store.FILTER_KEYS, store.SORT_KEYS)
-    items, more = await request.app[PROJECTS].list(
+    items, more = await request.app[PROJECTS].list_projects(
         user, q, include_public=query_flag(request, "include_public_projects"),
         include_all=query_flag(request, "include_all_projects"),
     )

@@ -14,7 +14,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, PayloadTooLarge
+from cml_appliance.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+)
 
 
 def clean_relative(path: str) -> str:

@@ -82,7 +82,7 @@ class ProjectService:
         assert project is not None
         return project
 
-    async def list(self, user: User, q: ListQuery, *, include_public: bool, include_all: bool) -> tuple[list[Project], bool]:
+    async def list_projects(self, user: User, q: ListQuery, *, include_public: bool, include_all: bool) -> tuple[list[Project], bool]:
         return await store.list_visible(self.pool, user, q, include_public=include_public, include_all=include_all)
 
     async def create(self, user: User, fields: dict[str, Any]) -> Project:
@@ -200,7 +200,7 @@ class ProjectService:
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), GIT_CLONE_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             raise RuntimeError(f"git {args[-3] if len(args) > 3 else ''} timed out after {GIT_CLONE_TIMEOUT} s") from None

@@ -32,7 +32,7 @@ async def project_list(request: web.Request) -> web.StreamResponse:
     except ValueError:
         page_no = 1
     q = ListQuery(PAGE_SIZE, (page_no - 1) * PAGE_SIZE, {"name": search} if search else {}, [], "")
-    projects, more = await request.app[PROJECTS].list(user, q, include_public=True, include_all=False)
+    projects, more = await request.app[PROJECTS].list_projects(user, q, include_public=True, include_all=False)
 
     def page_link(n: int) -> str:
         return "/projects?" + urlencode({"q": search, "page": n} if search else {"page": n})
@@ -124,11 +124,11 @@ async def create_project(request: web.Request) -> web.StreamResponse:
         try:
             uploaded = await _write_parts(request, service.directory(project), first_file, reader, "")
         except AppError as exc:
-            raise redirect(request, f"/projects/{project.public_id}", "error", f"Project created, but the upload failed: {exc.message}")
+            raise redirect(request, f"/projects/{project.public_id}", "error", f"Project created, but the upload failed: {exc.message}") from None
     note = f" with {uploaded} file(s)" if uploaded else ""
     if template == "git":
         note = "; cloning the repository now"
-    raise redirect(request, f"/projects/{project.public_id}", "ok", f"Created project {project.name}{note}.")
+    raise redirect(request, f"/projects/{project.public_id}", "ok", f"Created project {project.name}{note}.") from None
 
 
 async def _project(request: web.Request, needed: Role = Role.READ) -> Project:
@@ -187,10 +187,10 @@ async def upload(request: web.Request) -> web.StreamResponse:
     try:
         count = await _write_parts(request, request.app[PROJECTS].directory(project), first_file, reader, folder)
     except AppError as exc:
-        raise redirect(request, back, "error", f"Upload failed: {exc.message}")
+        raise redirect(request, back, "error", f"Upload failed: {exc.message}") from None
     if not count:
-        raise redirect(request, back, "error", "Choose at least one file to upload.")
-    raise redirect(request, back, "ok", f"Uploaded {count} file(s).")
+        raise redirect(request, back, "error", "Choose at least one file to upload.") from None
+    raise redirect(request, back, "ok", f"Uploaded {count} file(s).") from None
 
 
 async def _form(request: web.Request) -> dict[str, str]:
@@ -206,8 +206,8 @@ async def delete_file(request: web.Request) -> web.StreamResponse:
     try:
         files.delete(request.app[PROJECTS].directory(project), path)
     except AppError as exc:
-        raise redirect(request, back, "error", exc.message)
-    raise redirect(request, back, "ok", f"Deleted {path}.")
+        raise redirect(request, back, "error", exc.message) from None
+    raise redirect(request, back, "ok", f"Deleted {path}.") from None
 
 
 async def make_dir(request: web.Request) -> web.StreamResponse:
@@ -218,8 +218,8 @@ async def make_dir(request: web.Request) -> web.StreamResponse:
     try:
         files.make_dir(request.app[PROJECTS].directory(project), str(PurePosixPath(folder) / form.get("name", "").strip()))
     except AppError as exc:
-        raise redirect(request, back, "error", exc.message)
-    raise redirect(request, back, "ok", "Folder created.")
+        raise redirect(request, back, "error", exc.message) from None
+    raise redirect(request, back, "ok", "Folder created.") from None
 
 
 async def download(request: web.Request) -> web.StreamResponse:
@@ -237,15 +237,15 @@ async def put_collaborator(request: web.Request) -> web.StreamResponse:
     try:
         await request.app[PROJECTS].put_collaborator(current_user(request), project.public_id, username, form.get("permission", ""))
     except AppError as exc:
-        raise redirect(request, f"/projects/{project.public_id}#collaborators", "error", exc.message)
-    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"{username} is now a collaborator.")
+        raise redirect(request, f"/projects/{project.public_id}#collaborators", "error", exc.message) from None
+    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"{username} is now a collaborator.") from None
 
 
 async def delete_collaborator(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.ADMIN)
     username = request.match_info["username"]
     await request.app[PROJECTS].delete_collaborator(current_user(request), project.public_id, username)
-    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"Removed {username}.")
+    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"Removed {username}.") from None
 
 
 def parse_env_text(text: str) -> dict[str, str]:
@@ -268,29 +268,29 @@ async def save_environment(request: web.Request) -> web.StreamResponse:
     try:
         await request.app[PROJECTS].set_environment(current_user(request), project.public_id, parse_env_text(form.get("environment", "")))
     except AppError as exc:
-        raise redirect(request, back, "error", f"Environment not saved: {exc.message}")
-    raise redirect(request, back, "ok", "Environment variables saved.")
+        raise redirect(request, back, "error", f"Environment not saved: {exc.message}") from None
+    raise redirect(request, back, "ok", "Environment variables saved.") from None
 
 
 async def save_settings(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.WRITE)
     form = await _form(request)
     back = f"/projects/{project.public_id}#settings"
-    fields = {k: form[k] for k in ("name", "description", "visibility") if k in form}
+    fields: dict[str, Any] = {k: form[k] for k in ("name", "description", "visibility") if k in form}
     try:
         await request.app[PROJECTS].update(current_user(request), project.public_id, fields)
     except AppError as exc:
-        raise redirect(request, back, "error", exc.message)
-    raise redirect(request, back, "ok", "Project settings saved.")
+        raise redirect(request, back, "error", exc.message) from None
+    raise redirect(request, back, "ok", "Project settings saved.") from None
 
 
 async def delete_project(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.ADMIN)
     form = await _form(request)
     if form.get("confirm_name", "") != project.name:
-        raise redirect(request, f"/projects/{project.public_id}#settings", "error", "Type the project's name to confirm deletion.")
+        raise redirect(request, f"/projects/{project.public_id}#settings", "error", "Type the project's name to confirm deletion.") from None
     await request.app[PROJECTS].delete(current_user(request), project.public_id)
-    raise redirect(request, "/projects", "ok", f"Deleted project {project.name}.")
+    raise redirect(request, "/projects", "ok", f"Deleted project {project.name}.") from None
 
 
 def routes() -> list[web.RouteDef]:

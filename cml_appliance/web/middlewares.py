@@ -22,6 +22,7 @@ from aiohttp import web
 from cml_appliance.auth import api_keys, login_sessions
 from cml_appliance.core.errors import AppError, Unauthenticated
 from cml_appliance.core.logs import request_id_var
+from cml_appliance.web import templating
 from cml_appliance.web.context import (
     LOGIN,
     SESSION_COOKIE,
@@ -29,7 +30,6 @@ from cml_appliance.web.context import (
     check_csrf,
     is_api_path,
 )
-from cml_appliance.web import templating
 from cml_appliance.web.keys import METRICS, POOL
 
 log = logging.getLogger("cml_appliance.access")
@@ -152,12 +152,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         secret = _bearer(request)
         if secret is not None:
             result = await api_keys.check(pool, secret, "API")
-            request[USER] = result.user if not result.problem else None
-            if result.problem and _route_name(request) not in PUBLIC_ROUTES:
-                raise Unauthenticated(result.problem)
+            if result.problem or result.user is None:
+                request.pop(USER, None)
+                if _route_name(request) not in PUBLIC_ROUTES:
+                    raise Unauthenticated(result.problem)
+            else:
+                request[USER] = result.user
         elif login is not None and request.method not in ("GET", "HEAD"):
             # The cookie alone may read the API from the UI's own pages, never change it.
-            request[USER] = None
+            request.pop(USER, None)
     if request.get(USER) is None and _route_name(request) not in PUBLIC_ROUTES:
         if request.match_info.http_exception is not None:
             raise request.match_info.http_exception

@@ -139,7 +139,7 @@ def test_image_builds_and_serves_readyz_against_postgres() -> None:
     db_name = f"cml_image_test_{uuid.uuid4().hex[:12]}"
     try:
         asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{db_name}"'))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         _unavailable(f"cannot reach Postgres at {admin_dsn}: {exc!r}")
     app_dsn = _with_database(admin_dsn, db_name)
     ctr = f"cml-image-test-{uuid.uuid4().hex[:8]}"

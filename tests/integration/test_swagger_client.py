@@ -32,7 +32,7 @@ import copy
 import json
 import re
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -45,7 +45,13 @@ try:
         warnings.simplefilter("ignore", DeprecationWarning)
         import jsonschema
         from bravado.client import CallableOperation, SwaggerClient
-        from bravado.exception import HTTPBadRequest, HTTPError, HTTPForbidden, HTTPNotFound, HTTPUnauthorized
+        from bravado.exception import (
+            HTTPBadRequest,
+            HTTPError,
+            HTTPForbidden,
+            HTTPNotFound,
+            HTTPUnauthorized,
+        )
         from bravado.requests_client import RequestsClient
         from bravado.response import BravadoResponse
         from bravado_core.exception import SwaggerValidationError
@@ -269,7 +275,7 @@ async def test_keys(cml: Cml, make_user: Any) -> None:
     assert created["comments"] == "swagger" and created["audiences"] == ["API"]
     assert created["expiry_date"].startswith("2099-01-01T00:00:00")
     created_at = datetime.fromisoformat(created["created_at"].replace("Z", "+00:00"))
-    assert abs((datetime.now(timezone.utc) - created_at).total_seconds()) < 300
+    assert abs((datetime.now(UTC) - created_at).total_seconds()) < 300
     second = Api(alice.client, created["api_key"], "alice")
 
     listed = await cml("ListV2Keys", alice, username="alice")

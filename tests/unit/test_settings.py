@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cml_appliance.core.settings import SettingsError, ensure_secret_key, load_settings, redact_dsn
+from cml_appliance.core.settings import (
+    SettingsError,
+    ensure_secret_key,
+    load_settings,
+    redact_dsn,
+)
 
 
 def test_defaults() -> None:
