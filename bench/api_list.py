@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -56,17 +56,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmark the working tree, whatever is installed
 
-import aiohttp  # noqa: E402
-import asyncpg  # noqa: E402
-from aiohttp import web  # noqa: E402
+import aiohttp
+import asyncpg
+from aiohttp import web
 
-from cml_appliance.api.listing import parse_list_query  # noqa: E402
-from cml_appliance.auth import api_keys, users  # noqa: E402
-from cml_appliance.core.ids import new_public_id, slugify  # noqa: E402
-from cml_appliance.core.settings import load_settings, redact_dsn  # noqa: E402
-from cml_appliance.db import migrate  # noqa: E402
-from cml_appliance.db.pool import create_pool  # noqa: E402
-from cml_appliance.projects import store  # noqa: E402
+from cml_appliance.api.listing import parse_list_query
+from cml_appliance.auth import api_keys, users
+from cml_appliance.core.ids import new_public_id, slugify
+from cml_appliance.core.settings import load_settings, redact_dsn
+from cml_appliance.db import migrate
+from cml_appliance.db.pool import create_pool
+from cml_appliance.projects import store
 
 try:
     import uvloop
@@ -95,7 +95,6 @@ class _Recorder:
 
     async def fetchrow(self, query: str, *args: Any) -> None:
         self.calls.append((query, args))
-        return None
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         self.calls.append((query, args))
@@ -114,7 +113,7 @@ def capture_sql(page_size: int = PAGE_SIZE) -> RequestSql:
         rec = _Recorder()
         await api_keys.check(rec, "not-a-key", "API")  # type: ignore[arg-type]
         await users.get_by_id(rec, 1)  # type: ignore[arg-type]
-        user = users.User(1, "bench", "bench@example.com", "Bench", False, True, datetime.now(timezone.utc))
+        user = users.User(1, "bench", "bench@example.com", "Bench", False, True, datetime.now(UTC))
         q = parse_list_query(
             {"page_size": str(page_size)},
             secret="x" * 32,
@@ -140,7 +139,7 @@ _PERMS = ("read", "operator", "write", "admin")
 
 
 def _rfc3339(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
 def _bare_project(row: asyncpg.Record) -> dict[str, Any]:
@@ -191,7 +190,7 @@ def bare_app(dsn: str, pool_min: int, pool_max: int) -> web.Application:
         if (
             user is None
             or not user["is_active"]
-            or (key["expires_at"] is not None and key["expires_at"] <= datetime.now(timezone.utc))
+            or (key["expires_at"] is not None and key["expires_at"] <= datetime.now(UTC))
             or "API" not in key["audiences"]
         ):
             return unauthorized("API key is not valid")
@@ -271,7 +270,7 @@ async def seed(dsn: str, projects: int) -> str:
         )
         secret, _ = await api_keys.create(pool, user, comments="bench/api_list.py")
         rng = random.Random(20261128)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = []
         for i in range(projects):
             created = now - timedelta(days=rng.uniform(1, 400))
@@ -379,7 +378,7 @@ class Round:
 
     @property
     def cpu_ms_per_request(self) -> float | None:
-        if self.cpu_seconds is None or not self.requests:
+        if self.cpu_seconds is None or not self.latencies:
             return None
         return self.cpu_seconds * 1000 / len(self.latencies)
 
@@ -613,17 +612,17 @@ def main() -> int:
         for s in servers:
             try:
                 stop(s)
-            except Exception as exc:  # keep cleaning up
+            except Exception as exc:  # noqa: BLE001 - keep cleaning up
                 problems.append(f"could not stop the {s.name} server (pid {s.proc.pid}): {exc}")
         if db_created:
             try:
                 run_async(drop_database(server_dsn, db_name))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 problems.append(f"could not drop database {db_name}: {exc}")
         if pg is not None:
             try:
                 pg.cleanup()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 problems.append(f"could not stop the embedded Postgres: {exc}")
         shutil.rmtree(workdir, ignore_errors=True)
         for p in problems:

@@ -25,7 +25,6 @@ from cml_appliance.db import migrate
 from cml_appliance.web.keys import POOL
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CML_SHARED_DIR", REPO.parent / "shared"))
 
 
 def require_tool(available: bool, what: str) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from pathlib import Path
 import re
 import warnings
 from datetime import UTC, datetime
@@ -38,7 +39,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import SHARED, Api, require_tool
+from tests.conftest import Api, require_tool
 
 try:
     with warnings.catch_warnings():  # importing them warns about jsonschema's RefResolver
@@ -61,7 +62,7 @@ try:
 except ImportError:  # reported by the fixture: a skip locally, a failure in CI
     SwaggerClient = None
 
-SWAGGER = SHARED / "reference" / "cml-api-v2.swagger.json"
+SWAGGER = Path(__file__).resolve().parents[1] / "data" / "cml-api-v2.swagger.json"
 
 pytestmark = [
     # Noise from the libraries and from CML's swagger itself, not from the appliance: bravado-core
