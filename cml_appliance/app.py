@@ -32,7 +32,13 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allow_local_git: bool = False) -> web.Application:
     app = web.Application(
-        middlewares=[middlewares.observe, middlewares.errors, middlewares.authenticate, middlewares.csrf],
+        middlewares=[
+            middlewares.observe,
+            middlewares.errors,
+            middlewares.authenticate,
+            middlewares.csrf,
+            templating.page_context,
+        ],
         client_max_size=settings.max_json_body_mb * 1024 * 1024,
     )
     app[SETTINGS] = settings
@@ -41,7 +47,6 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         app,
         loader=jinja2.PackageLoader("cml_appliance.web", "templates"),
         autoescape=True,
-        context_processors=[templating.context_processor],
     )
     templating.setup(app)
     should_migrate = settings.migrate_on_start if migrate_on_start is None else migrate_on_start

@@ -57,6 +57,14 @@ async def context_processor(request: web.Request) -> dict[str, Any]:
     }
 
 
+@web.middleware
+async def page_context(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What every page's template gets; API requests skip the work (it shows in the benchmark)."""
+    if not request.path.startswith("/api/"):
+        request[aiohttp_jinja2.REQUEST_CONTEXT_KEY] = await context_processor(request)
+    return await handler(request)
+
+
 async def clear_shown_flash(request: web.Request, response: web.StreamResponse) -> None:
     # By the time this signal runs aiohttp has already turned response.cookies into headers,
     # so the expiring cookie is added as a header of its own.
