@@ -3,10 +3,12 @@ opened in dependency order and closed in reverse."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
 import aiohttp_jinja2
+import asyncpg
 import jinja2
 from aiohttp import web
 
@@ -17,15 +19,35 @@ from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.db import migrate
 from cml_appliance.db.pool import create_pool, database_url
+from cml_appliance.engines.base import Engine
+from cml_appliance.engines.container import ContainerEngine
+from cml_appliance.engines.local import LocalEngine
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
 from cml_appliance.projects.service import ProjectService
 from cml_appliance.runtimes import api as runtimes_api
 from cml_appliance.runtimes import catalog
 from cml_appliance.runtimes import ui as runtimes_ui
+from cml_appliance.sessions import api as sessions_api
+from cml_appliance.sessions import ui as sessions_ui
+from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, middlewares, templating
-from cml_appliance.web.keys import METRICS, POOL, PROJECTS, SETTINGS, SUPERVISOR
+from cml_appliance.web.keys import (
+    METRICS,
+    POOL,
+    PROJECTS,
+    SESSIONS,
+    SETTINGS,
+    STATUS_HUB,
+    SUPERVISOR,
+    WEBSOCKETS,
+    WORKLOADS,
+)
 from cml_appliance.web.metrics import Metrics
+from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.events import StatusHub
+from cml_appliance.workloads.logs import LogStore
+from cml_appliance.workloads.service import WorkloadService
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +72,11 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     )
     templating.setup(app)
     should_migrate = settings.migrate_on_start if migrate_on_start is None else migrate_on_start
+    resolved: dict[str, str] = {}  # the database URL once known (embedded Postgres makes its own)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         async with database_url(settings.database_url, settings.data_dir) as dsn:
+            resolved["dsn"] = dsn
             pool = await create_pool(dsn, settings.database_pool_min, settings.database_pool_max)
             try:
                 async with pool.acquire() as conn:
@@ -81,14 +105,46 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         app[PROJECTS] = projects
         yield
 
-    app.cleanup_ctx.extend([database, supervisor, services])
+    async def workloads(app: web.Application) -> AsyncIterator[None]:
+        pool, tasks = app[POOL], app[SUPERVISOR]
+        site_id = await workload_store.site_id(pool)
+        engines: dict[str, Engine] = {"local": LocalEngine(site_id)}
+        if settings.container_engine_url:
+            engines["container"] = ContainerEngine(site_id, settings.container_engine_url, network=settings.container_network)
+        service = WorkloadService(
+            pool, engines, LogStore(settings.logs_dir, settings.workload_log_max_mb * 1024 * 1024), tasks,
+            projects_dir=settings.projects_dir, base_url=settings.base_url, stop_grace=settings.stop_grace_seconds,
+        )
+        app[WORKLOADS] = service
+        app[SESSIONS] = SessionService(pool, app[PROJECTS], service, settings)
+        app[WEBSOCKETS] = set()
+        hub = StatusHub()
+        await hub.start(resolved["dsn"])
+        app[STATUS_HUB] = hub
+        # Before serving: nothing stays active that no longer runs, nothing runs that nobody owns.
+        for name in engines:
+            await service.reconcile(name, starting_up=True)
+            tasks.loop(f"reconcile-{name}", functools.partial(service.reconcile, name), settings.reconcile_interval_seconds)
+        tasks.loop("session-time-limits", service.enforce_time_limits, 15)
+        yield
+        try:
+            await service.shutdown()
+        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError) as exc:
+            log.warning("could not end local workloads cleanly (the database went away): %s", exc)
+        finally:
+            await hub.stop()
+
+    app.cleanup_ctx.extend([database, supervisor, services, workloads])
+    app.on_shutdown.append(sessions_api.close_websockets)
 
     app.router.add_routes(health.routes())
     app.router.add_routes(auth_api.routes())
     app.router.add_routes(projects_api.routes())
     app.router.add_routes(runtimes_api.routes())
+    app.router.add_routes(sessions_api.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())
+    app.router.add_routes(sessions_ui.routes())
     app.router.add_static("/static", static_dir(), name="static", append_version=True)
     return app

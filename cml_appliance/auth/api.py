@@ -8,7 +8,7 @@ from cml_appliance.api.bodies import STR, STR_LIST
 from cml_appliance.api.common import json_body
 from cml_appliance.auth import api_keys, users
 from cml_appliance.auth.users import User
-from cml_appliance.core.errors import NotFound
+from cml_appliance.core.errors import NotFound, PermissionDenied
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import POOL
@@ -17,6 +17,8 @@ from cml_appliance.web.keys import POOL
 async def _key_owner(request: web.Request) -> tuple[User, User]:
     """(caller, owner of the keys); only the user themself or a site admin may touch them."""
     caller = current_user(request)
+    if caller.scope_project_id is not None:
+        raise PermissionDenied("a workload's own key cannot manage API keys")
     username = request.match_info["username"]
     if caller.username == username:
         return caller, caller

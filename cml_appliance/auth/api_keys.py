@@ -25,6 +25,7 @@ class ApiKey:
     audiences: tuple[str, ...]
     expires_at: datetime | None
     created_at: datetime
+    scope_project_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ class KeyCheck:
 
 def _key(row: asyncpg.Record) -> ApiKey:
     return ApiKey(
-        row["key_id"], row["user_id"], row["comments"], tuple(row["audiences"]), row["expires_at"], row["created_at"]
+        row["key_id"], row["user_id"], row["comments"], tuple(row["audiences"]), row["expires_at"], row["created_at"],
+        row["scope_project_id"],
     )
 
 
@@ -71,27 +73,39 @@ async def create(
     audiences: list[str] | None = None,
     expires_at: datetime | None = None,
     actor_id: int | None = None,
+    scope_project_id: int | None = None,
 ) -> tuple[str, ApiKey]:
-    """Create a key; returns (the secret, shown only now, and its record)."""
+    """Create a key; returns (the secret, shown only now, and its record).
+
+    A key with scope_project_id (a workload's CDSW_APIV2_KEY) reaches that project only.
+    """
     secret = new_token(32)
     key_id = secrets.token_hex(8)
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, expires_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+            "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, expires_at, scope_project_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
             key_id,
             user.id,
             token_digest(secret),
             comments,
             parse_audiences(audiences),
             expires_at,
+            scope_project_id,
         )
         await audit.record(conn, actor_id or user.id, "api_key.create", "api_key", key_id, {"user": user.username})
     return secret, _key(row)
 
 
+async def revoke(pool: asyncpg.Pool, key_id: str) -> None:
+    """Remove a key without an audit entry of its own (a workload's key when the workload ends)."""
+    await pool.execute("DELETE FROM api_keys WHERE key_id = $1", key_id)
+
+
 async def list_for(pool: asyncpg.Pool, user: User) -> list[ApiKey]:
-    rows = await pool.fetch("SELECT * FROM api_keys WHERE user_id = $1 ORDER BY created_at, id", user.id)
+    rows = await pool.fetch(
+        "SELECT * FROM api_keys WHERE user_id = $1 AND scope_project_id IS NULL ORDER BY created_at, id", user.id
+    )
     return [_key(r) for r in rows]
 
 
@@ -123,4 +137,6 @@ async def check(pool: asyncpg.Pool, secret: str, audience: str = "API") -> KeyCh
         return KeyCheck(user, key, "API key has expired")
     if audience not in key.audiences:
         return KeyCheck(user, key, f"API key is not valid for the audience {audience!r}")
+    if key.scope_project_id is not None:
+        user = dataclasses.replace(user, is_admin=False, scope_project_id=key.scope_project_id)
     return KeyCheck(user, key, "")

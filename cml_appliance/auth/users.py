@@ -33,6 +33,8 @@ class User:
     is_admin: bool
     is_active: bool
     created_at: datetime
+    # Set when the caller is a workload's own key: it reaches this one project only.
+    scope_project_id: int | None = None
 
     def short(self) -> dict[str, str]:
         """CML's ShortUser."""

@@ -46,6 +46,13 @@ class Settings:
     max_upload_mb: int
     session_hours: int
     login_max_failures: int
+    container_engine_url: str
+    container_network: str
+    workload_log_max_mb: int
+    stop_grace_seconds: int
+    idle_maximum_minutes: int
+    session_maximum_minutes: int
+    reconcile_interval_seconds: int
     runtimes: tuple[Mapping[str, Any], ...] = ()
     cpu_profiles: tuple[Mapping[str, Any], ...] = ()
 
@@ -68,6 +75,10 @@ class Settings:
     @property
     def projects_dir(self) -> Path:
         return self.data_dir / "projects"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets and DSN passwords hidden."""
@@ -199,7 +210,15 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
         if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             bad("log_level", "use DEBUG, INFO, WARNING or ERROR")
         values["log_level"] = values["log_level"].upper()
-    for name in ("max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures"):
+    engine_url = values.get("container_engine_url")
+    if engine_url and urlsplit(engine_url).scheme not in ("unix", "tcp", "http", "https"):
+        bad("container_engine_url", "use unix:///path/to/docker.sock, tcp://host:port or http(s)://..., or leave it empty")
+    if ok("container_network") and values["container_network"] not in ("bridge", "host", "none"):
+        bad("container_network", "use bridge, host or none")
+    for name in (
+        "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
+        "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
+    ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")
     if values.get("secret_key") and len(values["secret_key"]) < 32:

@@ -29,7 +29,7 @@ class Supervisor:
         task.add_done_callback(self._done)
         return task
 
-    def loop(self, name: str, body: Callable[[], Awaitable[None]], interval: float, max_backoff: float = 60.0) -> None:
+    def loop(self, name: str, body: Callable[[], Awaitable[object]], interval: float, max_backoff: float = 60.0) -> None:
         """Call body every `interval` seconds; after a failure wait longer, up to max_backoff."""
 
         async def run() -> None:

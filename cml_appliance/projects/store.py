@@ -92,13 +92,17 @@ def _project(row: asyncpg.Record) -> Project:
 
 
 async def get(conn: asyncpg.Pool | asyncpg.Connection, user: User, public_id: str) -> Project | None:
-    row = await conn.fetchrow(_SELECT + " WHERE p.public_id = $3", user.id, user.is_admin, public_id)
+    row = await conn.fetchrow(
+        _SELECT + " WHERE p.public_id = $3 AND ($4::bigint IS NULL OR p.id = $4)",
+        user.id, user.is_admin, public_id, user.scope_project_id,
+    )
     return _project(row) if row else None
 
 
 async def get_by_owner_slug(conn: asyncpg.Pool, user: User, owner: str, slug: str) -> Project | None:
     row = await conn.fetchrow(
-        _SELECT + " WHERE ow.username = $3 AND p.slug = $4", user.id, user.is_admin, owner, slug
+        _SELECT + " WHERE ow.username = $3 AND p.slug = $4 AND ($5::bigint IS NULL OR p.id = $5)",
+        user.id, user.is_admin, owner, slug, user.scope_project_id,
     )
     return _project(row) if row else None
 
@@ -114,6 +118,9 @@ async def list_visible(
     elif include_public or include_all:
         visible += " OR p.visibility = 'public'"
     visible += ")"
+    if user.scope_project_id is not None:
+        args.append(user.scope_project_id)
+        visible += f" AND p.id = ${len(args)}"
     where, order = sql_where_and_order(q, FILTER_KEYS, SORT_KEYS, DEFAULT_ORDER, args)
     args += [q.page_size + 1, q.offset]
     rows = await conn.fetch(

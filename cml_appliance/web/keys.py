@@ -8,10 +8,17 @@ from aiohttp import web
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.projects.service import ProjectService
+from cml_appliance.sessions.service import SessionService
 from cml_appliance.web.metrics import Metrics
+from cml_appliance.workloads.events import StatusHub
+from cml_appliance.workloads.service import WorkloadService
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 PROJECTS = web.AppKey("projects", ProjectService)
 METRICS = web.AppKey("metrics", Metrics)
+WORKLOADS = web.AppKey("workloads", WorkloadService)
+SESSIONS = web.AppKey("sessions", SessionService)
+STATUS_HUB = web.AppKey("status_hub", StatusHub)
+WEBSOCKETS = web.AppKey[set[web.WebSocketResponse]]("websockets")

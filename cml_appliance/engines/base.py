@@ -1,0 +1,82 @@
+"""The engine contract: what every engine (local processes, containers, later Kubernetes) does.
+
+An engine runs a workload's main process, hands back its output and exit code, stops it, opens
+terminals inside it, and lists what it really runs (for reconciliation). Engines import no
+domain code: they get a LaunchSpec and return handles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+# Marks every process/container an appliance starts, so reconciliation can find them.
+SITE_LABEL = "cml.site"
+WORKLOAD_LABEL = "cml.workload"
+KIND_LABEL = "cml.kind"
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot be reached (daemon down, socket gone)."""
+
+
+class EngineError(Exception):
+    """The engine refused the workload (bad image, bad command...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    workload_id: str
+    kind: str
+    command: list[str]
+    env: dict[str, str]
+    project_dir: Path
+    image: str
+    cpu: float
+    memory_mb: int
+
+
+class Terminal(Protocol):
+    """An interactive shell inside a workload, on a pseudo-terminal."""
+
+    async def read(self) -> bytes:
+        """Next output; b"" once the shell has ended."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def resize(self, cols: int, rows: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    """Engines are built with the site id, which they put on everything they start."""
+
+    name: str
+
+    async def ping(self) -> None:
+        """Raise EngineUnavailable when the engine cannot take work."""
+
+    async def start(self, spec: LaunchSpec) -> str:
+        """Start the main process; return the handle that identifies it."""
+
+    def output(self, handle: str) -> AsyncIterator[bytes]:
+        """The main process's stdout and stderr, until it ends."""
+
+    async def wait(self, handle: str) -> int | None:
+        """Wait for the main process to end; its exit code, or None when unknown."""
+
+    async def stop(self, handle: str, grace: float) -> None:
+        """Ask the workload to end (SIGTERM), then force it after `grace` seconds."""
+
+    async def cleanup(self, handle: str) -> None:
+        """Release what is left once the workload has ended (a stopped container...)."""
+
+    async def open_terminal(self, handle: str, spec: LaunchSpec) -> Terminal: ...
+
+    async def list_running(self) -> dict[str, str]:
+        """workload id -> handle, for everything this site's labels mark as running here."""
+
+    async def close(self) -> None: ...

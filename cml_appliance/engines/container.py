@@ -1,0 +1,209 @@
+"""The container engine: one container per workload through the Docker API (Docker, or Podman's
+Docker-compatible service), driven with aiodocker.
+
+The runtime's image runs the main process with the project mounted at /home/cdsw, as a non-root
+user, with no new privileges, an init process (so a stop takes milliseconds, not the timeout)
+and the resource profile as HostConfig limits. Terminals are TTY exec sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from cml_appliance.engines.base import KIND_LABEL, SITE_LABEL, WORKLOAD_LABEL, EngineError, EngineUnavailable, LaunchSpec
+
+log = logging.getLogger(__name__)
+
+CONTAINER_HOME = "/home/cdsw"
+# CML's runtime images run as user cdsw, uid/gid 8536.
+CDSW_UID = 8536
+PIDS_LIMIT = 1024
+
+
+def _unavailable(exc: Exception) -> EngineUnavailable:
+    return EngineUnavailable(f"the container engine cannot be reached: {exc}")
+
+
+class ContainerTerminal:
+    def __init__(self, execution: Any, stream: Any):
+        self._exec = execution
+        self._stream = stream
+        self._closed = False
+
+    async def read(self) -> bytes:
+        try:
+            message = await self._stream.read_out()
+        except (aiohttp.ClientError, aiodocker.DockerError, RuntimeError):
+            return b""
+        return message.data if message is not None else b""
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._stream.write_in(data)
+        except (aiohttp.ClientError, aiodocker.DockerError, RuntimeError, ConnectionError):
+            pass
+
+    async def resize(self, cols: int, rows: int) -> None:
+        try:
+            await self._exec.resize(h=rows, w=cols)
+        except (aiohttp.ClientError, aiodocker.DockerError):
+            pass
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._stream.close()
+
+
+class ContainerEngine:
+    name = "container"
+
+    def __init__(self, site_id: str, url: str, *, network: str = "bridge", user: str | None = None):
+        self.site_id = site_id
+        self.url = url
+        self.network = network
+        self._docker: aiodocker.Docker | None = None
+        # Who the workload runs as: the appliance's own uid when it is not root (so the mounted
+        # project files stay writable), else CML's cdsw user.
+        self.user = user or (f"{os.getuid()}:{os.getgid()}" if os.getuid() != 0 else f"{CDSW_UID}:{CDSW_UID}")
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            self._docker = aiodocker.Docker(url=self.url)
+        return self._docker
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.wait_for(self.docker.version(), 5)
+        except (aiohttp.ClientError, aiodocker.DockerError, OSError, asyncio.TimeoutError) as exc:
+            raise _unavailable(exc) from None
+
+    def _prepare_mount(self, spec: LaunchSpec) -> None:
+        # The container user must be able to write the project files it is given.
+        if os.getuid() == 0 and self.user.startswith(f"{CDSW_UID}:"):
+            for root, dirs, files in os.walk(spec.project_dir):
+                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                    if os.lstat(name).st_uid != CDSW_UID:
+                        os.lchown(name, CDSW_UID, CDSW_UID)
+
+    async def start(self, spec: LaunchSpec) -> str:
+        await asyncio.to_thread(self._prepare_mount, spec)
+        env = spec.env | {"HOME": CONTAINER_HOME, "CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id}
+        config: dict[str, Any] = {
+            "Image": spec.image,
+            "Cmd": spec.command,
+            "Env": [f"{k}={v}" for k, v in env.items()],
+            "WorkingDir": CONTAINER_HOME,
+            "User": self.user,
+            "Tty": False,
+            "OpenStdin": False,
+            "Labels": {SITE_LABEL: self.site_id, WORKLOAD_LABEL: spec.workload_id, KIND_LABEL: spec.kind},
+            "HostConfig": {
+                "Binds": [f"{spec.project_dir}:{CONTAINER_HOME}"],
+                "Memory": spec.memory_mb * 1024 * 1024,
+                "MemorySwap": spec.memory_mb * 1024 * 1024,
+                "NanoCpus": int(spec.cpu * 1e9),
+                "PidsLimit": PIDS_LIMIT,
+                "Init": True,
+                "SecurityOpt": ["no-new-privileges"],
+                "CapDrop": ["ALL"],
+                "NetworkMode": self.network,
+            },
+        }
+        try:
+            container = await self.docker.containers.create(config, name=f"cml-{spec.workload_id}")
+            await container.start()
+        except aiodocker.DockerError as exc:
+            message = exc.message if isinstance(exc.message, str) else str(exc)
+            if exc.status == 404 and "image" in message.lower():
+                raise EngineError(f"runtime image {spec.image!r} is not available to the container engine") from None
+            raise EngineError(f"the container engine refused the workload: {message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        return str(container.id)
+
+    async def output(self, handle: str) -> AsyncIterator[bytes]:
+        container = self.docker.containers.container(handle)
+        try:
+            async for text in container.log(stdout=True, stderr=True, follow=True):
+                yield text.encode() if isinstance(text, str) else text
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            log.warning("log stream of container %s ended: %s", handle[:12], exc)
+
+    async def wait(self, handle: str) -> int | None:
+        container = self.docker.containers.container(handle)
+        try:
+            result = await container.wait()
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        return int(result.get("StatusCode", -1))
+
+    async def stop(self, handle: str, grace: float) -> None:
+        container = self.docker.containers.container(handle)
+        try:
+            await container.stop(t=max(1, int(grace)))
+        except aiodocker.DockerError as exc:
+            if exc.status not in (304, 404):
+                raise EngineError(f"cannot stop container: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    async def cleanup(self, handle: str) -> None:
+        try:
+            await self.docker.containers.container(handle).delete(force=True)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                log.warning("cannot remove container %s: %s", handle[:12], exc.message)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("cannot remove container %s: %s", handle[:12], exc)
+
+    async def open_terminal(self, handle: str, spec: LaunchSpec) -> ContainerTerminal:
+        container = self.docker.containers.container(handle)
+        shell = ["/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash -i; else exec sh -i; fi"]
+        try:
+            execution = await container.exec(
+                shell, stdin=True, tty=True, user=self.user, workdir=CONTAINER_HOME,
+                environment={"TERM": "xterm-256color", "HOME": CONTAINER_HOME},
+            )
+            stream = execution.start(detach=False)
+            await stream.__aenter__()  # connects now, so resize and errors happen here
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"cannot open a terminal: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        terminal = ContainerTerminal(execution, stream)
+        await terminal.resize(80, 24)
+        return terminal
+
+    async def list_running(self) -> dict[str, str]:
+        try:
+            containers = await self.docker.containers.list(
+                all=True, filters={"label": [f"{SITE_LABEL}={self.site_id}"]}
+            )
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        running = {}
+        for container in containers:
+            labels = container._container.get("Labels") or {}
+            state = container._container.get("State")
+            state = state.get("Status") if isinstance(state, dict) else state
+            workload_id = labels.get(WORKLOAD_LABEL)
+            if workload_id and state in ("running", "created", "restarting", "paused"):
+                running[workload_id] = str(container.id)
+        return running
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()

@@ -1,0 +1,266 @@
+"""The local engine: a process group per workload on this host, the embedded default.
+
+Each workload's main process runs in its own session and process group, in the project
+directory, with CML's environment. It dies with the appliance (PR_SET_PDEATHSIG); anything it
+left behind carries CML_SITE_ID / CML_WORKLOAD_ID in its environment, which is how
+reconciliation finds and stops it. Memory is capped with RLIMIT_DATA; CPU is not limited (that
+needs cgroups, which the container engine gets from its runtime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import pty
+import resource
+import shutil
+import signal
+import struct
+import termios
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from cml_appliance.engines.base import EngineError, LaunchSpec
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _child_setup(memory_bytes: int, controlling_tty: bool) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the appliance, cap memory, take the tty."""
+
+    def setup() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if memory_bytes > 0:
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+        if controlling_tty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    return setup
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks: with the pid, it names one process for good."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        stat = fh.read()
+    return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def _alive(pid: int, ticks: str) -> bool:
+    try:
+        return _start_ticks(pid) == ticks
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _parse(handle: str) -> tuple[int, str, str]:
+    pid, ticks, workload_id = handle.split(":", 2)
+    return int(pid), ticks, workload_id
+
+
+class LocalTerminal:
+    """A shell on a pseudo-terminal, read through the event loop."""
+
+    def __init__(self, master: int, proc: asyncio.subprocess.Process):
+        self._master = master
+        self._proc = proc
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(master, False)
+        self._loop.add_reader(master, self._readable)
+        self._closed = False
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._master, 65536)
+        except OSError as exc:  # EIO: the shell side closed
+            if exc.errno not in (errno.EIO, errno.EBADF):
+                log.warning("terminal read failed: %s", exc)
+            data = b""
+        if not data:
+            self._loop.remove_reader(self._master)
+        self._queue.put_nowait(data)
+
+    async def read(self) -> bytes:
+        return await self._queue.get()
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._master, view)
+                view = view[written:]
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+            except OSError:
+                return
+
+    async def resize(self, cols: int, rows: int) -> None:
+        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.killpg(self._proc.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+        try:
+            await asyncio.wait_for(self._proc.wait(), 2)
+        except asyncio.TimeoutError:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await self._proc.wait()
+        self._loop.remove_reader(self._master)
+        os.close(self._master)
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, site_id: str):
+        self.site_id = site_id
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._terminals: dict[str, set[LocalTerminal]] = {}
+
+    async def ping(self) -> None:
+        return None
+
+    def _env(self, spec: LaunchSpec) -> dict[str, str]:
+        base = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ}
+        return base | spec.env | {"CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id}
+
+    async def start(self, spec: LaunchSpec) -> str:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.command,
+                cwd=spec.project_dir,
+                env=self._env(spec),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024, False),
+            )
+        except OSError as exc:
+            raise EngineError(f"cannot start {spec.command[0]!r}: {exc.strerror}") from None
+        handle = f"{proc.pid}:{_start_ticks(proc.pid)}:{spec.workload_id}"
+        self._procs[handle] = proc
+        return handle
+
+    async def output(self, handle: str) -> AsyncIterator[bytes]:
+        proc = self._procs.get(handle)
+        if proc is None or proc.stdout is None:
+            return
+        while chunk := await proc.stdout.read(65536):
+            yield chunk
+
+    async def wait(self, handle: str) -> int | None:
+        proc = self._procs.get(handle)
+        if proc is None:
+            pid, ticks, _ = _parse(handle)
+            while _alive(pid, ticks):
+                await asyncio.sleep(0.5)
+            return None
+        code = await proc.wait()
+        # A signal death shows as -N; report it as a shell would (128 + N).
+        return code if code >= 0 else 128 - code
+
+    async def stop(self, handle: str, grace: float) -> None:
+        pid, ticks, workload_id = _parse(handle)
+        for terminal in list(self._terminals.get(workload_id, ())):
+            await terminal.close()
+        groups = {pid} if _alive(pid, ticks) else set()
+        # Everything else the workload started, in whatever process group it went to.
+        groups |= {os.getpgid(p) for p in self._marked(workload_id) if _exists(p)}
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for group in groups:
+                try:
+                    os.killpg(group, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = asyncio.get_running_loop().time() + (grace if sig == signal.SIGTERM else 5)
+            while asyncio.get_running_loop().time() < deadline:
+                if not (_alive(pid, ticks) or self._marked(workload_id)):
+                    return
+                await asyncio.sleep(0.05)
+
+    async def cleanup(self, handle: str) -> None:
+        proc = self._procs.pop(handle, None)
+        if proc is not None and proc.returncode is None:
+            await proc.wait()
+        _, _, workload_id = _parse(handle)
+        self._terminals.pop(workload_id, None)
+
+    async def open_terminal(self, handle: str, spec: LaunchSpec) -> LocalTerminal:
+        pid, ticks, workload_id = _parse(handle)
+        if not _alive(pid, ticks):
+            raise EngineError("the session is not running")
+        shell = shutil.which("bash") or "/bin/sh"
+        master, slave = pty.openpty()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        env = self._env(spec) | {"TERM": "xterm-256color"}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                shell, "-i", cwd=spec.project_dir, env=env, stdin=slave, stdout=slave, stderr=slave,
+                start_new_session=True, preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024, True),
+            )
+        finally:
+            os.close(slave)
+        terminal = LocalTerminal(master, proc)
+        self._terminals.setdefault(workload_id, set()).add(terminal)
+        return terminal
+
+    def _marked(self, workload_id: str | None = None) -> list[int]:
+        """Pids whose environment carries this site's marker (and the workload's, if given)."""
+        site = f"CML_SITE_ID={self.site_id}".encode()
+        wanted = f"CML_WORKLOAD_ID={workload_id}".encode() if workload_id else None
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if site in environ and (wanted is None or wanted in environ):
+                found.append(int(entry.name))
+        return found
+
+    async def list_running(self) -> dict[str, str]:
+        running: dict[str, str] = {}
+        for pid in await asyncio.to_thread(self._marked):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                ticks = _start_ticks(pid)
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(b"CML_WORKLOAD_ID="):
+                    workload_id = item.split(b"=", 1)[1].decode()
+                    running.setdefault(workload_id, f"{pid}:{ticks}:{workload_id}")
+        return running
+
+    async def close(self) -> None:
+        for terminals in self._terminals.values():
+            for terminal in list(terminals):
+                await terminal.close()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

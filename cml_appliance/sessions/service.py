@@ -1,0 +1,141 @@
+"""Session rules: who may start, see and stop sessions; runtime, resources and time limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from cml_appliance.api.listing import ListQuery
+from cml_appliance.auth.permissions import Role, require
+from cml_appliance.auth.users import User
+from cml_appliance.core.errors import InvalidArgument, NotFound, PermissionDenied
+from cml_appliance.core.settings import Settings
+from cml_appliance.projects.service import ProjectService, check_environment
+from cml_appliance.projects.store import Project
+from cml_appliance.runtimes import catalog
+from cml_appliance.workloads import store
+from cml_appliance.workloads.service import LaunchRequest, WorkloadService
+from cml_appliance.workloads.store import Workload
+
+# A session's main process: says hello, then keeps the engine up until asked to stop.
+# Terminals are shells opened beside it.
+SESSION_MAIN = (
+    'echo "Session $CDSW_ENGINE_ID is running in project $CDSW_PROJECT ($CDSW_CPU_MILLICORES millicores, '
+    '$CDSW_MEMORY_MB MB)"; trap "echo Session stopping; exit 0" TERM INT; '
+    "while :; do sleep 3600 & wait $!; done"
+)
+
+
+def _minutes(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be a number of minutes, got {raw!r}") from None
+    if not 0 < value <= 35_000:
+        raise InvalidArgument(f"{name} must be more than 0 and at most 35000 minutes")
+    return value
+
+
+class SessionService:
+    def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, settings: Settings):
+        self.pool = pool
+        self.projects = projects
+        self.workloads = workloads
+        self.settings = settings
+
+    async def _resources(self, fields: dict[str, Any]) -> tuple[float, float]:
+        profiles, _ = await catalog.list_profiles(self.pool, ListQuery(1000, 0, {}, [], ""))
+        if not profiles:
+            profiles = [{"id": 0, "cpu": 1.0, "memory": 2.0}]
+        chosen = None
+        if "resource_profile_id" in fields:
+            chosen = next((p for p in profiles if p["id"] == fields["resource_profile_id"]), None)
+            if chosen is None:
+                raise InvalidArgument(f"there is no resource profile {fields['resource_profile_id']}")
+        smallest = min(profiles, key=lambda p: (p["cpu"], p["memory"]))
+        cpu = float(fields.get("cpu", (chosen or smallest)["cpu"]))
+        memory = float(fields.get("memory", (chosen or smallest)["memory"]))
+        if cpu <= 0 or memory <= 0:
+            raise InvalidArgument("cpu and memory must be more than 0")
+        if chosen is not None and (cpu > chosen["cpu"] or memory > chosen["memory"]):
+            raise InvalidArgument(
+                f"{cpu:g} vCPU / {memory:g} GB is more than resource profile {chosen['id']} "
+                f"allows ({chosen['cpu']:g} vCPU / {chosen['memory']:g} GB)"
+            )
+        max_cpu = max(p["cpu"] for p in profiles)
+        max_memory = max(p["memory"] for p in profiles)
+        if cpu > max_cpu or memory > max_memory:
+            raise InvalidArgument(
+                f"{cpu:g} vCPU / {memory:g} GB is more than this site allows "
+                f"(at most {max_cpu:g} vCPU and {max_memory:g} GB, the largest resource profile)"
+            )
+        return cpu, memory
+
+    async def start(self, user: User, project_id: str, fields: dict[str, Any]) -> Workload:
+        project = await self.projects.get(user, project_id, Role.WRITE)
+        runtime_id = fields.get("runtime_identifier") or "host/python3"
+        try:
+            runtime = await catalog.get_runtime(self.pool, runtime_id)
+        except NotFound:
+            raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
+        if runtime["status"] == "DISABLED":
+            raise InvalidArgument(f"runtime {runtime_id!r} is disabled")
+        if fields.get("nvidia_gpu", 0) > 0:
+            raise InvalidArgument("this site has no GPUs: nvidia_gpu must be 0")
+        if fields.get("nvidia_gpu", 0) < 0:
+            raise InvalidArgument("nvidia_gpu must not be negative")
+        cpu, memory = await self._resources(fields)
+        environment = check_environment(fields.get("environment", {}))
+        merged = project.environment | environment
+        idle = _minutes("IDLE_MAXIMUM_MINUTES", merged.get("IDLE_MAXIMUM_MINUTES", str(self.settings.idle_maximum_minutes)))
+        longest = _minutes(
+            "SESSION_MAXIMUM_MINUTES", merged.get("SESSION_MAXIMUM_MINUTES", str(self.settings.session_maximum_minutes))
+        )
+        request = LaunchRequest(
+            kind="session",
+            name=(fields.get("name") or "Session")[:200],
+            runtime_identifier=runtime_id,
+            image=runtime_id,
+            cpu=cpu,
+            memory=memory,
+            nvidia_gpu=0,
+            command=["/bin/sh", "-c", SESSION_MAIN],
+            environment=environment,
+            idle_timeout_minutes=idle,
+            max_duration_minutes=longest,
+        )
+        return await self.workloads.launch(user, project, request)
+
+    async def get(self, user: User, project_id: str, session_id: str) -> tuple[Project, Workload]:
+        project = await self.projects.get(user, project_id, Role.READ)
+        row = await store.get(self.pool, session_id)
+        if row is None or row.project_id != project.id or row.kind != "session":
+            raise NotFound(f"session {session_id!r} not found")
+        return project, row
+
+    def may_control(self, user: User, project: Project, row: Workload) -> bool:
+        """The session's owner and project admins may use its terminal and stop it."""
+        return row.creator_id == user.id or project.role >= Role.ADMIN
+
+    async def stop(self, user: User, project_id: str, session_id: str) -> Workload:
+        project, row = await self.get(user, project_id, session_id)
+        if not self.may_control(user, project, row):
+            raise PermissionDenied("only the session's owner or a project admin may stop it")
+        return await self.workloads.stop(row, reason=f"stopped by {user.username}")
+
+    async def list_for_project(self, user: User, project_id: str, limit: int, offset: int, status: str = "") -> tuple[Project, list[Workload], bool]:
+        project = await self.projects.get(user, project_id, Role.READ)
+        rows, more = await store.list_for_project(self.pool, project.id, "session", limit, offset, status)
+        return project, rows, more
+
+    async def list_for_user(self, user: User, limit: int, offset: int) -> tuple[list[Workload], bool]:
+        rows, more = await store.list_for_user(self.pool, user.id, "session", limit, offset)
+        if user.scope_project_id is not None:
+            rows = [r for r in rows if r.project_id == user.scope_project_id]
+        return rows, more
+
+
+def require_control(service: SessionService, user: User, project: Project, row: Workload) -> None:
+    if not service.may_control(user, project, row):
+        require(project.role, Role.ADMIN, "session")

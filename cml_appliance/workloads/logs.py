@@ -1,0 +1,91 @@
+"""Durable workload logs: one file per workload under data_dir/logs, capped, readable from any
+byte offset, and followable live (writers wake the readers waiting on that workload)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+TRUNCATION_NOTICE = "\n[cml-appliance: the log reached its cap of {cap} MB; later output was dropped]\n"
+
+
+class LogStore:
+    def __init__(self, directory: Path, cap_bytes: int):
+        self.directory = directory
+        self.cap_bytes = cap_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._changed: dict[str, asyncio.Event] = {}
+        self._closed: set[str] = set()
+
+    def path(self, workload_id: str) -> Path:
+        return self.directory / f"{workload_id}.log"
+
+    def size(self, workload_id: str) -> int:
+        try:
+            return self.path(workload_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append(self, workload_id: str, data: bytes) -> None:
+        """Append output; past the cap, write one notice and drop the rest."""
+        if not data:
+            return
+        path = self.path(workload_id)
+        size = self.size(workload_id)
+        if size >= self.cap_bytes:
+            return
+        room = self.cap_bytes - size
+        with open(path, "ab") as fh:
+            if len(data) <= room:
+                fh.write(data)
+            else:
+                fh.write(data[:room])
+                fh.write(TRUNCATION_NOTICE.format(cap=self.cap_bytes // (1024 * 1024)).encode())
+        self._wake(workload_id)
+
+    def close(self, workload_id: str) -> None:
+        """No more output will come (the workload finished): followers stop at the end."""
+        self._closed.add(workload_id)
+        self._wake(workload_id)
+
+    def _wake(self, workload_id: str) -> None:
+        event = self._changed.pop(workload_id, None)
+        if event is not None:
+            event.set()
+
+    def read(self, workload_id: str, offset: int, limit: int) -> bytes:
+        try:
+            with open(self.path(workload_id), "rb") as fh:
+                fh.seek(max(0, offset))
+                return fh.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    async def follow(
+        self, workload_id: str, offset: int, *, poll: float = 5.0
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield (offset, chunk) from `offset` on, waiting for more until the workload is closed.
+
+        `poll` bounds each wait, so a writer in another process (or a missed close) is noticed.
+        """
+        while True:
+            chunk = self.read(workload_id, offset, 64 * 1024)
+            if chunk:
+                yield offset, chunk
+                offset += len(chunk)
+                continue
+            if workload_id in self._closed:
+                return
+            event = self._changed.setdefault(workload_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), poll)
+            except asyncio.TimeoutError:
+                yield offset, b""  # lets the caller check the status and send keepalives
+
+    def delete(self, workload_id: str) -> None:
+        try:
+            os.unlink(self.path(workload_id))
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,414 @@
+"""Workload life: launch on an engine, watch to the end, stop, reconcile with what really runs.
+
+Every status change goes through store.transition (the one state machine) and Postgres NOTIFY
+(a trigger), so every listener sees it. Each launched workload has one supervised task that
+owns it from ENGINE_STARTING to its final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from cml_appliance.auth import api_keys
+from cml_appliance.auth.users import User
+from cml_appliance.core.errors import FailedPrecondition, Unavailable
+from cml_appliance.core.tasks import Supervisor
+from cml_appliance.engines.base import Engine, EngineError, EngineUnavailable, LaunchSpec
+from cml_appliance.projects.store import Project
+from cml_appliance.workloads import states, store
+from cml_appliance.workloads.logs import LogStore
+from cml_appliance.workloads.store import Workload
+
+log = logging.getLogger(__name__)
+
+HOST_RUNTIME_PREFIX = "host/"
+# Ports inside a workload's own network namespace (containers); the local engine picks free ones.
+CONTAINER_APP_PORT, CONTAINER_READONLY_PORT = 8100, 8101
+RECONCILE_LOCK_BASE = 0x434D4C10
+# A workload that is still being launched by some appliance process is left alone this long.
+LAUNCH_GRACE_SECONDS = 60
+# Variables the platform sets; user environments cannot change them.
+PLATFORM_VARIABLES = frozenset(
+    {"CDSW_PROJECT", "CDSW_PROJECT_ID", "CDSW_ENGINE_ID", "CDSW_APIV2_KEY", "CDSW_API_URL", "CDSW_DOMAIN",
+     "CDSW_APP_PORT", "CDSW_READONLY_PORT", "CDSW_CPU_MILLICORES", "CDSW_MEMORY_MB", "CML_SITE_ID", "CML_WORKLOAD_ID"}
+)
+
+
+def new_engine_id() -> str:
+    """CML engine ids are 16 lower-case letters and digits (cwg6wclmg0x482u0)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return secrets.choice(alphabet[:26]) + "".join(secrets.choice(alphabet) for _ in range(15))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    kind: str
+    name: str
+    runtime_identifier: str
+    image: str
+    cpu: float
+    memory: float
+    nvidia_gpu: int
+    command: list[str]
+    environment: dict[str, str]
+    script: str = ""
+    arguments: str = ""
+    idle_timeout_minutes: float | None = None
+    max_duration_minutes: float | None = None
+
+
+class WorkloadService:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        engines: Mapping[str, Engine],
+        logs: LogStore,
+        supervisor: Supervisor,
+        *,
+        projects_dir: Path,
+        base_url: str,
+        stop_grace: float,
+    ):
+        self.pool = pool
+        self.engines = dict(engines)
+        self.logs = logs
+        self.supervisor = supervisor
+        self.projects_dir = projects_dir
+        self.base_url = base_url
+        self.stop_grace = stop_grace
+        # Workloads this process owns: row id -> the task that watches them.
+        self._owned: dict[int, asyncio.Task[Any]] = {}
+        self._specs: dict[int, LaunchSpec] = {}
+
+    # Engines -------------------------------------------------------------------------------
+
+    def engine_name_for(self, runtime_identifier: str) -> str:
+        return "local" if runtime_identifier.startswith(HOST_RUNTIME_PREFIX) else "container"
+
+    def engine(self, name: str) -> Engine:
+        engine = self.engines.get(name)
+        if engine is None:
+            raise Unavailable(
+                "this runtime needs the container engine, which is not configured: set CML_CONTAINER_ENGINE_URL "
+                "to a Docker or Podman socket, or choose a host/ runtime"
+            )
+        return engine
+
+    # Launch --------------------------------------------------------------------------------
+
+    def _environment(self, row: Workload, project: Project, secret: str, request: LaunchRequest) -> dict[str, str]:
+        """CML's precedence: project < workload; the platform's own variables always win."""
+        user_env = {k: v for k, v in (project.environment | request.environment).items() if k not in PLATFORM_VARIABLES}
+        return user_env | {
+            "CDSW_PROJECT": project.slug,
+            "CDSW_PROJECT_ID": project.public_id,
+            "CDSW_ENGINE_ID": row.public_id,
+            "CDSW_API_URL": f"{self.base_url}/api/v1",
+            "CDSW_APIV2_KEY": secret,
+            "CDSW_DOMAIN": self.base_url.split("://", 1)[-1],
+            "CDSW_APP_PORT": str(row.app_port),
+            "CDSW_READONLY_PORT": str(row.readonly_port),
+            "CDSW_CPU_MILLICORES": str(int(row.cpu * 1000)),
+            "CDSW_MEMORY_MB": str(int(row.memory * 1024)),
+            "HADOOP_USER_NAME": user_env.get("HADOOP_USER_NAME", row.creator["username"]),
+            "HOME": str(self.projects_dir / project.public_id),
+        }
+
+    async def launch(self, user: User, project: Project, request: LaunchRequest) -> Workload:
+        engine_name = self.engine_name_for(request.runtime_identifier)
+        engine = self.engine(engine_name)
+        try:
+            await engine.ping()
+        except EngineUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+        public_id = new_engine_id()
+        secret, key = await api_keys.create(
+            self.pool, user, comments=f"{request.kind} {public_id}", audiences=["API"], scope_project_id=project.id
+        )
+        local = engine_name == "local"
+        row = await store.insert(
+            self.pool,
+            {
+                "public_id": public_id, "kind": request.kind, "project_id": project.id, "creator_id": user.id,
+                "engine": engine_name, "name": request.name, "runtime_identifier": request.runtime_identifier,
+                "cpu": request.cpu, "memory": request.memory, "nvidia_gpu": request.nvidia_gpu,
+                "script": request.script, "arguments": request.arguments, "environment": request.environment,
+                "api_key_id": key.key_id,
+                "app_port": _free_port() if local else CONTAINER_APP_PORT,
+                "readonly_port": _free_port() if local else CONTAINER_READONLY_PORT,
+                "idle_timeout_minutes": request.idle_timeout_minutes,
+                "max_duration_minutes": request.max_duration_minutes,
+            },
+        )
+        spec = LaunchSpec(
+            workload_id=public_id,
+            kind=request.kind,
+            command=request.command,
+            env=self._environment(row, project, secret, request),
+            project_dir=self.projects_dir / project.public_id,
+            image=request.image,
+            cpu=request.cpu,
+            memory_mb=int(request.memory * 1024),
+        )
+        self._specs[row.id] = spec
+        self._owned[row.id] = self.supervisor.spawn(f"workload-{public_id}", self._run(row, engine, spec))
+        return row
+
+    async def _run(self, row: Workload, engine: Engine, spec: LaunchSpec) -> None:
+        handle = ""
+        try:
+            if await store.transition(self.pool, row.id, states.STARTING) is None:
+                await self._finish(row.id, None)  # stopped before it started
+                return
+            handle = await engine.start(spec)
+            await store.update(self.pool, row.id, handle=handle)
+            if await store.transition(self.pool, row.id, states.RUNNING) is None:
+                await engine.stop(handle, self.stop_grace)  # a stop came while it was starting
+            await self._watch(row, engine, handle)
+        except (EngineError, EngineUnavailable) as exc:
+            await self._fail(row.id, str(exc))
+            if handle:
+                await self._cleanup(engine, handle)
+        except asyncio.CancelledError:
+            raise  # shutdown: the next start's reconciliation settles the row
+        except Exception as exc:
+            log.exception("workload %s failed inside the appliance", row.public_id)
+            await self._fail(row.id, f"internal error: {exc}")
+        finally:
+            self._owned.pop(row.id, None)
+
+    async def _watch(self, row: Workload, engine: Engine, handle: str, *, follow_output: bool = True) -> None:
+        """Keep the output until the main process ends, then record how it ended."""
+
+        async def pump() -> None:
+            async for chunk in engine.output(handle):
+                self.logs.append(row.public_id, chunk)
+
+        pumping = asyncio.create_task(pump()) if follow_output else None
+        try:
+            code = await engine.wait(handle)
+            if pumping is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(pumping), 5)
+                except asyncio.TimeoutError:
+                    pumping.cancel()
+        finally:
+            if pumping is not None and not pumping.done():
+                pumping.cancel()
+        await self._finish(row.id, code)
+        await self._cleanup(engine, handle)
+
+    async def _cleanup(self, engine: Engine, handle: str) -> None:
+        try:
+            await engine.cleanup(handle)
+        except (EngineError, EngineUnavailable) as exc:
+            log.warning("cleaning up %s failed: %s", handle[:24], exc)
+
+    async def _finish(self, row_id: int, code: int | None) -> None:
+        row = await store.get_by_id(self.pool, row_id)
+        if row is None or not row.active:
+            return
+        reason = row.reason
+        if row.status == states.STOPPING or row.stop_status:
+            target = row.stop_status or states.STOPPED
+        elif code == 0:
+            target = states.SUCCEEDED
+        else:
+            target = states.FAILED
+            reason = reason or (f"the main process exited with code {code}" if code is not None else "the process ended")
+        await store.transition(self.pool, row_id, target, exit_code=code, reason=reason)
+        await self._ended(row)
+
+    async def _fail(self, row_id: int, reason: str) -> None:
+        row = await store.get_by_id(self.pool, row_id)
+        if row is None or not row.active:
+            return
+        await store.transition(self.pool, row_id, states.FAILED, reason=reason[:2000])
+        await self._ended(row)
+
+    async def _ended(self, row: Workload) -> None:
+        """What every ending does: revoke the workload's key, close its log."""
+        if row.api_key_id:
+            await api_keys.revoke(self.pool, row.api_key_id)
+        self.logs.close(row.public_id)
+        self._specs.pop(row.id, None)
+
+    # Stop ----------------------------------------------------------------------------------
+
+    async def stop(self, row: Workload, *, final: str = states.STOPPED, reason: str = "") -> Workload:
+        """Ask a workload to end; it reaches `final` once its process is gone."""
+        if not row.active:
+            raise FailedPrecondition(f"the workload has already ended ({row.status})")
+        moved = await store.transition(
+            self.pool, row.id, states.STOPPING, stop_status=final, reason=reason or row.reason
+        )
+        if moved is None:
+            current = await store.get_by_id(self.pool, row.id)
+            assert current is not None
+            return current
+        self.supervisor.spawn(f"stop-{row.public_id}", self._stop(moved))
+        return moved
+
+    async def _stop(self, row: Workload) -> None:
+        owned = row.id in self._owned
+        if row.handle:
+            try:
+                await self.engine(row.engine).stop(row.handle, self.stop_grace)
+            except (EngineError, EngineUnavailable, Unavailable) as exc:
+                await self._fail(row.id, f"could not be stopped: {exc}")
+                return
+        if not owned:
+            # Nobody watches it here (not started yet, or found by reconciliation): settle it now.
+            await self._finish(row.id, None)
+            if row.handle:
+                await self._cleanup(self.engine(row.engine), row.handle)
+
+    # Terminals -----------------------------------------------------------------------------
+
+    def spec_for(self, row: Workload) -> LaunchSpec | None:
+        return self._specs.get(row.id)
+
+    async def touch(self, row: Workload) -> None:
+        await store.touch(self.pool, row.id)
+
+    # Reconciliation ------------------------------------------------------------------------
+
+    async def reconcile(self, engine_name: str, *, starting_up: bool = False) -> dict[str, int]:
+        """Make Postgres and the engine agree: no row active without its process, no process without its row.
+
+        Held by one appliance process at a time (an advisory lock per engine).
+        """
+        engine = self.engines[engine_name]
+        counts = {"failed": 0, "orphans_stopped": 0, "adopted": 0}
+        lock = RECONCILE_LOCK_BASE + zlib.crc32(engine_name.encode()) % 1000
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
+                return counts
+            try:
+                await self._reconcile(engine, counts, starting_up)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+        if any(counts.values()):
+            log.info("reconciled the %s engine: %s", engine_name, counts)
+        return counts
+
+    async def _reconcile(self, engine: Engine, counts: dict[str, int], starting_up: bool) -> None:
+        try:
+            real = await engine.list_running()
+        except EngineUnavailable as exc:
+            for row in await store.list_active(self.pool, engine.name):
+                task = self._owned.pop(row.id, None)
+                if task is not None:
+                    task.cancel()
+                await self._fail(row.id, str(exc))
+                counts["failed"] += 1
+            return
+        rows = await store.list_active(self.pool, engine.name)
+        for row in rows:
+            if row.id in self._owned:
+                continue
+            launching = row.status in (states.SCHEDULING, states.STARTING)
+            if launching and not starting_up and await self._younger_than(row, LAUNCH_GRACE_SECONDS):
+                continue  # another appliance process may still be launching it
+            handle = real.get(row.public_id)
+            if handle is None:
+                what = "process" if engine.name == "local" else "container"
+                reason = (
+                    "interrupted by a restart of the appliance before it started"
+                    if row.status in (states.SCHEDULING, states.STARTING)
+                    else f"its {what} is gone (it ended while the appliance was not watching, or was removed)"
+                )
+                await self._fail(row.id, reason)
+                counts["failed"] += 1
+            elif engine.name == "container" and row.status == states.RUNNING:
+                # Containers outlive the appliance: watch this one again (its earlier output is kept).
+                self._owned[row.id] = self.supervisor.spawn(
+                    f"workload-{row.public_id}", self._adopt(row, engine, handle)
+                )
+                counts["adopted"] += 1
+            else:
+                # A local process cannot be re-attached (its output pipe died with the appliance).
+                await engine.stop(handle, 2)
+                await self._fail(row.id, "the appliance restarted while it ran; local workloads end with it")
+                counts["failed"] += 1
+        known = {row.public_id for row in rows}
+        for workload_id, handle in real.items():
+            if workload_id not in known:
+                log.warning("stopping %s workload %s: no active row owns it", engine.name, workload_id)
+                await engine.stop(handle, 2)
+                await self._cleanup(engine, handle)
+                counts["orphans_stopped"] += 1
+
+    async def _younger_than(self, row: Workload, seconds: float) -> bool:
+        return bool(await self.pool.fetchval(
+            "SELECT updated_at > now() - make_interval(secs => $2) FROM workloads WHERE id = $1", row.id, seconds
+        ))
+
+    async def _adopt(self, row: Workload, engine: Engine, handle: str) -> None:
+        try:
+            await self._watch(row, engine, handle, follow_output=False)
+        except EngineUnavailable as exc:
+            await self._fail(row.id, str(exc))
+        finally:
+            self._owned.pop(row.id, None)
+
+    # Session limits ------------------------------------------------------------------------
+
+    async def enforce_time_limits(self) -> int:
+        """Stop sessions past their idle timeout or maximum duration, saying which."""
+        rows = await self.pool.fetch(
+            "SELECT w.id, w.idle_timeout_minutes AS idle, w.max_duration_minutes AS max,"
+            " w.last_activity_at < now() - make_interval(secs => w.idle_timeout_minutes * 60) AS idle_over,"
+            " w.running_at < now() - make_interval(secs => w.max_duration_minutes * 60) AS max_over"
+            " FROM workloads w WHERE w.kind = 'session' AND w.status = 'ENGINE_RUNNING'"
+        )
+        stopped = 0
+        for r in rows:
+            if r["max_over"]:
+                reason = f"reached the maximum session length of {r['max']:g} minutes (SESSION_MAXIMUM_MINUTES)"
+            elif r["idle_over"]:
+                reason = f"idle for {r['idle']:g} minutes (IDLE_MAXIMUM_MINUTES)"
+            else:
+                continue
+            row = await store.get_by_id(self.pool, r["id"])
+            if row is not None and row.status == states.RUNNING:
+                await self.stop(row, final=states.TIMEDOUT, reason=reason)
+                stopped += 1
+        return stopped
+
+    async def shutdown(self) -> None:
+        """Graceful shutdown: local workloads cannot outlive the appliance, so end them cleanly.
+
+        Containers keep running; the next start adopts them.
+        """
+        for row in await store.list_active(self.pool, "local"):
+            if row.id not in self._owned:
+                continue
+            task = self._owned.pop(row.id)
+            task.cancel()
+            moved = await store.transition(
+                self.pool, row.id, states.STOPPING, stop_status=states.STOPPED, reason="the appliance shut down"
+            )
+            if moved is not None and moved.handle:
+                with contextlib.suppress(EngineError, EngineUnavailable):
+                    await self.engines["local"].stop(moved.handle, min(self.stop_grace, 5))
+            await self._finish(row.id, None)
+        for engine in self.engines.values():
+            await engine.close()

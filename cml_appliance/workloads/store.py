@@ -1,0 +1,150 @@
+"""SQL for workloads. Status changes go through transition(), a compare-and-set on the state machine."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from cml_appliance.workloads import states
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    id: int
+    public_id: str
+    kind: str
+    project_id: int
+    project_public_id: str
+    creator: dict[str, str]
+    creator_id: int
+    engine: str
+    status: str
+    name: str
+    runtime_identifier: str
+    cpu: float
+    memory: float
+    nvidia_gpu: int
+    script: str
+    arguments: str
+    environment: dict[str, str]
+    handle: str
+    exit_code: int | None
+    reason: str
+    stop_status: str | None
+    api_key_id: str | None
+    app_port: int | None
+    readonly_port: int | None
+    idle_timeout_minutes: float | None
+    max_duration_minutes: float | None
+    created_at: datetime
+    updated_at: datetime
+    scheduling_at: datetime
+    starting_at: datetime | None
+    running_at: datetime | None
+    stopping_at: datetime | None
+    finished_at: datetime | None
+    last_activity_at: datetime
+
+    @property
+    def active(self) -> bool:
+        return self.status in states.ACTIVE
+
+
+_SELECT = """
+SELECT w.*, p.public_id AS project_public_id, u.username AS cr_username, u.name AS cr_name, u.email AS cr_email
+FROM workloads w JOIN projects p ON p.id = w.project_id JOIN users u ON u.id = w.creator_id
+"""
+_FIELDS = {f.name for f in dataclasses.fields(Workload)} - {"creator", "project_public_id"}
+
+
+def _workload(row: asyncpg.Record) -> Workload:
+    values = {k: row[k] for k in _FIELDS}
+    return Workload(
+        **values,
+        project_public_id=row["project_public_id"],
+        creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]},
+    )
+
+
+async def insert(conn: asyncpg.Connection | asyncpg.Pool, values: dict[str, Any]) -> Workload:
+    columns = ", ".join(values)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    row_id = await conn.fetchval(f"INSERT INTO workloads ({columns}) VALUES ({placeholders}) RETURNING id", *values.values())
+    found = await get_by_id(conn, row_id)
+    assert found is not None
+    return found
+
+
+async def get_by_id(conn: asyncpg.Connection | asyncpg.Pool, row_id: int) -> Workload | None:
+    row = await conn.fetchrow(_SELECT + " WHERE w.id = $1", row_id)
+    return _workload(row) if row else None
+
+
+async def get(conn: asyncpg.Connection | asyncpg.Pool, public_id: str) -> Workload | None:
+    row = await conn.fetchrow(_SELECT + " WHERE w.public_id = $1", public_id)
+    return _workload(row) if row else None
+
+
+async def list_for_project(
+    conn: asyncpg.Pool, project_id: int, kind: str, limit: int, offset: int, status_like: str = ""
+) -> tuple[list[Workload], bool]:
+    rows = await conn.fetch(
+        _SELECT + " WHERE w.project_id = $1 AND w.kind = $2 AND ($5 = '' OR lower(w.status) LIKE '%' || $5 || '%')"
+        " ORDER BY w.created_at DESC, w.id DESC LIMIT $3 OFFSET $4",
+        project_id, kind, limit + 1, offset, status_like.lower(),
+    )
+    return [_workload(r) for r in rows[:limit]], len(rows) > limit
+
+
+async def list_for_user(conn: asyncpg.Pool, user_id: int, kind: str, limit: int, offset: int) -> tuple[list[Workload], bool]:
+    rows = await conn.fetch(
+        _SELECT + " WHERE w.creator_id = $1 AND w.kind = $2 ORDER BY w.created_at DESC, w.id DESC LIMIT $3 OFFSET $4",
+        user_id, kind, limit + 1, offset,
+    )
+    return [_workload(r) for r in rows[:limit]], len(rows) > limit
+
+
+async def list_active(conn: asyncpg.Pool, engine: str) -> list[Workload]:
+    rows = await conn.fetch(
+        _SELECT + " WHERE w.engine = $1 AND w.status = ANY($2::text[]) ORDER BY w.id", engine, list(states.ACTIVE)
+    )
+    return [_workload(r) for r in rows]
+
+
+async def transition(
+    conn: asyncpg.Connection | asyncpg.Pool, row_id: int, target: str, **fields: Any
+) -> Workload | None:
+    """Move a workload to `target` if the state machine allows it from its current status.
+
+    Returns the updated workload, or None when the move is illegal (nothing changes then).
+    """
+    stamp = states.STAMPS.get(target)
+    sets = ["status = $2", "updated_at = now()"]
+    if stamp:
+        sets.append(f"{stamp} = coalesce({stamp}, now())")
+    args: list[Any] = [row_id, target, states.sources_of(target)]
+    for key, value in fields.items():
+        args.append(value)
+        sets.append(f"{key} = ${len(args)}")
+    row_id_out = await conn.fetchval(
+        f"UPDATE workloads SET {', '.join(sets)} WHERE id = $1 AND status = ANY($3::text[]) RETURNING id", *args
+    )
+    if row_id_out is None:
+        return None
+    return await get_by_id(conn, row_id)
+
+
+async def update(conn: asyncpg.Connection | asyncpg.Pool, row_id: int, **fields: Any) -> None:
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
+    await conn.execute(f"UPDATE workloads SET {sets}, updated_at = now() WHERE id = $1", row_id, *fields.values())
+
+
+async def touch(conn: asyncpg.Pool, row_id: int) -> None:
+    await conn.execute("UPDATE workloads SET last_activity_at = now() WHERE id = $1", row_id)
+
+
+async def site_id(conn: asyncpg.Pool) -> str:
+    return str(await conn.fetchval("SELECT site_id FROM site"))

@@ -1,0 +1,140 @@
+"""HTTP helpers shared by every workload kind: JSON, the logs API, and the live event stream."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from typing import Any
+
+from aiohttp import web
+
+from cml_appliance.core.errors import InvalidArgument
+from cml_appliance.core.timefmt import rfc3339
+from cml_appliance.workloads import states, store
+from cml_appliance.workloads.events import StatusHub
+from cml_appliance.workloads.logs import LogStore
+from cml_appliance.workloads.store import Workload
+
+MAX_LOG_CHUNK = 1024 * 1024
+KEEPALIVE_SECONDS = 15
+
+
+def workload_json(row: Workload) -> dict[str, Any]:
+    return {
+        "id": row.public_id,
+        "project_id": row.project_public_id,
+        "name": row.name,
+        "status": row.status,
+        "reason": row.reason,
+        "exit_code": row.exit_code,
+        "engine": row.engine,
+        "runtime_identifier": row.runtime_identifier,
+        "cpu": row.cpu,
+        "memory": row.memory,
+        "nvidia_gpu": row.nvidia_gpu,
+        "environment": json.dumps(row.environment),
+        "creator": row.creator,
+        "created_at": rfc3339(row.created_at),
+        "scheduling_at": rfc3339(row.scheduling_at),
+        "starting_at": rfc3339(row.starting_at),
+        "running_at": rfc3339(row.running_at),
+        "finished_at": rfc3339(row.finished_at),
+        "idle_timeout_minutes": row.idle_timeout_minutes,
+        "max_duration_minutes": row.max_duration_minutes,
+    }
+
+
+def _complete_utf8(data: bytes) -> bytes:
+    """Drop a multi-byte character cut at the end, so offsets stay on character boundaries."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return data
+        if byte >= 0xC0:  # a lead byte: is its sequence complete?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= need else data[:-back]
+    return data
+
+
+def _offset(request: web.Request) -> int:
+    raw = request.query.get("offset", "0") or "0"
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"offset must be a whole number of bytes, got {raw!r}") from None
+    if offset < 0:
+        raise InvalidArgument("offset must not be negative")
+    return offset
+
+
+def logs_response(request: web.Request, logs: LogStore, row: Workload) -> web.Response:
+    """GET .../logs?offset=N[&limit=M]: output from byte N, and where to continue."""
+    offset = _offset(request)
+    try:
+        limit = min(int(request.query.get("limit", str(MAX_LOG_CHUNK))), MAX_LOG_CHUNK)
+    except ValueError:
+        raise InvalidArgument("limit must be a whole number of bytes") from None
+    if limit <= 0:
+        raise InvalidArgument("limit must be more than 0")
+    data = _complete_utf8(logs.read(row.public_id, offset, limit))
+    size = logs.size(row.public_id)
+    next_offset = offset + len(data)
+    return web.json_response({
+        "offset": str(offset),
+        "next_offset": str(next_offset),
+        "size": str(size),
+        "content": data.decode("utf-8", errors="replace"),
+        "status": row.status,
+        "complete": not row.active and next_offset >= size,
+    })
+
+
+async def event_stream(
+    request: web.Request, pool: Any, hub: StatusHub, logs: LogStore, row: Workload
+) -> web.StreamResponse:
+    """Server-sent events: `status` events (JSON) and `log` events (text, id = byte offset).
+
+    A browser that reconnects sends Last-Event-ID and continues where it stopped.
+    """
+    try:
+        offset = int(request.headers.get("Last-Event-ID") or request.query.get("offset", "0") or 0)
+    except ValueError:
+        offset = 0
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+
+    async def send(event: str, data: str, event_id: str | None = None) -> None:
+        lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+        head = f"id: {event_id}\n" if event_id is not None else ""
+        await response.write(f"{head}event: {event}\n{lines}\n".encode())
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    idle = 0.0
+    async with hub.subscribe() as queue:
+        current = await store.get(pool, row.public_id) or row
+        await send("status", json.dumps(workload_json(current)))
+        # Short polls so that a status change with no output still reaches the browser at once.
+        async for new_offset, chunk in logs.follow(row.public_id, offset, poll=0.5):
+            changed = False
+            while not queue.empty():
+                changed |= queue.get_nowait().get("id") == row.public_id
+            if changed:
+                current = await store.get(pool, row.public_id) or current
+                await send("status", json.dumps(workload_json(current)))
+            if chunk:
+                idle = 0.0
+                await send("log", json.dumps(decoder.decode(chunk)), str(new_offset + len(chunk)))
+                continue
+            idle += 0.5
+            if idle >= KEEPALIVE_SECONDS:
+                idle = 0.0
+                await response.write(b": keepalive\n\n")
+            if current.status in states.FINISHED:
+                current = await store.get(pool, row.public_id) or current
+                if logs.size(row.public_id) <= new_offset:
+                    break
+        await send("status", json.dumps(workload_json(current)))
+        await send("end", "{}")
+    return response
