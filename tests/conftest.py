@@ -201,3 +201,88 @@ def assert_error(status: int, body: Any, expected_status: int) -> None:
     assert isinstance(body["code"], int) and body["code"] > 0
     assert body["message"] and body["error"] == body["message"]
     assert body["details"] == []
+
+
+# Containers ------------------------------------------------------------------------------------
+
+BUSYBOX_IMAGE = "localhost/cml-test-busybox:1"
+
+
+def _podman_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("CONTAINERS_CONF", str(REPO / "config" / "podman" / "containers.conf"))
+    return env
+
+
+@pytest.fixture(scope="session")
+def podman_url() -> Iterator[str]:
+    """A Docker-compatible API served by `podman system service` on a socket of our own."""
+    require_tool(shutil.which("podman") is not None, "podman")
+    import subprocess
+    import time
+
+    directory = Path(tempfile.mkdtemp(prefix="cml-podman-"))
+    socket_path = directory / "podman.sock"
+    proc = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        env=_podman_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        if not socket_path.exists():
+            pytest.fail("podman system service did not create its socket")
+        yield f"unix://{socket_path}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(podman_url: str) -> str:
+    """A tiny runtime image made locally from Debian's busybox-static (nothing can be pulled here)."""
+    import subprocess
+
+    env = _podman_env()
+    if subprocess.run(["podman", "image", "exists", BUSYBOX_IMAGE], env=env).returncode == 0:
+        return BUSYBOX_IMAGE
+    busybox = shutil.which("busybox")
+    require_tool(busybox is not None, "busybox (Debian's busybox-static)")
+    root = Path(tempfile.mkdtemp(prefix="cml-busybox-"))
+    try:
+        for sub in ("bin", "etc", "tmp", "home/cdsw"):
+            (root / sub).mkdir(parents=True)
+        shutil.copy(str(busybox), root / "bin" / "busybox")
+        applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                (root / "bin" / applet).symlink_to("busybox")
+        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "tmp").chmod(0o1777)
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["podman", "import", "--change", "ENV PATH=/bin", "--change", 'CMD ["/bin/sh"]', "-", BUSYBOX_IMAGE],
+            stdin=tar.stdout, env=env, check=True, capture_output=True,
+        )
+        tar.wait()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return BUSYBOX_IMAGE
+
+
+@pytest.fixture
+def container_settings(settings: Settings, podman_url: str, busybox_image: str) -> Settings:
+    runtime = {
+        "image_identifier": busybox_image, "editor": "Workbench", "kernel": "Shell", "edition": "Busybox",
+        "description": "busybox, for tests", "full_version": "1.0", "status": "ENABLED",
+    }
+    return dataclasses.replace(
+        settings, container_engine_url=podman_url, runtimes=(*settings.runtimes, runtime), stop_grace_seconds=3
+    )
+
+
+@pytest.fixture
+async def container_client(aiohttp_client: Any, container_settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(container_settings, allow_local_git=True))
