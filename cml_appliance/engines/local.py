@@ -2,8 +2,8 @@
 
 Each workload's main process runs in its own session and process group, in the project
 directory, with CML's environment. It dies with the appliance (PR_SET_PDEATHSIG); anything it
-left behind carries CML_SITE_ID / CML_WORKLOAD_ID in its environment, which is how
-reconciliation finds and stops it. Memory is capped with RLIMIT_DATA; CPU is not limited (that
+left behind carries CML_SITE_ID, CML_WORKLOAD_ID and CML_ENGINE=local in its environment,
+which is how reconciliation finds and stops it. Memory is capped with RLIMIT_DATA; CPU is not limited (that
 needs cgroups, which the container engine gets from its runtime).
 """
 
@@ -137,7 +137,9 @@ class LocalEngine:
 
     def _env(self, spec: LaunchSpec) -> dict[str, str]:
         base = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ}
-        return base | spec.env | {"CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id}
+        return base | spec.env | {
+            "CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id, "CML_ENGINE": self.name,
+        }
 
     async def start(self, spec: LaunchSpec) -> str:
         try:
@@ -221,8 +223,12 @@ class LocalEngine:
         return terminal
 
     def _marked(self, workload_id: str | None = None) -> list[int]:
-        """Pids whose environment carries this site's marker (and the workload's, if given)."""
+        """Pids whose environment carries this site's marker (and the workload's, if given).
+
+        CML_ENGINE=local matters: container processes show in /proc too, with the same site marker.
+        """
         site = f"CML_SITE_ID={self.site_id}".encode()
+        engine = f"CML_ENGINE={self.name}".encode()
         wanted = f"CML_WORKLOAD_ID={workload_id}".encode() if workload_id else None
         found = []
         for entry in os.scandir("/proc"):
@@ -232,7 +238,7 @@ class LocalEngine:
                 environ = Path(entry.path, "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if site in environ and (wanted is None or wanted in environ):
+            if site in environ and engine in environ and (wanted is None or wanted in environ):
                 found.append(int(entry.name))
         return found
 

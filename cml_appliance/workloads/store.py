@@ -147,4 +147,9 @@ async def touch(conn: asyncpg.Pool, row_id: int) -> None:
 
 
 async def site_id(conn: asyncpg.Pool) -> str:
+    """This installation's id, made on first use; engines label everything they start with it."""
+    await conn.execute(
+        "INSERT INTO site (site_id) VALUES (substr(md5(random()::text || clock_timestamp()::text), 1, 12))"
+        " ON CONFLICT (singleton) DO NOTHING"
+    )
     return str(await conn.fetchval("SELECT site_id FROM site"))
