@@ -20,6 +20,7 @@ function startSessionPage(options) {
     reasonEl.textContent = session.reason || "";
     if (stopButton) stopButton.disabled = finished.includes(status) || status === "ENGINE_STOPPING";
     if (status === "ENGINE_RUNNING" && options.terminalUrl && !socket) connectTerminal();
+    if (stateEl && finished.includes(status) && !socket) stateEl.textContent = "the session has ended";
   }
 
   const events = new EventSource(options.eventsUrl);
@@ -65,7 +66,7 @@ function startSessionPage(options) {
     };
     socket.onclose = (e) => {
       socket = null;
-      stateEl.textContent = "disconnected" + (e.reason ? ": " + e.reason : "");
+      stateEl.textContent = e.reason || "disconnected";
       // The shell can end while the session runs on (exit typed): offer a new one shortly.
       if (status === "ENGINE_RUNNING" && e.code !== 4001) setTimeout(() => { if (!socket && status === "ENGINE_RUNNING") connectTerminal(); }, 1500);
     };

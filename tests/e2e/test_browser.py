@@ -277,3 +277,52 @@ async def test_flash_message_is_shown_only_once(client: TestClient, make_user: A
     resp = await client.get("/projects")
     assert resp.status == 200 and "Flash Once" in await resp.text()
     assert "Created project Flash Once." not in await resp.text()
+
+
+TERMINAL_TEXT = """() => {
+  const buffer = window.cmlTerminal && window.cmlTerminal.buffer.active;
+  if (!buffer) return "";
+  const lines = [];
+  for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
+  return lines.join("\\n");
+}"""
+
+
+async def test_session_terminal_in_the_browser(browser: Browser, make_user: Any) -> None:
+    """Start a session from the UI, watch its status change live, type in its terminal, stop it."""
+    from playwright.async_api import expect
+
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Terminal Demo"})
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url(f"/projects/{project['id']}"))
+    await page.click("a.button:has-text('Sessions')")
+    await expect(page.locator("h1")).to_have_text("Sessions")
+    await page.fill("#start-session input[name=name]", "Explore")
+    await page.click("#start-session button[type=submit]")
+    await expect(page.locator("#session-status")).to_have_text("ENGINE_RUNNING")
+    await expect(page.locator("#terminal-state")).to_have_text("connected")
+    await expect(page.locator("#console")).to_contain_text("is running in project terminal-demo")
+
+    await page.click("#terminal")
+    await page.keyboard.type("echo answer-$((6*7)) && pwd\n")
+    await page.wait_for_function(f"({TERMINAL_TEXT})().includes('answer-42')", timeout=TIMEOUT_MS)
+    text = await page.evaluate(TERMINAL_TEXT)
+    assert project["id"] in text  # the shell runs in the project's directory
+    await browser.shot("session-terminal")
+
+    # A reload reconnects to the running session.
+    await page.reload()
+    await expect(page.locator("#terminal-state")).to_have_text("connected")
+    await page.click("#terminal")
+    await page.keyboard.type("echo again-$((2+3))\n")
+    await page.wait_for_function(f"({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
+
+    await page.click("#stop-button")
+    await expect(page.locator("#session-status")).to_have_text("ENGINE_STOPPED", timeout=15_000)
+    await expect(page.locator("#terminal-state")).to_contain_text("ended")
+    await expect(page.locator("#stop-button")).to_be_disabled()
+    await expect(page.locator("#console")).to_contain_text("Session stopping")
+    await browser.shot("session-stopped")
+    browser.assert_clean()
