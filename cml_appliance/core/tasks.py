@@ -34,6 +34,7 @@ class Supervisor:
 
         async def run() -> None:
             delay = interval
+            me = asyncio.current_task()
             while True:
                 try:
                     await body()
@@ -43,6 +44,9 @@ class Supervisor:
                 except Exception:
                     log.exception("background loop %s failed; retrying in %.0f s", name, delay)
                     delay = min(max(delay * 2, 1.0), max_backoff)
+                # A library may swallow a cancellation (asyncpg can, on a closed pool): honour it here.
+                if me is not None and me.cancelling():
+                    raise asyncio.CancelledError
                 await asyncio.sleep(delay)
 
         self.spawn(name, run())
@@ -59,7 +63,9 @@ class Supervisor:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = set(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            # Cancel again any task that swallowed the first request instead of ending.
+            _, pending = await asyncio.wait(pending, timeout=1)

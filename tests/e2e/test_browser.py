@@ -8,6 +8,7 @@ $CML_ARTIFACTS_DIR/screenshots (default: <repo>/artifacts/screenshots).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -79,9 +80,8 @@ class Browser:
         assert self.bad_responses == [], f"unexpected HTTP errors: {self.bad_responses}"
 
 
-@pytest.fixture
-async def browser(client: TestClient) -> AsyncIterator[Browser]:
-    """A fresh headless Chromium page pointed at the app that `client` serves on 127.0.0.1."""
+@contextlib.asynccontextmanager
+async def _browser_for(client: TestClient) -> AsyncIterator[Browser]:
     require_tool(CHROMIUM.exists() and importlib.util.find_spec("playwright") is not None, "chromium and playwright")
     from playwright.async_api import async_playwright
 
@@ -98,6 +98,20 @@ async def browser(client: TestClient) -> AsyncIterator[Browser]:
             await context.close()
         finally:
             await chromium.close()
+
+
+@pytest.fixture
+async def browser(client: TestClient) -> AsyncIterator[Browser]:
+    """A fresh headless Chromium page pointed at the app that `client` serves on 127.0.0.1."""
+    async with _browser_for(client) as b:
+        yield b
+
+
+@pytest.fixture
+async def container_browser(container_client: TestClient) -> AsyncIterator[Browser]:
+    """The same, on an app whose container engine is Podman."""
+    async with _browser_for(container_client) as b:
+        yield b
 
 
 async def test_sign_in_create_project_upload_and_view_file(browser: Browser, make_user: Any, tmp_path: Path) -> None:
@@ -289,10 +303,26 @@ TERMINAL_TEXT = """() => {
 
 
 async def test_session_terminal_in_the_browser(browser: Browser, make_user: Any) -> None:
+    alice = await make_user("alice")
+    await _session_in_the_browser(browser, alice, runtime="host/python3", shot="session-terminal")
+
+
+async def test_container_session_terminal_in_the_browser(container_browser: Browser, container_client: TestClient) -> None:
+    from cml_appliance.auth import api_keys, users
+    from cml_appliance.web.keys import POOL
+    from tests.conftest import BUSYBOX_IMAGE, Api
+
+    pool = container_client.app[POOL]
+    user = await users.create_user(pool, "alice", "alice@example.com", PASSWORD)
+    secret, _ = await api_keys.create(pool, user)
+    alice = Api(container_client, secret, "alice")
+    await _session_in_the_browser(container_browser, alice, runtime=BUSYBOX_IMAGE, shot="session-container-terminal")
+
+
+async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str, shot: str) -> None:
     """Start a session from the UI, watch its status change live, type in its terminal, stop it."""
     from playwright.async_api import expect
 
-    alice = await make_user("alice")
     _, project = await alice.post("/api/v2/projects", json={"name": "Terminal Demo"})
     page = browser.page
     await browser.sign_in("alice")
@@ -300,6 +330,7 @@ async def test_session_terminal_in_the_browser(browser: Browser, make_user: Any)
     await page.click("a.button:has-text('Sessions')")
     await expect(page.locator("h1")).to_have_text("Sessions")
     await page.fill("#start-session input[name=name]", "Explore")
+    await page.select_option("#start-session select[name=runtime_identifier]", runtime)
     await page.click("#start-session button[type=submit]")
     await expect(page.locator("#session-status")).to_have_text("ENGINE_RUNNING")
     await expect(page.locator("#terminal-state")).to_have_text("connected")
@@ -309,8 +340,9 @@ async def test_session_terminal_in_the_browser(browser: Browser, make_user: Any)
     await page.keyboard.type("echo answer-$((6*7)) && pwd\n")
     await page.wait_for_function(f"({TERMINAL_TEXT})().includes('answer-42')", timeout=TIMEOUT_MS)
     text = await page.evaluate(TERMINAL_TEXT)
-    assert project["id"] in text  # the shell runs in the project's directory
-    await browser.shot("session-terminal")
+    # The shell runs in the project's directory (/home/cdsw in a container).
+    assert project["id"] in text or "/home/cdsw" in text
+    await browser.shot(shot)
 
     # A reload reconnects to the running session.
     await page.reload()
