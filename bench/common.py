@@ -452,7 +452,8 @@ class Harness:
 
     # Appliance ---------------------------------------------------------------------------
 
-    def appliance(self, **extra_env: str) -> Server:
+    def appliance(self, cmd: list[str] | None = None, **extra_env: str) -> Server:
+        """Start the appliance (`python -m cml_appliance serve` unless `cmd` says otherwise)."""
         port = free_port()
         env = dict(os.environ)
         env.update(
@@ -464,7 +465,7 @@ class Harness:
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
         )
         env.update(extra_env)
-        self.server = spawn("appliance", [sys.executable, "-m", "cml_appliance", "serve"], env, port, self.workdir)
+        self.server = spawn("appliance", cmd or [sys.executable, "-m", "cml_appliance", "serve"], env, port, self.workdir)
         return self.server
 
     def client(self, *, timeout: float = 60, limit: int = 100) -> aiohttp.ClientSession:

@@ -135,6 +135,8 @@ async def event_stream(
                 current = await store.get(pool, row.public_id) or current
                 if logs.size(row.public_id) <= new_offset:
                     break
+        # The log may end (the workload closed it) before its last status event arrived: read it.
+        current = await store.get(pool, row.public_id) or current
         await send("status", json.dumps(workload_json(current)))
         await send("end", "{}")
     return response
