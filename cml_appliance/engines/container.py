@@ -17,7 +17,14 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from cml_appliance.engines.base import KIND_LABEL, SITE_LABEL, WORKLOAD_LABEL, EngineError, EngineUnavailable, LaunchSpec
+from cml_appliance.engines.base import (
+    KIND_LABEL,
+    SITE_LABEL,
+    WORKLOAD_LABEL,
+    EngineError,
+    EngineUnavailable,
+    LaunchSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,7 @@ class ContainerEngine:
     async def ping(self) -> None:
         try:
             await asyncio.wait_for(self.docker.version(), 5)
-        except (aiohttp.ClientError, aiodocker.DockerError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, aiodocker.DockerError, OSError) as exc:
             raise _unavailable(exc) from None
 
     def _prepare_mount(self, spec: LaunchSpec) -> None:

@@ -114,7 +114,7 @@ class LocalTerminal:
             pass
         try:
             await asyncio.wait_for(self._proc.wait(), 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 os.killpg(self._proc.pid, signal.SIGKILL)
             except ProcessLookupError:

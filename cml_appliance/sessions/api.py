@@ -17,7 +17,14 @@ from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.core.errors import InvalidArgument, PermissionDenied
 from cml_appliance.engines.base import EngineError, EngineUnavailable, Terminal
 from cml_appliance.web.context import LOGIN, current_user
-from cml_appliance.web.keys import POOL, SESSIONS, SETTINGS, STATUS_HUB, WEBSOCKETS, WORKLOADS
+from cml_appliance.web.keys import (
+    POOL,
+    SESSIONS,
+    SETTINGS,
+    STATUS_HUB,
+    WEBSOCKETS,
+    WORKLOADS,
+)
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.streams import event_stream, logs_response, workload_json
 
@@ -124,7 +131,7 @@ async def terminal(request: web.Request) -> web.StreamResponse:
     shell: Terminal | None = None
     try:
         spec = workloads.spec_for(row)
-        if row.status != states.RUNNING or spec is None or not row.handle:
+        if row.status != states.RUNNING or not row.handle:
             reason = f"the session is not running ({row.status}{': ' + row.reason if row.reason else ''})"
             await ws.close(code=CLOSE_NOT_RUNNING, message=reason[:120].encode())
             return ws

@@ -7,7 +7,7 @@ from typing import Any
 import asyncpg
 
 from cml_appliance.api.listing import ListQuery
-from cml_appliance.auth.permissions import Role, require
+from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core.errors import InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.core.settings import Settings
@@ -135,7 +135,3 @@ class SessionService:
             rows = [r for r in rows if r.project_id == user.scope_project_id]
         return rows, more
 
-
-def require_control(service: SessionService, user: User, project: Project, row: Workload) -> None:
-    if not service.may_control(user, project, row):
-        require(project.role, Role.ADMIN, "session")

@@ -10,7 +10,7 @@ from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import AppError
 from cml_appliance.runtimes import catalog
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import POOL, PROJECTS, SESSIONS
+from cml_appliance.web.keys import POOL, SESSIONS
 from cml_appliance.web.templating import redirect
 
 

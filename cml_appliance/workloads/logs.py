@@ -81,7 +81,7 @@ class LogStore:
             event = self._changed.setdefault(workload_id, asyncio.Event())
             try:
                 await asyncio.wait_for(event.wait(), poll)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield offset, b""  # lets the caller check the status and send keepalives
 
     def delete(self, workload_id: str) -> None:

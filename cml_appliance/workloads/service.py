@@ -24,7 +24,12 @@ from cml_appliance.auth import api_keys
 from cml_appliance.auth.users import User
 from cml_appliance.core.errors import FailedPrecondition, Unavailable
 from cml_appliance.core.tasks import Supervisor
-from cml_appliance.engines.base import Engine, EngineError, EngineUnavailable, LaunchSpec
+from cml_appliance.engines.base import (
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    LaunchSpec,
+)
 from cml_appliance.projects.store import Project
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
@@ -207,7 +212,7 @@ class WorkloadService:
             if pumping is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(pumping), 5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pumping.cancel()
         finally:
             if pumping is not None and not pumping.done():
@@ -282,8 +287,17 @@ class WorkloadService:
 
     # Terminals -----------------------------------------------------------------------------
 
-    def spec_for(self, row: Workload) -> LaunchSpec | None:
-        return self._specs.get(row.id)
+    def spec_for(self, row: Workload) -> LaunchSpec:
+        """The launch spec of a workload; after a restart (an adopted container) one rebuilt from
+        its row, without the environment: container terminals do not need it."""
+        spec = self._specs.get(row.id)
+        if spec is not None:
+            return spec
+        return LaunchSpec(
+            workload_id=row.public_id, kind=row.kind, command=[], env={},
+            project_dir=self.projects_dir / row.project_public_id, image=row.runtime_identifier,
+            cpu=row.cpu, memory_mb=int(row.memory * 1024),
+        )
 
     async def touch(self, row: Workload) -> None:
         await store.touch(self.pool, row.id)

@@ -53,7 +53,7 @@ class TerminalClient:
                 raise AssertionError(f"{needle!r} never appeared; got {self.output[-500:]!r}")
             try:
                 msg = await self.ws.receive(timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if msg.type == aiohttp.WSMsgType.BINARY:
                 self.output += msg.data
@@ -73,7 +73,7 @@ class TerminalClient:
                 raise AssertionError(f"{pattern!r} never matched; got {self.output[-500:]!r}")
             try:
                 msg = await self.ws.receive(timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if msg.type == aiohttp.WSMsgType.BINARY:
                 self.output += msg.data

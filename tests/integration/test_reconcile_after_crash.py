@@ -15,7 +15,6 @@ import aiodocker
 import aiohttp
 import asyncpg
 
-from tests.conftest import BUSYBOX_IMAGE
 from tests.integration.test_cli import CLI, free_port
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,11 @@ import pytest
 from cml_appliance.auth import api_keys, users
 from cml_appliance.web.keys import POOL, SETTINGS, WORKLOADS
 from tests.conftest import BUSYBOX_IMAGE, Api, assert_error
-from tests.integration.sessions_helpers import open_terminal, start_running_session, wait_status
+from tests.integration.sessions_helpers import (
+    open_terminal,
+    start_running_session,
+    wait_status,
+)
 
 
 @pytest.fixture

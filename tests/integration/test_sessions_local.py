@@ -11,7 +11,11 @@ import pytest
 
 from cml_appliance.web.keys import WORKLOADS
 from tests.conftest import Api, assert_error
-from tests.integration.sessions_helpers import open_terminal, start_running_session, wait_status
+from tests.integration.sessions_helpers import (
+    open_terminal,
+    start_running_session,
+    wait_status,
+)
 
 
 async def new_project(api: Api, **fields: Any) -> str:

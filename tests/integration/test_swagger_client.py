@@ -30,10 +30,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from pathlib import Path
 import re
 import warnings
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -360,7 +360,7 @@ async def test_projects(cml: Cml, make_user: Any) -> None:
 
 
 async def test_collaborators(cml: Cml, make_user: Any) -> None:
-    alice, bob, carol = await make_user("alice"), await make_user("bob"), await make_user("carol")
+    alice, bob, _carol = await make_user("alice"), await make_user("bob"), await make_user("carol")
     project = await cml("CreateProject", alice, body={"name": "shared"})
     pid = project["id"]
     await cml.error(HTTPNotFound, "GetProject", bob, project_id=pid)

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
-from typing import Any
 
-import asyncpg
-import pytest
-
+from cml_appliance.web.keys import POOL
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.events import StatusHub
 from cml_appliance.workloads.logs import LogStore
-from cml_appliance.web.keys import POOL
 from tests.conftest import Api
 
 
