@@ -40,7 +40,7 @@ async def test_session_lifecycle_environment_and_logs(alice: Api) -> None:
         "$CDSW_CPU_MILLICORES:$CDSW_MEMORY_MB:$HADOOP_USER_NAME:$CDSW_API_URL:${#CDSW_APIV2_KEY}:$PWD\n"
     )
     screen = await term.expect("ENV:" + sid)
-    line = next(l for l in screen.splitlines() if l.startswith("ENV:" + sid))
+    line = next(text for text in screen.splitlines() if text.startswith("ENV:" + sid))
     parts = line.split(":", 11)
     assert parts[1:9] == [sid, pid, "work", "p", "session", "1000", "2048", "alice"]
     assert parts[9].startswith("http") and "/api/v1" in line
