@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -40,8 +40,7 @@ for _path in (str(REPO), str(BENCH)):
 
 import aiohttp
 import asyncpg
-
-from api_list import (  # noqa: E402 - the house helpers
+from api_list import (
     BenchError,
     Server,
     _raise_exit,
@@ -55,15 +54,34 @@ from api_list import (  # noqa: E402 - the house helpers
     uvloop,
     wait_ready,
 )
+
 from cml_appliance.auth import api_keys, users
 from cml_appliance.core.settings import redact_dsn
 from cml_appliance.db import migrate
 from cml_appliance.db.pool import create_pool
 
 __all__ = [
-    "BenchError", "Server", "free_port", "run_async", "spawn", "stop", "uvloop", "wait_ready",
-    "Api", "Harness", "Podman", "percentile", "median", "rss_kb", "marked_pids", "parse_time",
-    "install_signal_handlers", "FINISHED", "ACTIVE", "StatusListener", "BUSYBOX_IMAGE",
+    "ACTIVE",
+    "BUSYBOX_IMAGE",
+    "FINISHED",
+    "Api",
+    "BenchError",
+    "Harness",
+    "Podman",
+    "Server",
+    "StatusListener",
+    "free_port",
+    "install_signal_handlers",
+    "marked_pids",
+    "median",
+    "parse_time",
+    "percentile",
+    "rss_kb",
+    "run_async",
+    "spawn",
+    "stop",
+    "uvloop",
+    "wait_ready",
 ]
 
 ACTIVE = ("ENGINE_SCHEDULING", "ENGINE_STARTING", "ENGINE_RUNNING", "ENGINE_STOPPING")
@@ -84,16 +102,17 @@ def percentile(values: Iterable[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def median(values: Iterable[float]) -> float:
-    values = list(values)
-    return statistics.median(values) if values else math.nan
+def median(values: Iterable[float | None]) -> float:
+    """Median of the values that are not None; NaN when there are none."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else math.nan
 
 
 def parse_time(text: str) -> float | None:
     """An RFC 3339 time of the API (ms, Z) as a Unix timestamp; None for ""."""
     if not text:
         return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(text).timestamp()  # 3.11 reads the trailing Z
 
 
 def rss_kb(pid: int) -> int:
@@ -104,9 +123,10 @@ def rss_kb(pid: int) -> int:
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
-def marked_pids(site_id: str) -> list[int]:
-    """Pids whose environment carries CML_SITE_ID=<site_id>: this run's workload processes."""
-    marker = f"CML_SITE_ID={site_id}".encode()
+def marked_pids(site_id: str, variable: str = "CML_SITE_ID") -> list[int]:
+    """Pids whose environment carries CML_SITE_ID=<site_id>: this run's workload processes (with
+    variable="BENCH_SITE_ID": the bare baselines' processes, which the benchmarks mark so)."""
+    marker = f"{variable}={site_id}".encode()
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -151,7 +171,7 @@ class Api:
             async with self.http.request(method, self.base + path, json=body, headers=self.headers) as resp:
                 raw = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._fail(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         if status not in ok:
             raise self._fail(f"{method} {path}: HTTP {status}: {raw[:2000].decode(errors='replace')}")
@@ -275,17 +295,25 @@ class StatusListener:
         except (ValueError, KeyError, TypeError):
             pass
 
-    async def __aenter__(self) -> StatusListener:
+    async def __aenter__(self) -> Self:
         self.conn = await asyncpg.connect(self.dsn)
         await self.conn.add_listener(self.CHANNEL, self._notified)
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self.conn is not None:
             await self.conn.close()
 
     def at(self, session_id: str, status: str) -> float | None:
         return self.seen.get((session_id, status))
+
+    async def wait_for(self, session_id: str, status: str, timeout: float = 0.5) -> float | None:
+        """When (session, status) was announced; waits a little for a NOTIFY still on its way
+        (a poll can see the status first). None if it never came."""
+        deadline = time.perf_counter() + timeout
+        while (found := self.at(session_id, status)) is None and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+        return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +335,7 @@ class Podman:
         return f"unix://{self.socket}"
 
     def run(self, *args: str, check: bool = True, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
+        result = subprocess.run(["podman", *args], check=False, env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
         if check and result.returncode != 0:
             raise BenchError(f"podman {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()[-1500:]}")
         return result
@@ -498,13 +526,14 @@ class Harness:
             self._try(f"stopping the appliance (pid {self.server.proc.pid})", stop, self.server)
         if self.site_id:
             left = self._try("listing left-over workload processes", marked_pids, self.site_id) or []
+            left += self._try("listing left-over bare processes", marked_pids, self.site_id, "BENCH_SITE_ID") or []
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
             if left:
-                self.problems.append(f"killed {len(left)} workload process(es) left behind: {left[:10]}")
+                self.problems.append(f"killed {len(left)} process(es) left behind: {left[:10]}")
         if self.podman is not None:
             if self.site_id:
                 for label in self.container_labels:

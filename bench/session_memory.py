@@ -3,7 +3,7 @@
 
 The real `python -m cml_appliance serve` (uvloop, CML_LOG_LEVEL=WARNING) in its own process; its
 resident memory is VmRSS from /proc/<pid>/status (the serve process only: each session's own
-processes, /bin/sh and its sleep, are reported apart).
+processes, /bin/sh and its sleep, are reported apart, as PSS from /proc/<pid>/smaps_rollup).
 
 1. Idle: the appliance ready, a project made, one session started and stopped (so what a first
    session loads once, modules and pool connections, is not charged to the 50), then --settle
@@ -33,8 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    BenchError, Harness, install_signal_handlers, marked_pids, median, rss_kb, run_async,
+from common import (
+    BenchError,
+    Harness,
+    install_signal_handlers,
+    marked_pids,
+    median,
+    rss_kb,
+    run_async,
 )
 
 RUNNING = "ENGINE_RUNNING"
@@ -49,12 +55,17 @@ async def read_rss(pid: int, times: int = 5, gap: float = 0.2) -> int:
     return int(median(values))
 
 
-def processes_kb(pids: list[int]) -> int:
+def processes_pss_kb(pids: list[int]) -> int:
+    """Proportional set size (shared pages split among their users) of the processes, in kB:
+    unlike a sum of RSS, it does not count the shared libc and shell pages 100 times."""
     total = 0
     for pid in pids:
         try:
-            total += rss_kb(pid)
-        except (OSError, BenchError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
             pass
     return total
 
@@ -63,6 +74,7 @@ async def measure(h: Harness, args: argparse.Namespace) -> dict[str, float]:
     assert h.server is not None
     pid = h.server.proc.pid
     out: dict[str, float] = {}
+    n = args.sessions
     async with h.client() as http:
         api = await h.connect(http)
         try:
@@ -96,10 +108,10 @@ async def measure(h: Harness, args: argparse.Namespace) -> dict[str, float]:
             out["rss50"] = await read_rss(pid)
             procs = await asyncio.to_thread(marked_pids, h.site_id)
             out["procs"] = len(procs)
-            out["procs_kb"] = processes_kb(procs)
+            out["procs_kb"] = processes_pss_kb(procs)
             print(f"{args.sessions} sessions ENGINE_RUNNING after {out['start_s']:.1f} s; after {args.settle:g} s: "
                   f"RSS {out['rss50'] / 1024:.1f} MB; their own {len(procs)} processes: "
-                  f"{out['procs_kb'] / 1024:.1f} MB RSS in all", flush=True)
+                  f"{out['procs_kb'] / 1024:.1f} MB PSS in all", flush=True)
 
             stopping = time.monotonic()
             statuses = await api.stop_all(timeout=120)
@@ -116,7 +128,7 @@ async def measure(h: Harness, args: argparse.Namespace) -> dict[str, float]:
                 raise BenchError(f"{len(left)} process(es) of stopped sessions are still there: {left[:10]}")
             await asyncio.sleep(args.settle)
             out["rss_after"] = await read_rss(pid)
-            print(f"all {len(statuses)} sessions ENGINE_STOPPED {out['stop_s']:.1f} s after the stops were sent, "
+            print(f"all {len(statuses)} sessions (the {n} and the warm-up one) ENGINE_STOPPED {out['stop_s']:.1f} s after the stops were sent, "
                   f"no session process left; RSS {out['rss_after'] / 1024:.1f} MB", flush=True)
         finally:
             try:
@@ -157,7 +169,7 @@ def main() -> int:
     print(f"{'0 (after stop)':<18}  {out['rss_after'] / 1024:>7.1f}")
     print(f"per session: {(rss50 - rss0) / n * 1024:.0f} kB in the appliance "
           f"(+{(rss50 - rss0):.1f} MB for {n}); the sessions' own processes: "
-          f"{out['procs_kb'] / max(1, n):.0f} kB each ({int(out['procs'])} processes); total time {h.elapsed():.0f} s")
+          f"{out['procs_kb'] / max(1, n):.0f} kB PSS per session ({int(out['procs'])} processes); total time {h.elapsed():.0f} s")
     print(f"ratio: {rss50 / rss0:.2f}", flush=True)
     return 0
 

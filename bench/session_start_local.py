@@ -44,11 +44,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    BenchError, Harness, StatusListener, install_signal_handlers, median, parse_time, percentile, run_async,
+from common import (
+    BenchError,
+    Harness,
+    StatusListener,
+    install_signal_handlers,
+    median,
+    parse_time,
+    percentile,
+    run_async,
 )
-from cml_appliance.engines.local import _child_setup  # noqa: E402
-from cml_appliance.sessions.service import SESSION_MAIN  # noqa: E402
+
+from cml_appliance.engines.local import _child_setup
+from cml_appliance.sessions.service import SESSION_MAIN
 
 RUNNING = "ENGINE_RUNNING"
 RUNTIME = "host/python3"
@@ -66,15 +74,16 @@ class Sample:
     spawn_ms: float | None = None  # bare: create_subprocess_exec returned
 
 
-def bare_env(project_dir: Path) -> dict[str, str]:
-    """What the local engine gives a session, with placeholder values (no CML_SITE_ID: the
-    appliance's reconciliation must not take these processes for its own)."""
+def bare_env(project_dir: Path, site_id: str) -> dict[str, str]:
+    """What the local engine gives a session, with placeholder values; BENCH_SITE_ID instead of
+    CML_SITE_ID (the appliance's reconciliation must not take these processes for its own, the
+    clean-up finds them by it)."""
     base = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ}
     return base | {
         "CDSW_PROJECT": "bench", "CDSW_PROJECT_ID": "bench", "CDSW_ENGINE_ID": "bare0000000000000",
         "CDSW_API_URL": "http://127.0.0.1:1/api/v1", "CDSW_APIV2_KEY": "x" * 43, "CDSW_DOMAIN": "127.0.0.1:1",
         "CDSW_APP_PORT": "1", "CDSW_READONLY_PORT": "2", "CDSW_CPU_MILLICORES": "1000", "CDSW_MEMORY_MB": "2048",
-        "HADOOP_USER_NAME": "bench", "HOME": str(project_dir),
+        "HADOOP_USER_NAME": "bench", "HOME": str(project_dir), "BENCH_SITE_ID": site_id,
     }
 
 
@@ -93,15 +102,22 @@ async def bare_sample(target: str, project_dir: Path, env: dict[str, str], preex
         if not line.startswith(b"Session "):
             raise BenchError(f"the bare session printed {line!r}, not its 'Session ... is running' line")
     finally:
+        # The group, as the local engine's stop does. A SIGTERM that lands between the shell's trap
+        # and its `sleep 3600 &` runs the trap after the fork: the shell exits and the new sleep,
+        # which got no signal, stays in the group. So the group is killed again once the shell is gone.
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         try:
             await asyncio.wait_for(proc.wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
+            pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        except ProcessLookupError:
+            pass
+        await proc.wait()
     return Sample(target, (done - started) * 1000, spawn_ms=(spawned - started) * 1000)
 
 
@@ -113,8 +129,7 @@ async def appliance_sample(api: Any, listener: StatusListener, project: str, pol
     if body.get("engine") != "local":
         raise BenchError(f"the session went to the {body.get('engine')!r} engine, not local: {body}")
     final, seen = await api.wait_status(project, sid, RUNNING, interval=poll)
-    await asyncio.sleep(0)  # let a NOTIFY already read be dispatched
-    notified = listener.at(sid, RUNNING)
+    notified = await listener.wait_for(sid, RUNNING)
     created, starting, running = (parse_time(final[k]) for k in ("created_at", "starting_at", "running_at"))
     status = await api.stop_and_wait(project, sid)
     if status != "ENGINE_STOPPED":
@@ -145,7 +160,7 @@ async def measure(h: Harness, args: argparse.Namespace) -> list[Sample]:
             project_dir = h.data_dir() / "projects" / project
             bare_dir = h.workdir / "bare-project"
             bare_dir.mkdir()
-            env = bare_env(bare_dir)
+            env = bare_env(bare_dir, h.site_id)
             targets = ["appliance", "bare"] + (["preexec"] if args.preexec else [])
 
             async def one(target: str) -> Sample:

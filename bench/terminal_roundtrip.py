@@ -44,10 +44,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aiohttp  # noqa: E402
-
-from common import (  # noqa: E402
-    BenchError, Harness, install_signal_handlers, percentile, run_async, stop,
+import aiohttp
+from common import (
+    BenchError,
+    Harness,
+    install_signal_handlers,
+    percentile,
+    run_async,
+    stop,
 )
 
 RUNNING = "ENGINE_RUNNING"
@@ -121,12 +125,12 @@ class BareTerminal:
         self.loop.add_reader(master, self._readable)
 
     @classmethod
-    async def open(cls, cwd: Path) -> BareTerminal:
+    async def open(cls, cwd: Path, site_id: str) -> BareTerminal:
         shell = shutil.which("bash") or "/bin/sh"
         master, slave = pty.openpty()
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         env = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ}
-        env |= {"TERM": "xterm-256color", "HOME": str(cwd)}
+        env |= {"TERM": "xterm-256color", "HOME": str(cwd), "BENCH_SITE_ID": site_id}  # the clean-up's marker
 
         def take_tty() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -136,9 +140,9 @@ class BareTerminal:
         # child does dup2, setsid, then preexec_fn. Only the set-up is done this way; the pty is
         # then served by the event loop as a relay would be.
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: ASYNC220 - set-up, not measured; see above
                 [shell, "-i"], cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
-                start_new_session=True, preexec_fn=take_tty,
+                start_new_session=True, preexec_fn=take_tty,  # noqa: PLW1509 - one ioctl, as the appliance does
             )
         finally:
             os.close(slave)
@@ -213,7 +217,7 @@ async def expect(term: Any, needle: bytes, timeout: float = 10) -> bytes:
             raise BenchError(f"{needle!r} never came; the terminal showed {seen[-300:]!r}")
         try:
             seen += await term.receive(remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
     return seen
 
@@ -223,14 +227,14 @@ async def drain(term: Any, quiet: float = 0.3) -> None:
     while True:
         try:
             await term.receive(quiet)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
 
 
 async def make_echo(term: Any) -> None:
     try:
         await term.receive(15)  # the shell's first output (its prompt)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise BenchError("the shell printed nothing in 15 s") from None
     await drain(term)
     await term.send(SETUP)
@@ -272,7 +276,7 @@ async def measure(h: Harness, args: argparse.Namespace) -> dict[str, list[float]
             terms["appliance"] = WsTerminal(ws, api.server.log_tail)
             bare_dir = h.workdir / "bare-home"
             bare_dir.mkdir(exist_ok=True)
-            terms["bare"] = await BareTerminal.open(bare_dir)
+            terms["bare"] = await BareTerminal.open(bare_dir, h.site_id)
             for name, term in terms.items():
                 try:
                     await make_echo(term)

@@ -286,3 +286,11 @@ def container_settings(settings: Settings, podman_url: str, busybox_image: str) 
 @pytest.fixture
 async def container_client(aiohttp_client: Any, container_settings: Settings) -> TestClient:
     return await aiohttp_client(create_app(container_settings, allow_local_git=True))
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> Any:
+    """Tests run on uvloop, as `serve` does: the two loops differ (e.g. in how they spawn)."""
+    import uvloop
+
+    return uvloop.EventLoopPolicy()

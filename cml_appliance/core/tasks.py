@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 class Supervisor:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -49,17 +50,18 @@ class Supervisor:
                     raise asyncio.CancelledError
                 await asyncio.sleep(delay)
 
-        self.spawn(name, run())
+        self._loops.add(self.spawn(name, run()))
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._loops.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def wait_idle(self) -> None:
-        """Wait for the current one-off tasks (used by tests)."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        """Wait for the current one-off tasks, not the loops (used by tests)."""
+        while one_off := self._tasks - self._loops:
+            await asyncio.wait(one_off)
 
     async def close(self) -> None:
         self._closing = True

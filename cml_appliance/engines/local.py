@@ -32,15 +32,21 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _child_setup(memory_bytes: int, controlling_tty: bool) -> Callable[[], None]:
-    """Runs in the child between fork and exec: die with the appliance, cap memory, take the tty."""
+def _child_setup(memory_bytes: int, tty_fd: int | None = None) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the appliance, cap memory, and for a
+    terminal start a new session whose controlling tty is the pty.
+
+    uvloop calls this before it moves the pty onto fd 0 (the standard loop after), so the session
+    and the tty are set up here, on the pty's own descriptor, and not by start_new_session.
+    """
 
     def setup() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if memory_bytes > 0:
             resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
-        if controlling_tty:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if tty_fd is not None:
+            os.setsid()
+            fcntl.ioctl(tty_fd, termios.TIOCSCTTY, 0)
 
     return setup
 
@@ -151,7 +157,7 @@ class LocalEngine:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024, False),
+                preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024),
             )
         except OSError as exc:
             raise EngineError(f"cannot start {spec.command[0]!r}: {exc.strerror}") from None
@@ -214,7 +220,7 @@ class LocalEngine:
         try:
             proc = await asyncio.create_subprocess_exec(
                 shell, "-i", cwd=spec.project_dir, env=env, stdin=slave, stdout=slave, stderr=slave,
-                start_new_session=True, preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024, True),
+                preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024, tty_fd=slave),
             )
         finally:
             os.close(slave)

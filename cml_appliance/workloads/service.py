@@ -238,20 +238,24 @@ class WorkloadService:
         else:
             target = states.FAILED
             reason = reason or (f"the main process exited with code {code}" if code is not None else "the process ended")
+        await self._revoke(row)
         await store.transition(self.pool, row_id, target, exit_code=code, reason=reason)
-        await self._ended(row)
+        self._ended(row)
 
     async def _fail(self, row_id: int, reason: str) -> None:
         row = await store.get_by_id(self.pool, row_id)
         if row is None or not row.active:
             return
+        await self._revoke(row)
         await store.transition(self.pool, row_id, states.FAILED, reason=reason[:2000])
-        await self._ended(row)
+        self._ended(row)
 
-    async def _ended(self, row: Workload) -> None:
-        """What every ending does: revoke the workload's key, close its log."""
+    async def _revoke(self, row: Workload) -> None:
+        """The workload's own key dies before its final status is visible, never after."""
         if row.api_key_id:
             await api_keys.revoke(self.pool, row.api_key_id)
+
+    def _ended(self, row: Workload) -> None:
         self.logs.close(row.public_id)
         self._specs.pop(row.id, None)
 

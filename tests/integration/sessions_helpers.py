@@ -46,19 +46,8 @@ class TerminalClient:
         await self.ws.send_str(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
 
     async def expect(self, needle: str, timeout: float = 10) -> str:
-        deadline = time.monotonic() + timeout
-        while needle.encode() not in self.output:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{needle!r} never appeared; got {self.output[-500:]!r}")
-            try:
-                msg = await self.ws.receive(timeout=remaining)
-            except TimeoutError:
-                continue
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                self.output += msg.data
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
-                raise AssertionError(f"closed ({self.ws.close_code}) before {needle!r} appeared: {self.output[-500:]!r}")
+        """Wait until `needle` has appeared on the screen; returns all the text so far."""
+        await self.expect_match(re.escape(needle), timeout)
         return self.output.decode(errors="replace")
 
     async def expect_match(self, pattern: str, timeout: float = 10) -> re.Match[str]:
