@@ -88,8 +88,10 @@ class ContainerEngine:
         return self._docker
 
     async def ping(self) -> None:
+        # /_ping, not /version: Podman 4.3 runs ~20 helper processes to answer /version (~0.5 s).
         try:
-            await asyncio.wait_for(self.docker.version(), 5)
+            async with asyncio.timeout(5), self.docker._query("_ping", versioned_api=False) as response:
+                await response.read()
         except (TimeoutError, aiohttp.ClientError, aiodocker.DockerError, OSError) as exc:
             raise _unavailable(exc) from None
 
