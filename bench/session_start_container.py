@@ -340,7 +340,7 @@ async def measure(h: Harness, podman: Podman, args: argparse.Namespace) -> list[
                               f"{_f(s.to_starting_ms, 9)}  {_f(s.to_running_ms, 9)}", flush=True)
                 calls = await engine_calls(docker)
                 print(f"\nDocker API calls on this Podman (median of 3): GET /version {calls['version']:.1f} ms "
-                      f"(ContainerEngine.ping(), once per launch, inside the POST), GET /_ping {calls['_ping']:.1f} ms")
+                      f"(what ContainerEngine.ping() used to call), GET /_ping {calls['_ping']:.1f} ms (what it calls now)")
                 await engine.close()
             finally:
                 try:
