@@ -118,6 +118,9 @@ async def test_sigkill_and_restart_leave_nothing_stuck_or_orphaned(
             await wait_ready(http, url, proc, log)
             failed = await status_of(http, url, pid, local_sid, "ENGINE_FAILED")
             assert "restart" in failed["reason"]
+            # Its output survived the crash.
+            async with http.get(f"{url}/api/v2/projects/{pid}/sessions/{local_sid}/logs") as resp:
+                assert f"Session {local_sid} is running" in (await resp.json())["content"]
             for _ in range(50):
                 if not marked_pids(local_sid):
                     break

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import asyncpg
+
 from cml_appliance.web.keys import POOL
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.events import StatusHub
@@ -95,3 +97,28 @@ async def test_followers_get_new_output_and_stop_when_closed(tmp_path: Path) -> 
     logs.close("w2")
     await asyncio.wait_for(task, 2)
     assert b"".join(got) == b"hello world"
+
+
+async def test_reconciliation_is_single_across_processes(alice: Api, clean_db: str) -> None:
+    from cml_appliance.web.keys import WORKLOADS
+    from cml_appliance.workloads.service import RECONCILE_LOCK_BASE
+
+    pool = alice.client.app[POOL]
+    row = await _row(alice)
+    await store.transition(pool, row.id, states.STARTING)
+    await store.transition(pool, row.id, states.RUNNING, handle="1:1:teststatesmachin")
+    import zlib
+
+    lock = RECONCILE_LOCK_BASE + zlib.crc32(b"local") % 1000
+    other = await asyncpg.connect(clean_db)  # another appliance process, reconciling right now
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", lock)
+        counts = await alice.client.app[WORKLOADS].reconcile("local")
+        assert counts == {"failed": 0, "orphans_stopped": 0, "adopted": 0}
+        assert (await store.get_by_id(pool, row.id)).status == states.RUNNING  # type: ignore[union-attr]
+    finally:
+        await other.close()
+    counts = await alice.client.app[WORKLOADS].reconcile("local")
+    assert counts["failed"] == 1
+    gone = await store.get_by_id(pool, row.id)
+    assert gone is not None and gone.status == states.FAILED and "is gone" in gone.reason
