@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import asyncpg
 
 from cml_appliance.auth import api_keys
 from cml_appliance.auth.users import User
-from cml_appliance.core.errors import FailedPrecondition, Unavailable
+from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, Unavailable
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.engines.base import (
     Engine,
@@ -77,6 +78,7 @@ class LaunchRequest:
     arguments: str = ""
     idle_timeout_minutes: float | None = None
     max_duration_minutes: float | None = None
+    job_id: int | None = None
 
 
 class WorkloadService:
@@ -98,6 +100,8 @@ class WorkloadService:
         self.projects_dir = projects_dir
         self.base_url = base_url
         self.stop_grace = stop_grace
+        # Called with each workload that reached its final status (dependent jobs, notifications).
+        self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
         self._specs: dict[int, LaunchSpec] = {}
@@ -144,24 +148,29 @@ class WorkloadService:
         except EngineUnavailable as exc:
             raise Unavailable(str(exc)) from None
         public_id = new_engine_id()
+        local = engine_name == "local"
+        try:
+            row = await store.insert(
+                self.pool,
+                {
+                    "public_id": public_id, "kind": request.kind, "project_id": project.id, "creator_id": user.id,
+                    "engine": engine_name, "name": request.name, "runtime_identifier": request.runtime_identifier,
+                    "cpu": request.cpu, "memory": request.memory, "nvidia_gpu": request.nvidia_gpu,
+                    "script": request.script, "arguments": request.arguments, "environment": request.environment,
+                    "app_port": _free_port() if local else CONTAINER_APP_PORT,
+                    "readonly_port": _free_port() if local else CONTAINER_READONLY_PORT,
+                    "idle_timeout_minutes": request.idle_timeout_minutes,
+                    "max_duration_minutes": request.max_duration_minutes,
+                    "job_id": request.job_id,
+                },
+            )
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
         secret, key = await api_keys.create(
             self.pool, user, comments=f"{request.kind} {public_id}", audiences=["API"], scope_project_id=project.id
         )
-        local = engine_name == "local"
-        row = await store.insert(
-            self.pool,
-            {
-                "public_id": public_id, "kind": request.kind, "project_id": project.id, "creator_id": user.id,
-                "engine": engine_name, "name": request.name, "runtime_identifier": request.runtime_identifier,
-                "cpu": request.cpu, "memory": request.memory, "nvidia_gpu": request.nvidia_gpu,
-                "script": request.script, "arguments": request.arguments, "environment": request.environment,
-                "api_key_id": key.key_id,
-                "app_port": _free_port() if local else CONTAINER_APP_PORT,
-                "readonly_port": _free_port() if local else CONTAINER_READONLY_PORT,
-                "idle_timeout_minutes": request.idle_timeout_minutes,
-                "max_duration_minutes": request.max_duration_minutes,
-            },
-        )
+        await store.update(self.pool, row.id, api_key_id=key.key_id)
+        row = dataclasses.replace(row, api_key_id=key.key_id)
         spec = LaunchSpec(
             workload_id=public_id,
             kind=request.kind,
@@ -258,6 +267,8 @@ class WorkloadService:
     def _ended(self, row: Workload) -> None:
         self.logs.close(row.public_id)
         self._specs.pop(row.id, None)
+        for listener in self.finish_listeners:
+            self.supervisor.spawn(f"finished-{row.public_id}", listener(row))
 
     # Stop ----------------------------------------------------------------------------------
 
@@ -392,14 +403,17 @@ class WorkloadService:
     async def enforce_time_limits(self) -> int:
         """Stop sessions past their idle timeout or maximum duration, saying which."""
         rows = await self.pool.fetch(
-            "SELECT w.id, w.idle_timeout_minutes AS idle, w.max_duration_minutes AS max,"
+            "SELECT w.id, w.kind, w.idle_timeout_minutes AS idle, w.max_duration_minutes AS max,"
             " w.last_activity_at < now() - make_interval(secs => w.idle_timeout_minutes * 60) AS idle_over,"
             " w.running_at < now() - make_interval(secs => w.max_duration_minutes * 60) AS max_over"
-            " FROM workloads w WHERE w.kind = 'session' AND w.status = 'ENGINE_RUNNING'"
+            " FROM workloads w WHERE w.kind IN ('session', 'job_run') AND w.status = 'ENGINE_RUNNING'"
+            " AND (w.idle_timeout_minutes IS NOT NULL OR w.max_duration_minutes IS NOT NULL)"
         )
         stopped = 0
         for r in rows:
-            if r["max_over"]:
+            if r["max_over"] and r["kind"] == "job_run":
+                reason = f"ran longer than its timeout of {r['max'] * 60:g} seconds"
+            elif r["max_over"]:
                 reason = f"reached the maximum session length of {r['max']:g} minutes (SESSION_MAXIMUM_MINUTES)"
             elif r["idle_over"]:
                 reason = f"idle for {r['idle']:g} minutes (IDLE_MAXIMUM_MINUTES)"

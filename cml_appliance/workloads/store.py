@@ -37,6 +37,7 @@ class Workload:
     api_key_id: str | None
     app_port: int | None
     readonly_port: int | None
+    job_id: int | None
     idle_timeout_minutes: float | None
     max_duration_minutes: float | None
     created_at: datetime
