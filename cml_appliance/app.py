@@ -22,6 +22,8 @@ from cml_appliance.db.pool import create_pool, database_url
 from cml_appliance.engines.base import Engine
 from cml_appliance.engines.container import ContainerEngine
 from cml_appliance.engines.local import LocalEngine
+from cml_appliance.jobs import api as jobs_api
+from cml_appliance.jobs.service import JobService
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
 from cml_appliance.projects.service import ProjectService
@@ -33,6 +35,7 @@ from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, middlewares, templating
 from cml_appliance.web.keys import (
+    JOBS,
     METRICS,
     POOL,
     PROJECTS,
@@ -117,6 +120,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         )
         app[WORKLOADS] = service
         app[SESSIONS] = SessionService(pool, app[PROJECTS], service, settings)
+        app[JOBS] = JobService(pool, app[PROJECTS], service)
         app[WEBSOCKETS] = set()
         hub = StatusHub()
         await hub.start(resolved["dsn"])
@@ -142,6 +146,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(projects_api.routes())
     app.router.add_routes(runtimes_api.routes())
     app.router.add_routes(sessions_api.routes())
+    app.router.add_routes(jobs_api.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

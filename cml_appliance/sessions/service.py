@@ -37,6 +37,36 @@ def _minutes(name: str, raw: str) -> float:
     return value
 
 
+async def resources_within_profiles(pool: asyncpg.Pool, fields: dict[str, Any]) -> tuple[float, float]:
+    """cpu and memory asked for (or a profile's), checked against the profile and the site's largest."""
+    profiles, _ = await catalog.list_profiles(pool, ListQuery(1000, 0, {}, [], ""))
+    if not profiles:
+        profiles = [{"id": 0, "cpu": 1.0, "memory": 2.0}]
+    chosen = None
+    if "resource_profile_id" in fields:
+        chosen = next((p for p in profiles if p["id"] == fields["resource_profile_id"]), None)
+        if chosen is None:
+            raise InvalidArgument(f"there is no resource profile {fields['resource_profile_id']}")
+    smallest = min(profiles, key=lambda p: (p["cpu"], p["memory"]))
+    cpu = float(fields.get("cpu", (chosen or smallest)["cpu"]))
+    memory = float(fields.get("memory", (chosen or smallest)["memory"]))
+    if cpu <= 0 or memory <= 0:
+        raise InvalidArgument("cpu and memory must be more than 0")
+    if chosen is not None and (cpu > chosen["cpu"] or memory > chosen["memory"]):
+        raise InvalidArgument(
+            f"{cpu:g} vCPU / {memory:g} GB is more than resource profile {chosen['id']} "
+            f"allows ({chosen['cpu']:g} vCPU / {chosen['memory']:g} GB)"
+        )
+    max_cpu = max(p["cpu"] for p in profiles)
+    max_memory = max(p["memory"] for p in profiles)
+    if cpu > max_cpu or memory > max_memory:
+        raise InvalidArgument(
+            f"{cpu:g} vCPU / {memory:g} GB is more than this site allows "
+            f"(at most {max_cpu:g} vCPU and {max_memory:g} GB, the largest resource profile)"
+        )
+    return cpu, memory
+
+
 class SessionService:
     def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, settings: Settings):
         self.pool = pool
@@ -45,32 +75,7 @@ class SessionService:
         self.settings = settings
 
     async def _resources(self, fields: dict[str, Any]) -> tuple[float, float]:
-        profiles, _ = await catalog.list_profiles(self.pool, ListQuery(1000, 0, {}, [], ""))
-        if not profiles:
-            profiles = [{"id": 0, "cpu": 1.0, "memory": 2.0}]
-        chosen = None
-        if "resource_profile_id" in fields:
-            chosen = next((p for p in profiles if p["id"] == fields["resource_profile_id"]), None)
-            if chosen is None:
-                raise InvalidArgument(f"there is no resource profile {fields['resource_profile_id']}")
-        smallest = min(profiles, key=lambda p: (p["cpu"], p["memory"]))
-        cpu = float(fields.get("cpu", (chosen or smallest)["cpu"]))
-        memory = float(fields.get("memory", (chosen or smallest)["memory"]))
-        if cpu <= 0 or memory <= 0:
-            raise InvalidArgument("cpu and memory must be more than 0")
-        if chosen is not None and (cpu > chosen["cpu"] or memory > chosen["memory"]):
-            raise InvalidArgument(
-                f"{cpu:g} vCPU / {memory:g} GB is more than resource profile {chosen['id']} "
-                f"allows ({chosen['cpu']:g} vCPU / {chosen['memory']:g} GB)"
-            )
-        max_cpu = max(p["cpu"] for p in profiles)
-        max_memory = max(p["memory"] for p in profiles)
-        if cpu > max_cpu or memory > max_memory:
-            raise InvalidArgument(
-                f"{cpu:g} vCPU / {memory:g} GB is more than this site allows "
-                f"(at most {max_cpu:g} vCPU and {max_memory:g} GB, the largest resource profile)"
-            )
-        return cpu, memory
+        return await resources_within_profiles(self.pool, fields)
 
     async def start(self, user: User, project_id: str, fields: dict[str, Any]) -> Workload:
         project = await self.projects.get(user, project_id, Role.WRITE)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.jobs.service import JobService
 from cml_appliance.projects.service import ProjectService
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web.metrics import Metrics
@@ -22,3 +23,4 @@ WORKLOADS = web.AppKey("workloads", WorkloadService)
 SESSIONS = web.AppKey("sessions", SessionService)
 STATUS_HUB = web.AppKey("status_hub", StatusHub)
 WEBSOCKETS = web.AppKey[set[web.WebSocketResponse]]("websockets")
+JOBS = web.AppKey("jobs", JobService)

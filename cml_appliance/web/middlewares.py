@@ -38,7 +38,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Routes anyone may reach without signing in.
 PUBLIC_ROUTES = frozenset(
-    {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "api_validate_key", "index"}
+    {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "api_validate_key", "index",
+     # Authenticates itself with HTTP Basic (CDSW's v1 API).
+     "api_v1_start_job"}
 )
 # HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}

@@ -20,7 +20,7 @@ KEEPALIVE_SECONDS = 15
 
 
 def workload_json(row: Workload) -> dict[str, Any]:
-    return {
+    data = {
         "id": row.public_id,
         "project_id": row.project_public_id,
         "name": row.name,
@@ -42,6 +42,8 @@ def workload_json(row: Workload) -> dict[str, Any]:
         "idle_timeout_minutes": row.idle_timeout_minutes,
         "max_duration_minutes": row.max_duration_minutes,
     }
+    # As in proto3 JSON, a time that has not happened yet is left out, not sent empty.
+    return {k: v for k, v in data.items() if v != "" or not k.endswith("_at")}
 
 
 def _complete_utf8(data: bytes) -> bytes:

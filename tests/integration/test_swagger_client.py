@@ -141,7 +141,7 @@ def build_client(
 
 # Fields the appliance adds to CML's messages on purpose (none of them shows up in these tests'
 # happy paths, but a failed git clone's Project carries it).
-OWN_FIELDS = {"Project": {"creation_message"}}
+OWN_FIELDS = {"Project": {"creation_message"}, "JobRun": {"reason", "exit_code"}}
 
 
 def undeclared(spec: Any, schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
@@ -489,3 +489,32 @@ async def test_errors_are_cml_runtime_errors(cml: Cml, make_user: Any) -> None:
     assert body["code"] == 3
     body = await cml.error(HTTPBadRequest, "CreateProject", alice, body={"name": ""})
     assert body["code"] == 3
+
+
+async def test_jobs_and_runs(cml: Cml, make_user: Any) -> None:
+    alice = await make_user("alice")
+    project = await cml("CreateProject", alice, body={"name": "jobs"})
+    pid = project["id"]
+    job = await cml("CreateJob", alice, project_id=pid, body={
+        "project_id": pid, "name": "train", "script": "train.py", "arguments": "--epochs 5",
+        "environment": {"A": "1"}, "timeout": 600, "kill_on_timeout": True, "runtime_identifier": "host/python3",
+    })
+    assert job["type"] == "manual" and job["timeout"] == "600"
+    listed = await cml("ListJobs", alice, project_id=pid, page_size=5)
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert [j["id"] for j in (await cml("ListAllJobs", alice))["jobs"]] == [job["id"]]
+    got = await cml("GetJob", alice, project_id=pid, job_id=job["id"])
+    updated = await cml("UpdateJob", alice, project_id=pid, **{"job.id": job["id"]}, body={**got, "name": "train2"})
+    assert updated["name"] == "train2"
+    run = await cml("CreateJobRun", alice, project_id=pid, job_id=job["id"], body={"project_id": pid, "job_id": job["id"]})
+    for _ in range(200):
+        run = await cml("GetJobRun", alice, project_id=pid, job_id=job["id"], run_id=run["id"])
+        if run["status"] not in ("ENGINE_SCHEDULING", "ENGINE_STARTING", "ENGINE_RUNNING"):
+            break
+        await asyncio.sleep(0.05)
+    # train.py does not exist in this project: the run fails, and says how.
+    assert run["status"] == "ENGINE_FAILED" and run["exit_code"] == 2
+    runs = await cml("ListJobRuns", alice, project_id=pid, job_id=job["id"])
+    assert [r["id"] for r in runs["job_runs"]] == [run["id"]]
+    await cml("DeleteJob", alice, project_id=pid, job_id=job["id"])
+    await cml.error(HTTPNotFound, "GetJob", alice, project_id=pid, job_id=job["id"])

@@ -1,0 +1,308 @@
+"""Job rules: create, update, delete, run (each run a workload of kind job_run, with a snapshot
+of the job's settings), dependencies (a child runs after its parent succeeds; no cycles)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shlex
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from cml_appliance.auth.permissions import Role
+from cml_appliance.auth.users import User, get_by_id
+from cml_appliance.core import audit
+from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
+from cml_appliance.core.ids import new_public_id
+from cml_appliance.projects.service import ProjectService, check_environment, check_name
+from cml_appliance.projects.store import Project
+from cml_appliance.runtimes import catalog
+from cml_appliance.sessions.service import resources_within_profiles
+from cml_appliance.workloads import states
+from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.service import LaunchRequest, WorkloadService
+from cml_appliance.workloads.store import Workload
+
+log = logging.getLogger(__name__)
+
+JOB_COLUMNS = (
+    "name", "script", "arguments", "cpu", "memory", "nvidia_gpu", "runtime_identifier", "environment", "schedule",
+    "timezone", "paused", "timeout_seconds", "kill_on_timeout", "retry_enabled", "max_retry", "retry_delay",
+    "retry_for_script_failure", "retry_for_system_failure", "retry_for_timedout_runs", "retry_for_skipped_runs",
+    "recipients", "attachments",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: int
+    public_id: str
+    project_id: int
+    creator_id: int
+    name: str
+    script: str
+    arguments: str
+    cpu: float
+    memory: float
+    nvidia_gpu: int
+    runtime_identifier: str
+    environment: dict[str, str]
+    schedule: str
+    timezone: str
+    paused: bool
+    parent_id: int | None
+    parent_public_id: str | None
+    timeout_seconds: int
+    kill_on_timeout: bool
+    retry_enabled: bool
+    max_retry: int
+    retry_delay: int
+    retry_for_script_failure: bool
+    retry_for_system_failure: bool
+    retry_for_timedout_runs: bool
+    retry_for_skipped_runs: bool
+    recipients: list[dict[str, Any]]
+    attachments: list[str]
+    created_at: datetime
+    updated_at: datetime
+    creator: dict[str, str]
+
+    @property
+    def type(self) -> str:
+        return "dependent" if self.parent_id else "cron" if self.schedule else "manual"
+
+
+_SELECT = """
+SELECT j.*, pj.public_id AS parent_public_id, u.username AS cr_username, u.name AS cr_name, u.email AS cr_email
+FROM jobs j LEFT JOIN jobs pj ON pj.id = j.parent_id JOIN users u ON u.id = j.creator_id
+"""
+
+
+def _job(row: asyncpg.Record) -> Job:
+    fields = {f.name for f in dataclasses.fields(Job)} - {"creator"}
+    return Job(**{k: row[k] for k in fields},
+               creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]})
+
+
+def command_for(script: str, arguments: str) -> list[str]:
+    """How a job's script is run, by its kind (CML runs scripts by their kernel)."""
+    args = shlex.split(arguments) if arguments else []
+    if script.endswith(".py"):
+        return ["python3", "-u", script, *args]
+    if script.endswith(".R"):
+        return ["Rscript", script, *args]
+    return ["/bin/sh", script, *args]
+
+
+class JobService:
+    def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService):
+        self.pool = pool
+        self.projects = projects
+        self.workloads = workloads
+        workloads.finish_listeners.append(self._run_finished)
+
+    async def _get_row(self, project: Project, job_id: str) -> Job:
+        row = await self.pool.fetchrow(_SELECT + " WHERE j.public_id = $1 AND j.project_id = $2", job_id, project.id)
+        if row is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return _job(row)
+
+    async def get(self, user: User, project_id: str, job_id: str, needed: Role = Role.READ) -> tuple[Project, Job]:
+        project = await self.projects.get(user, project_id, needed)
+        return project, await self._get_row(project, job_id)
+
+    async def list_for_project(self, user: User, project_id: str, limit: int, offset: int, name: str = "") -> tuple[Project, list[Job], bool]:
+        project = await self.projects.get(user, project_id, Role.READ)
+        rows = await self.pool.fetch(
+            _SELECT + " WHERE j.project_id = $1 AND ($4 = '' OR j.name ILIKE '%' || $4 || '%')"
+            " ORDER BY j.created_at DESC, j.id DESC LIMIT $2 OFFSET $3",
+            project.id, limit + 1, offset, name,
+        )
+        return project, [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    async def list_all(self, user: User, limit: int, offset: int, name: str = "") -> tuple[list[tuple[str, Job]], bool]:
+        """Every job in every project the user can read (GET /api/v2/jobs)."""
+        rows = await self.pool.fetch(
+            _SELECT.replace("FROM jobs j", "FROM jobs j JOIN projects p ON p.id = j.project_id")
+            + " LEFT JOIN project_collaborators c ON c.project_id = p.id AND c.user_id = $1"
+            " WHERE (p.owner_id = $1 OR c.user_id IS NOT NULL OR p.visibility = 'public' OR $2)"
+            " AND ($5::bigint IS NULL OR p.id = $5) AND ($6 = '' OR j.name ILIKE '%' || $6 || '%')"
+            " ORDER BY j.created_at DESC, j.id DESC LIMIT $3 OFFSET $4",
+            user.id, user.is_admin, limit + 1, offset, user.scope_project_id, name,
+        )
+        projects = {r["project_id"]: await self.pool.fetchval("SELECT public_id FROM projects WHERE id = $1", r["project_id"]) for r in rows}
+        return [(projects[r["project_id"]], _job(r)) for r in rows[:limit]], len(rows) > limit
+
+    async def _check(self, project: Project, fields: dict[str, Any], job: Job | None = None) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if "name" in fields or job is None:
+            values["name"] = check_name(fields.get("name", ""))
+        if "script" in fields or job is None:
+            script = (fields.get("script") or "").strip().lstrip("/")
+            if not script or ".." in script.split("/"):
+                raise InvalidArgument("script must name a file in the project, relative to its root")
+            values["script"] = script
+        for key in ("arguments", "paused", "kill_on_timeout", "retry_enabled", "retry_for_script_failure",
+                    "retry_for_system_failure", "retry_for_timedout_runs", "retry_for_skipped_runs", "attachments",
+                    "recipients"):
+            if key in fields:
+                values[key] = fields[key]
+        if "environment" in fields:
+            values["environment"] = check_environment(fields["environment"])
+        if "timeout" in fields:
+            if not 0 <= int(fields["timeout"]) <= 35_000 * 60:
+                raise InvalidArgument("timeout must be between 0 (none) and 2100000 seconds")
+            values["timeout_seconds"] = int(fields["timeout"])
+        for key in ("max_retry", "retry_delay"):
+            if key in fields:
+                if fields[key] < 0:
+                    raise InvalidArgument(f"{key} must not be negative")
+                values[key] = fields[key]
+        if "runtime_identifier" in fields or job is None:
+            runtime_id = fields.get("runtime_identifier") or "host/python3"
+            try:
+                await catalog.get_runtime(self.pool, runtime_id)
+            except NotFound:
+                raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
+            values["runtime_identifier"] = runtime_id
+        if fields.get("nvidia_gpu", 0):
+            raise InvalidArgument("this site has no GPUs: nvidia_gpu must be 0")
+        if any(k in fields for k in ("cpu", "memory", "resource_profile_id")) or job is None:
+            cpu, memory = await resources_within_profiles(self.pool, fields)
+            values["cpu"], values["memory"] = cpu, memory
+        schedule = fields.get("schedule", job.schedule if job else "")
+        parent_public = fields.get("parent_id") or fields.get("parent_job_id")
+        if schedule and (parent_public or (job and job.parent_id and "parent_id" not in fields)):
+            raise InvalidArgument("a job runs either on a schedule or after its parent, not both")
+        if "schedule" in fields:
+            if fields["schedule"]:
+                raise InvalidArgument("cron schedules are not supported yet: run the job manually or after a parent")
+            values["schedule"] = ""
+        if "timezone" in fields:
+            values["timezone"] = fields["timezone"]
+        if parent_public is not None:
+            values["parent_id"] = await self._parent(project, parent_public, job)
+        return values
+
+    async def _parent(self, project: Project, parent_public: str, job: Job | None) -> int | None:
+        if parent_public == "":
+            return None
+        parent = await self.pool.fetchrow("SELECT id, parent_id FROM jobs WHERE public_id = $1 AND project_id = $2",
+                                          parent_public, project.id)
+        if parent is None:
+            raise InvalidArgument(f"parent job {parent_public!r} is not a job of this project")
+        if job is not None:
+            # Walk up from the new parent: meeting this job means a cycle.
+            current: int | None = parent["id"]
+            seen = set()
+            while current is not None and current not in seen:
+                if current == job.id:
+                    raise InvalidArgument("that dependency would make a cycle")
+                seen.add(current)
+                current = await self.pool.fetchval("SELECT parent_id FROM jobs WHERE id = $1", current)
+        return int(parent["id"])
+
+    async def create(self, user: User, project_id: str, fields: dict[str, Any]) -> Job:
+        project = await self.projects.get(user, project_id, Role.WRITE)
+        values = await self._check(project, fields)
+        values.update(public_id=new_public_id(), project_id=project.id, creator_id=user.id)
+        columns = ", ".join(values)
+        placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", *values.values())
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists(f"the project already has a job named {values['name']!r}") from None
+            await audit.record(conn, user.id, "job.create", "job", values["public_id"], {"name": values["name"]})
+        return await self._get_row(project, values["public_id"])
+
+    async def update(self, user: User, project_id: str, job_id: str, fields: dict[str, Any]) -> Job:
+        project, job = await self.get(user, project_id, job_id, Role.WRITE)
+        values = await self._check(project, fields, job)
+        if values:
+            sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, start=2))
+            async with self.pool.acquire() as conn, conn.transaction():
+                try:
+                    await conn.execute(f"UPDATE jobs SET {sets}, updated_at = now() WHERE id = $1", job.id, *values.values())
+                except asyncpg.UniqueViolationError:
+                    raise AlreadyExists(f"the project already has a job named {values.get('name')!r}") from None
+                await audit.record(conn, user.id, "job.update", "job", job.public_id, {"fields": sorted(values)})
+        return await self._get_row(project, job_id)
+
+    async def delete(self, user: User, project_id: str, job_id: str) -> None:
+        project, job = await self.get(user, project_id, job_id, Role.WRITE)
+        for run in await self._active_runs(job):
+            await self.workloads.stop(run, reason="its job was deleted")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM jobs WHERE id = $1", job.id)
+            await audit.record(conn, user.id, "job.delete", "job", job.public_id, {"name": job.name})
+
+    async def _active_runs(self, job: Job) -> list[Workload]:
+        ids = await self.pool.fetch(
+            "SELECT id FROM workloads WHERE job_id = $1 AND status = ANY($2::text[])", job.id, list(states.ACTIVE)
+        )
+        return [w for r in ids if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
+
+    # Runs ------------------------------------------------------------------------------------
+
+    async def run(self, user: User, project: Project, job: Job, *, environment: dict[str, str] | None = None,
+                  arguments: str | None = None) -> Workload:
+        """Start a run with a snapshot of the job's settings (and per-run overrides)."""
+        env = job.environment | check_environment(environment or {})
+        args = job.arguments if arguments is None else arguments
+        timeout = job.timeout_seconds if job.kill_on_timeout and job.timeout_seconds else None
+        request = LaunchRequest(
+            kind="job_run", name=job.name, runtime_identifier=job.runtime_identifier, image=job.runtime_identifier,
+            cpu=job.cpu, memory=job.memory, nvidia_gpu=0, command=command_for(job.script, args), environment=env,
+            script=job.script, arguments=args, max_duration_minutes=timeout / 60 if timeout else None, job_id=job.id,
+        )
+        return await self.workloads.launch(user, project, request)
+
+    async def start_run(self, user: User, project_id: str, job_id: str, fields: dict[str, Any]) -> Workload:
+        # Operators may start existing jobs (CML's operator role).
+        project, job = await self.get(user, project_id, job_id, Role.OPERATOR)
+        return await self.run(user, project, job, environment=fields.get("environment"), arguments=fields.get("arguments"))
+
+    async def get_run(self, user: User, project_id: str, job_id: str, run_id: str) -> tuple[Project, Job, Workload]:
+        project, job = await self.get(user, project_id, job_id)
+        run = await workload_store.get(self.pool, run_id)
+        if run is None or run.job_id != job.id:
+            raise NotFound(f"run {run_id!r} not found")
+        return project, job, run
+
+    async def list_runs(self, user: User, project_id: str, job_id: str, limit: int, offset: int, status: str = "") -> tuple[Job, list[Workload], bool]:
+        project, job = await self.get(user, project_id, job_id)
+        rows = await self.pool.fetch(
+            "SELECT id FROM workloads WHERE job_id = $1 AND ($4 = '' OR lower(status) LIKE '%' || $4 || '%')"
+            " ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+            job.id, limit + 1, offset, status.lower(),
+        )
+        runs = [w for r in rows[:limit] if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
+        return job, runs, len(rows) > limit
+
+    async def stop_run(self, user: User, project_id: str, job_id: str, run_id: str) -> Workload:
+        _, _, run = await self.get_run(user, project_id, job_id, run_id)
+        await self.projects.get(user, project_id, Role.OPERATOR)
+        return await self.workloads.stop(run, reason=f"stopped by {user.username}")
+
+    async def _run_finished(self, run: Workload) -> None:
+        """A run that succeeded starts its job's dependents, as the job's creator."""
+        if run.kind != "job_run" or run.job_id is None:
+            return
+        final = await workload_store.get_by_id(self.pool, run.id)
+        if final is None or final.status != states.SUCCEEDED:
+            return
+        children = await self.pool.fetch(_SELECT + " WHERE j.parent_id = $1 AND NOT j.paused", run.job_id)
+        for row in children:
+            child = _job(row)
+            owner = await get_by_id(self.pool, child.creator_id)
+            project_row = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", child.project_id)
+            if owner is None or project_row is None:
+                continue
+            try:
+                project = await self.projects.get(owner, project_row["public_id"], Role.OPERATOR)
+                await self.run(owner, project, child)
+            except Exception as exc:  # one child failing to start must not stop its siblings
+                log.warning("dependent job %s did not start: %s", child.public_id, exc)
