@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,6 +16,7 @@ from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
 from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
 from cml_appliance.core.ids import new_public_id
+from cml_appliance.jobs.schedule import SCHEDULER_LOCK, check_schedule, next_fire
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
 from cml_appliance.projects.store import Project
 from cml_appliance.runtimes import catalog
@@ -67,6 +68,7 @@ class Job:
     attachments: list[str]
     created_at: datetime
     updated_at: datetime
+    next_fire_at: datetime | None
     creator: dict[str, str]
 
     @property
@@ -176,12 +178,16 @@ class JobService:
         parent_public = fields.get("parent_id") or fields.get("parent_job_id")
         if schedule and (parent_public or (job and job.parent_id and "parent_id" not in fields)):
             raise InvalidArgument("a job runs either on a schedule or after its parent, not both")
-        if "schedule" in fields:
-            if fields["schedule"]:
-                raise InvalidArgument("cron schedules are not supported yet: run the job manually or after a parent")
-            values["schedule"] = ""
+        timezone = fields.get("timezone", job.timezone if job else "America/Los_Angeles")
         if "timezone" in fields:
-            values["timezone"] = fields["timezone"]
+            values["timezone"] = timezone
+        if "schedule" in fields:
+            values["schedule"] = schedule.strip()
+        if schedule and ("schedule" in fields or "timezone" in fields):
+            check_schedule(schedule.strip(), timezone)
+            values["next_fire_at"] = next_fire(schedule.strip(), timezone, datetime.now(UTC))
+        elif "schedule" in fields:
+            values["next_fire_at"] = None
         if parent_public is not None:
             values["parent_id"] = await self._parent(project, parent_public, job)
         return values
@@ -286,6 +292,50 @@ class JobService:
         _, _, run = await self.get_run(user, project_id, job_id, run_id)
         await self.projects.get(user, project_id, Role.OPERATOR)
         return await self.workloads.stop(run, reason=f"stopped by {user.username}")
+
+    async def fire_due(self) -> int:
+        """Start a run of every cron job that is due; the scheduler loop calls this every few seconds."""
+        started = 0
+        async with self.pool.acquire() as lock_conn:
+            if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK):
+                return 0
+            try:
+                while True:
+                    async with self.pool.acquire() as conn, conn.transaction():
+                        row = await conn.fetchrow(
+                            _SELECT + " WHERE j.schedule <> '' AND NOT j.paused AND j.next_fire_at <= now()"
+                            " ORDER BY j.next_fire_at LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+                        )
+                        if row is None:
+                            break
+                        job = _job(row)
+                        # Move the next fire past now first: a crash from here on can miss this fire,
+                        # never start it twice; fires missed while down collapse into this one.
+                        await conn.execute(
+                            "UPDATE jobs SET next_fire_at = $2 WHERE id = $1",
+                            job.id, next_fire(job.schedule, job.timezone, datetime.now(UTC)),
+                        )
+                    if await self._fire(job):
+                        started += 1
+            finally:
+                await lock_conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK)
+        return started
+
+    async def _fire(self, job: Job) -> bool:
+        owner = await get_by_id(self.pool, job.creator_id)
+        project_row = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", job.project_id)
+        if owner is None or project_row is None:
+            return False
+        try:
+            project = await self.projects.get(owner, project_row["public_id"], Role.OPERATOR)
+            await self.run(owner, project, job)
+        except AlreadyExists:
+            log.info("cron job %s is still running: this fire is skipped", job.public_id)
+            return False
+        except Exception as exc:  # one job failing to start must not stop the others
+            log.warning("cron job %s did not start: %s", job.public_id, exc)
+            return False
+        return True
 
     async def _run_finished(self, run: Workload) -> None:
         """A run that succeeded starts its job's dependents, as the job's creator."""

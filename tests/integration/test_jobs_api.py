@@ -169,3 +169,39 @@ async def test_job_permissions_and_bad_input(alice: Api, make_user: Any) -> None
         status, body = await alice.post(f"/api/v2/projects/{pid}/jobs", json=payload)
         assert status in (400, 409), (payload, body)
         assert fragment in body["message"], (payload, body)
+
+
+async def test_cron_jobs_fire_once_per_due_time(alice: Api) -> None:
+    from cml_appliance.web.keys import JOBS, POOL
+
+    pid = await project_with_script(alice)
+    for payload, fragment in (
+        ({"schedule": "61 * * * *"}, "cron expression"),
+        ({"schedule": "* * * *"}, "cron expression"),
+        ({"schedule": "0 13 * * 1", "timezone": "Mars/Olympus"}, "time zone"),
+    ):
+        status, body = await alice.post(f"/api/v2/projects/{pid}/jobs", json={"name": "c", "script": "train.py", **payload})
+        assert_error(status, body, 400)
+        assert fragment in body["message"]
+    status, job = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": "nightly", "script": "train.py", "schedule": "*/5 * * * *", "timezone": "Europe/Berlin",
+    })
+    assert status == 200 and job["type"] == "cron" and job["timezone"] == "Europe/Berlin"
+    _, paused = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": "paused", "script": "train.py", "schedule": "* * * * *", "paused": True,
+    })
+    pool = alice.client.app[POOL]
+    jobs = alice.client.app[JOBS]
+    assert await jobs.fire_due() == 0  # nothing due yet
+    # As after a long downtime: many fires were missed. They collapse into one run.
+    await pool.execute("UPDATE jobs SET next_fire_at = now() - interval '3 hours'")
+    results = await asyncio.gather(jobs.fire_due(), jobs.fire_due())  # two schedulers at once
+    assert sorted(results) == [0, 1]
+    assert await jobs.fire_due() == 0
+    _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs")
+    assert len(runs["job_runs"]) == 1
+    await wait_run(alice, pid, job["id"], runs["job_runs"][0]["id"], "ENGINE_SUCCEEDED")
+    _, paused_runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{paused['id']}/runs")
+    assert paused_runs["job_runs"] == []
+    next_fire = await pool.fetchval("SELECT next_fire_at FROM jobs WHERE public_id = $1", job["id"])
+    assert next_fire.minute % 5 == 0 and next_fire.timestamp() > time.time()
