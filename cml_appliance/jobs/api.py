@@ -92,6 +92,7 @@ def run_json(run: Workload, job_public_id: str) -> dict[str, Any]:
         # Ours, beyond CML: why the run ended the way it did, and its exit code.
         "reason": run.reason,
         "exit_code": run.exit_code,
+        "attempt": run.attempt,
     }
     # As in proto3 JSON, a time that has not happened yet is left out, not sent empty.
     return {k: v for k, v in data.items() if not (k in TIME_FIELDS and v == "")}

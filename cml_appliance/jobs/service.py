@@ -3,6 +3,7 @@ of the job's settings), dependencies (a child runs after its parent succeeds; no
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import shlex
@@ -254,7 +255,7 @@ class JobService:
     # Runs ------------------------------------------------------------------------------------
 
     async def run(self, user: User, project: Project, job: Job, *, environment: dict[str, str] | None = None,
-                  arguments: str | None = None) -> Workload:
+                  arguments: str | None = None, attempt: int = 1) -> Workload:
         """Start a run with a snapshot of the job's settings (and per-run overrides)."""
         env = job.environment | check_environment(environment or {})
         args = job.arguments if arguments is None else arguments
@@ -263,6 +264,7 @@ class JobService:
             kind="job_run", name=job.name, runtime_identifier=job.runtime_identifier, image=job.runtime_identifier,
             cpu=job.cpu, memory=job.memory, nvidia_gpu=0, command=command_for(job.script, args), environment=env,
             script=job.script, arguments=args, max_duration_minutes=timeout / 60 if timeout else None, job_id=job.id,
+            attempt=attempt,
         )
         return await self.workloads.launch(user, project, request)
 
@@ -337,12 +339,41 @@ class JobService:
             return False
         return True
 
+    def _should_retry(self, job: Job, run: Workload) -> bool:
+        if not job.retry_enabled or run.attempt > job.max_retry:
+            return False
+        if run.status == states.TIMEDOUT:
+            return job.retry_for_timedout_runs
+        if run.status == states.FAILED:
+            # An exit code means the script failed; none means the platform did (start, engine).
+            return job.retry_for_script_failure if run.exit_code is not None else job.retry_for_system_failure
+        return False
+
+    async def _retry(self, job: Job, run: Workload) -> None:
+        if job.retry_delay:
+            await asyncio.sleep(job.retry_delay)
+        owner = await get_by_id(self.pool, run.creator_id)
+        if owner is None:
+            return
+        try:
+            project = await self.projects.get(owner, run.project_public_id, Role.OPERATOR)
+            current = await self._get_row(project, job.public_id)  # the job may have changed meanwhile
+            await self.run(owner, project, current, environment=run.environment, arguments=run.arguments,
+                           attempt=run.attempt + 1)
+        except Exception as exc:
+            log.warning("retry %d of job %s did not start: %s", run.attempt + 1, job.public_id, exc)
+
     async def _run_finished(self, run: Workload) -> None:
-        """A run that succeeded starts its job's dependents, as the job's creator."""
+        """A run that succeeded starts its job's dependents; one that failed may be retried."""
         if run.kind != "job_run" or run.job_id is None:
             return
         final = await workload_store.get_by_id(self.pool, run.id)
-        if final is None or final.status != states.SUCCEEDED:
+        if final is None:
+            return
+        if final.status != states.SUCCEEDED:
+            row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id)
+            if row is not None and self._should_retry(_job(row), final):
+                await self._retry(_job(row), final)
             return
         children = await self.pool.fetch(_SELECT + " WHERE j.parent_id = $1 AND NOT j.paused", run.job_id)
         for row in children:

@@ -79,6 +79,7 @@ class LaunchRequest:
     idle_timeout_minutes: float | None = None
     max_duration_minutes: float | None = None
     job_id: int | None = None
+    attempt: int = 1
 
 
 class WorkloadService:
@@ -162,6 +163,7 @@ class WorkloadService:
                     "idle_timeout_minutes": request.idle_timeout_minutes,
                     "max_duration_minutes": request.max_duration_minutes,
                     "job_id": request.job_id,
+                    "attempt": request.attempt,
                 },
             )
         except asyncpg.UniqueViolationError:

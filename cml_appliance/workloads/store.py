@@ -38,6 +38,7 @@ class Workload:
     app_port: int | None
     readonly_port: int | None
     job_id: int | None
+    attempt: int
     idle_timeout_minutes: float | None
     max_duration_minutes: float | None
     created_at: datetime

@@ -205,3 +205,32 @@ async def test_cron_jobs_fire_once_per_due_time(alice: Api) -> None:
     assert paused_runs["job_runs"] == []
     next_fire = await pool.fetchval("SELECT next_fire_at FROM jobs WHERE public_id = $1", job["id"])
     assert next_fire.minute % 5 == 0 and next_fire.timestamp() > time.time()
+
+
+async def test_failed_runs_are_retried_as_configured(alice: Api) -> None:
+    pid = await project_with_script(alice)
+    _, job = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": "flaky", "script": "train.py", "environment": {"EXIT_CODE": "1"},
+        "retry_enabled": True, "max_retry": 2, "retry_delay": 0, "retry_for_script_failure": True,
+    })
+    _, first = await alice.post(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs", json={})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs")
+        finished = [r for r in runs["job_runs"] if r["status"] == "ENGINE_FAILED"]
+        if len(finished) == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(r["attempt"] for r in finished) == [1, 2, 3]  # the first try and two retries
+    await asyncio.sleep(0.5)
+    _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs")
+    assert len(runs["job_runs"]) == 3  # and no more
+    # Without retry_for_script_failure a script failure is not retried.
+    _, other = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": "once", "script": "train.py", "environment": {"EXIT_CODE": "1"}, "retry_enabled": True, "max_retry": 2,
+    })
+    _, run = await alice.post(f"/api/v2/projects/{pid}/jobs/{other['id']}/runs", json={})
+    await wait_run(alice, pid, other["id"], run["id"], "ENGINE_FAILED")
+    await asyncio.sleep(0.5)
+    _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{other['id']}/runs")
+    assert len(runs["job_runs"]) == 1

@@ -141,7 +141,7 @@ def build_client(
 
 # Fields the appliance adds to CML's messages on purpose (none of them shows up in these tests'
 # happy paths, but a failed git clone's Project carries it).
-OWN_FIELDS = {"Project": {"creation_message"}, "JobRun": {"reason", "exit_code"}}
+OWN_FIELDS = {"Project": {"creation_message"}, "JobRun": {"reason", "exit_code", "attempt"}}
 
 
 def undeclared(spec: Any, schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
