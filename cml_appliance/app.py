@@ -23,6 +23,7 @@ from cml_appliance.engines.base import Engine
 from cml_appliance.engines.container import ContainerEngine
 from cml_appliance.engines.local import LocalEngine
 from cml_appliance.jobs import api as jobs_api
+from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
@@ -152,5 +153,6 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())
     app.router.add_routes(sessions_ui.routes())
+    app.router.add_routes(jobs_ui.routes())
     app.router.add_static("/static", static_dir(), name="static", append_version=True)
     return app

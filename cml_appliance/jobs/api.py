@@ -18,9 +18,9 @@ from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.jobs.service import Job
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import JOBS, POOL, WORKLOADS
+from cml_appliance.web.keys import JOBS, POOL, STATUS_HUB, WORKLOADS
 from cml_appliance.workloads.store import Workload
-from cml_appliance.workloads.streams import logs_response
+from cml_appliance.workloads.streams import event_stream, logs_response
 
 
 def job_json(job: Job, project_public_id: str, project_name: str = "", slug: str = "") -> dict[str, Any]:
@@ -211,6 +211,12 @@ async def run_logs(request: web.Request) -> web.Response:
     return logs_response(request, request.app[WORKLOADS].logs, run)
 
 
+async def run_events(request: web.Request) -> web.StreamResponse:
+    _, _, run = await request.app[JOBS].get_run(current_user(request), request.match_info["project_id"],
+                                                request.match_info["job_id"], request.match_info["run_id"])
+    return await event_stream(request, request.app[POOL], request.app[STATUS_HUB], request.app[WORKLOADS].logs, run)
+
+
 async def legacy_start(request: web.Request) -> web.Response:
     """CDSW's v1 job start: HTTP Basic with the API key as user name and an empty password."""
     header = request.headers.get("Authorization", "")
@@ -250,5 +256,6 @@ def routes() -> list[web.RouteDef]:
         web.get(run, get_run, name="api_get_job_run"),
         web.post(run + ":stop", stop_run, name="api_stop_job_run"),
         web.get(run + "/logs", run_logs, name="api_job_run_logs"),
+        web.get(run + "/events", run_events, name="api_job_run_events"),
         web.post("/api/v1/projects/{owner}/{slug}/jobs/{job_id}/start", legacy_start, name="api_v1_start_job"),
     ]

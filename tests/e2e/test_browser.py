@@ -358,3 +358,39 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     await expect(page.locator("#console")).to_contain_text("Session stopping")
     await browser.shot("session-stopped")
     browser.assert_clean()
+
+
+async def test_jobs_pages_create_run_and_read_output(browser: Browser, make_user: Any) -> None:
+    from playwright.async_api import expect
+
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Jobs Demo"})
+    form = aiohttp.FormData()
+    form.add_field("hello.py", b"import sys\nprint('hello from the job', sys.argv[1:])\n", filename="hello.py")
+    await alice.post(f"/api/v2/projects/{project['id']}/files", data=form)
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url(f"/projects/{project['id']}"))
+    await page.click("a.button:has-text('Jobs')")
+    await expect(page.locator("h1")).to_have_text("Jobs")
+    await page.fill("#new-job input[name=name]", "Hello")
+    await page.fill("#new-job input[name=script]", "hello.py")
+    await page.fill("#new-job input[name=arguments]", "--n 3")
+    await page.click("#new-job button[type=submit]")
+    await expect(page.locator(".flash.ok")).to_contain_text("Created job Hello")
+    await page.click("#run-now")
+    await expect(page.locator("#session-status")).to_have_text("ENGINE_SUCCEEDED", timeout=15_000)
+    await expect(page.locator("#console")).to_contain_text("hello from the job ['--n', '3']")
+    await browser.shot("job-run")
+    await page.click("a:has-text('Hello')")
+    await expect(page.locator("#run-list tbody tr")).to_have_count(1)
+    await expect(page.locator("#run-list .status")).to_have_text("ENGINE_SUCCEEDED")
+    # A bad schedule on the form is a readable error, not a 500.
+    browser.expected_errors.add((400, f"/projects/{project['id']}/jobs"))
+    await page.goto(browser.url(f"/projects/{project['id']}/jobs"))
+    await page.fill("#new-job input[name=name]", "Broken")
+    await page.fill("#new-job input[name=script]", "hello.py")
+    await page.fill("#new-job input[name=schedule]", "every tuesday")
+    await page.click("#new-job button[type=submit]")
+    await expect(page.locator(".flash.error")).to_contain_text("not a 5-field cron expression")
+    browser.assert_clean()
