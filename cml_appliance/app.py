@@ -23,6 +23,7 @@ from cml_appliance.engines.base import Engine
 from cml_appliance.engines.container import ContainerEngine
 from cml_appliance.engines.local import LocalEngine
 from cml_appliance.jobs import api as jobs_api
+from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
 from cml_appliance.projects import api as projects_api
@@ -121,7 +122,11 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         )
         app[WORKLOADS] = service
         app[SESSIONS] = SessionService(pool, app[PROJECTS], service, settings)
-        app[JOBS] = JobService(pool, app[PROJECTS], service)
+        smtp = None
+        if settings.smtp_host:
+            smtp = notify.SmtpSettings(settings.smtp_host, settings.smtp_port, settings.smtp_sender,
+                                       settings.smtp_username, settings.smtp_password, settings.smtp_starttls)
+        app[JOBS] = JobService(pool, app[PROJECTS], service, smtp=smtp, base_url=settings.base_url)
         app[WEBSOCKETS] = set()
         hub = StatusHub()
         await hub.start(resolved["dsn"])

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from cml_appliance.core.paths import config_dir
 
 ENV_PREFIX = "CML_"
-SECRET_FIELDS = frozenset({"secret_key"})
+SECRET_FIELDS = frozenset({"secret_key", "smtp_password"})
 
 
 class SettingsError(Exception):
@@ -53,6 +53,12 @@ class Settings:
     idle_maximum_minutes: int
     session_maximum_minutes: int
     reconcile_interval_seconds: int
+    smtp_host: str
+    smtp_port: int
+    smtp_sender: str
+    smtp_username: str
+    smtp_password: str
+    smtp_starttls: bool
     runtimes: tuple[Mapping[str, Any], ...] = ()
     cpu_profiles: tuple[Mapping[str, Any], ...] = ()
 
@@ -86,7 +92,7 @@ class Settings:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name in SECRET_FIELDS:
-                value = "<redacted>" if value else "<generated in data_dir/secret_key>"
+                value = "<redacted>" if value else ("<generated in data_dir/secret_key>" if field.name == "secret_key" else "")
             elif field.name == "database_url":
                 value = redact_dsn(value) if value else "<embedded pgserver in data_dir/postgres>"
             elif isinstance(value, Path):

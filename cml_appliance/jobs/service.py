@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import shlex
+import smtplib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +18,9 @@ from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
 from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
 from cml_appliance.core.ids import new_public_id
+from cml_appliance.jobs import notify
 from cml_appliance.jobs.schedule import SCHEDULER_LOCK, check_schedule, next_fire
+from cml_appliance.projects import files
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
 from cml_appliance.projects.store import Project
 from cml_appliance.runtimes import catalog
@@ -89,6 +92,26 @@ def _job(row: asyncpg.Record) -> Job:
                creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]})
 
 
+RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
+
+
+def check_recipients(raw: Any) -> list[dict[str, Any]]:
+    """CML's JobRecipient list: an email and the endings to be told about."""
+    if not isinstance(raw, list):
+        raise InvalidArgument("recipients must be a list of {email, notify_on_success, ...}")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("email"), str) or "@" not in item["email"]:
+            raise InvalidArgument("each recipient needs an email address")
+        unknown = set(item) - {"email", *RECIPIENT_FLAGS}
+        if unknown:
+            raise InvalidArgument(f"unknown recipient field(s): {', '.join(sorted(unknown))}")
+        if any(not isinstance(item.get(f, False), bool) for f in RECIPIENT_FLAGS):
+            raise InvalidArgument("notify_on_* must be true or false")
+        out.append({"email": item["email"], **{f: bool(item.get(f, False)) for f in RECIPIENT_FLAGS}})
+    return out
+
+
 def command_for(script: str, arguments: str) -> list[str]:
     """How a job's script is run, by its kind (CML runs scripts by their kernel)."""
     args = shlex.split(arguments) if arguments else []
@@ -100,11 +123,15 @@ def command_for(script: str, arguments: str) -> list[str]:
 
 
 class JobService:
-    def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService):
+    def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, *,
+                 smtp: notify.SmtpSettings | None = None, base_url: str = ""):
         self.pool = pool
         self.projects = projects
         self.workloads = workloads
+        self.smtp = smtp
+        self.base_url = base_url
         workloads.finish_listeners.append(self._run_finished)
+        workloads.finish_listeners.append(self._notify)
 
     async def _get_row(self, project: Project, job_id: str) -> Job:
         row = await self.pool.fetchrow(_SELECT + " WHERE j.public_id = $1 AND j.project_id = $2", job_id, project.id)
@@ -148,12 +175,15 @@ class JobService:
                 raise InvalidArgument("script must name a file in the project, relative to its root")
             values["script"] = script
         for key in ("arguments", "paused", "kill_on_timeout", "retry_enabled", "retry_for_script_failure",
-                    "retry_for_system_failure", "retry_for_timedout_runs", "retry_for_skipped_runs", "attachments",
-                    "recipients"):
+                    "retry_for_system_failure", "retry_for_timedout_runs", "retry_for_skipped_runs"):
             if key in fields:
                 values[key] = fields[key]
         if "environment" in fields:
             values["environment"] = check_environment(fields["environment"])
+        if "recipients" in fields:
+            values["recipients"] = check_recipients(fields["recipients"])
+        if "attachments" in fields:
+            values["attachments"] = [files.clean_relative(a) for a in fields["attachments"]]
         if "timeout" in fields:
             if not 0 <= int(fields["timeout"]) <= 35_000 * 60:
                 raise InvalidArgument("timeout must be between 0 (none) and 2100000 seconds")
@@ -362,6 +392,38 @@ class JobService:
                            attempt=run.attempt + 1)
         except Exception as exc:
             log.warning("retry %d of job %s did not start: %s", run.attempt + 1, job.public_id, exc)
+
+    async def _notify(self, run: Workload) -> None:
+        """Mail the job's recipients that asked to hear about this ending."""
+        if run.kind != "job_run" or run.job_id is None:
+            return
+        row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id)
+        final = await workload_store.get_by_id(self.pool, run.id)
+        if row is None or final is None:
+            return
+        job = _job(row)
+        to = notify.recipients_for(job.recipients, final.status)
+        if not to:
+            return
+        if self.smtp is None:
+            log.warning("job %s has recipients but no SMTP server is configured (CML_SMTP_HOST)", job.public_id)
+            return
+        project = await self.pool.fetchrow("SELECT public_id, name FROM projects WHERE id = $1", job.project_id)
+        message = notify.build_message(
+            sender=self.smtp.sender, to=to, job_name=job.name, project_name=project["name"], status=final.status,
+            reason=final.reason, run_url=f"{self.base_url}/projects/{project['public_id']}/jobs/{job.public_id}/runs/{run.public_id}",
+            log_tail=self._log_tail(run), project_dir=self.workloads.projects_dir / project["public_id"],
+            attachments=job.attachments,
+        )
+        try:
+            await notify.send(self.smtp, message)
+        except (OSError, smtplib.SMTPException) as exc:
+            log.warning("could not mail the end of run %s: %s", run.public_id, exc)
+
+    def _log_tail(self, run: Workload) -> str:
+        size = self.workloads.logs.size(run.public_id)
+        data = self.workloads.logs.read(run.public_id, max(0, size - notify.LOG_TAIL_BYTES), notify.LOG_TAIL_BYTES)
+        return data.decode("utf-8", errors="replace")
 
     async def _run_finished(self, run: Workload) -> None:
         """A run that succeeded starts its job's dependents; one that failed may be retried."""
