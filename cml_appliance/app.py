@@ -7,11 +7,14 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 import aiohttp_jinja2
 import asyncpg
 import jinja2
 from aiohttp import web
 
+from cml_appliance.applications import api as applications_api
+from cml_appliance.applications.service import ApplicationService
 from cml_appliance.auth import api as auth_api
 from cml_appliance.auth import ui as auth_ui
 from cml_appliance.core.paths import static_dir
@@ -37,6 +40,8 @@ from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, middlewares, templating
 from cml_appliance.web.keys import (
+    APP_PROXY_SESSION,
+    APPLICATIONS,
     JOBS,
     METRICS,
     POOL,
@@ -64,6 +69,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             middlewares.errors,
             middlewares.authenticate,
             middlewares.csrf,
+            applications_api.host_router,
             templating.page_context,
         ],
         client_max_size=settings.max_json_body_mb * 1024 * 1024,
@@ -127,6 +133,13 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             smtp = notify.SmtpSettings(settings.smtp_host, settings.smtp_port, settings.smtp_sender,
                                        settings.smtp_username, settings.smtp_password, settings.smtp_starttls)
         app[JOBS] = JobService(pool, app[PROJECTS], service, smtp=smtp, base_url=settings.base_url)
+        app[APPLICATIONS] = ApplicationService(
+            pool, app[PROJECTS], service, tasks, ready_timeout=settings.app_ready_timeout_seconds,
+            allow_unauthenticated=settings.allow_unauthenticated_apps,
+        )
+        app[APP_PROXY_SESSION] = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         app[WEBSOCKETS] = set()
         hub = StatusHub()
         await hub.start(resolved["dsn"])
@@ -144,6 +157,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             log.warning("could not end local workloads cleanly (the database went away): %s", exc)
         finally:
             await hub.stop()
+            await app[APP_PROXY_SESSION].close()
 
     app.cleanup_ctx.extend([database, supervisor, services, workloads])
     app.on_shutdown.append(sessions_api.close_websockets)
@@ -154,6 +168,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(runtimes_api.routes())
     app.router.add_routes(sessions_api.routes())
     app.router.add_routes(jobs_api.routes())
+    app.router.add_routes(applications_api.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

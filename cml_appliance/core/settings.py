@@ -53,6 +53,8 @@ class Settings:
     idle_maximum_minutes: int
     session_maximum_minutes: int
     reconcile_interval_seconds: int
+    app_ready_timeout_seconds: int
+    allow_unauthenticated_apps: bool
     smtp_host: str
     smtp_port: int
     smtp_sender: str
@@ -224,6 +226,7 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     for name in (
         "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
         "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
+        "app_ready_timeout_seconds",
     ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")

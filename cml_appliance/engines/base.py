@@ -76,6 +76,9 @@ class Engine(Protocol):
 
     async def open_terminal(self, handle: str, spec: LaunchSpec) -> Terminal: ...
 
+    async def address(self, handle: str, port: int) -> str:
+        """host:port at which the appliance reaches `port` inside the workload (applications)."""
+
     async def list_running(self) -> dict[str, str]:
         """workload id -> handle, for everything this site's labels mark as running here."""
 

@@ -196,6 +196,21 @@ class ContainerEngine:
         await terminal.resize(80, 24)
         return terminal
 
+    async def address(self, handle: str, port: int) -> str:
+        if self.network == "host":
+            return f"127.0.0.1:{port}"
+        try:
+            info = await self.docker.containers.container(handle).show()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+        ip = (info.get("NetworkSettings") or {}).get("IPAddress") or next(
+            (n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), ""
+        )
+        if not ip:
+            raise EngineError("the container has no network address")
+        return f"{ip}:{port}"
+
     async def list_running(self) -> dict[str, str]:
         try:
             containers = await self.docker.containers.list(

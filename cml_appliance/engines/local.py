@@ -228,6 +228,9 @@ class LocalEngine:
         self._terminals.setdefault(workload_id, set()).add(terminal)
         return terminal
 
+    async def address(self, handle: str, port: int) -> str:
+        return f"127.0.0.1:{port}"  # local workloads share the host's network
+
     def _marked(self, workload_id: str | None = None) -> list[int]:
         """Pids whose environment carries this site's marker (and the workload's, if given).
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.applications.service import ApplicationService
 from cml_appliance.jobs.service import JobService
 from cml_appliance.projects.service import ProjectService
 from cml_appliance.sessions.service import SessionService
@@ -24,3 +26,5 @@ SESSIONS = web.AppKey("sessions", SessionService)
 STATUS_HUB = web.AppKey("status_hub", StatusHub)
 WEBSOCKETS = web.AppKey[set[web.WebSocketResponse]]("websockets")
 JOBS = web.AppKey("jobs", JobService)
+APPLICATIONS = web.AppKey("applications", ApplicationService)
+APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
