@@ -14,6 +14,7 @@ import jinja2
 from aiohttp import web
 
 from cml_appliance.applications import api as applications_api
+from cml_appliance.applications import ui as applications_ui
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.auth import api as auth_api
 from cml_appliance.auth import ui as auth_ui
@@ -174,5 +175,6 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(runtimes_ui.routes())
     app.router.add_routes(sessions_ui.routes())
     app.router.add_routes(jobs_ui.routes())
+    app.router.add_routes(applications_ui.routes())
     app.router.add_static("/static", static_dir(), name="static", append_version=True)
     return app

@@ -20,9 +20,10 @@ from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.engines.base import EngineError, EngineUnavailable
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import USER, current_user
-from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, POOL, SETTINGS, WORKLOADS
+from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
 from cml_appliance.workloads import states
 from cml_appliance.workloads.store import Workload
+from cml_appliance.workloads.streams import event_stream, logs_response
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length"})
@@ -103,6 +104,23 @@ async def restart_app(request: web.Request) -> web.Response:
 async def stop_app(request: web.Request) -> web.Response:
     app, run = await request.app[APPLICATIONS].stop(current_user(request), request.match_info["project_id"], request.match_info["app_id"])
     return web.json_response(app_json(app, run))
+
+
+async def _current_run(request: web.Request) -> Workload:
+    _, _, run = await request.app[APPLICATIONS].get(current_user(request), request.match_info["project_id"], request.match_info["app_id"])
+    if run is None:
+        raise NotFound("the application has not been started")
+    return run
+
+
+async def app_logs(request: web.Request) -> web.Response:
+    """Ours: the current start's output (GET …/applications/{id}/logs?offset=N)."""
+    return logs_response(request, request.app[WORKLOADS].logs, await _current_run(request))
+
+
+async def app_events(request: web.Request) -> web.StreamResponse:
+    run = await _current_run(request)
+    return await event_stream(request, request.app[POOL], request.app[STATUS_HUB], request.app[WORKLOADS].logs, run)
 
 
 # The proxy -------------------------------------------------------------------------------------
@@ -230,6 +248,8 @@ def routes() -> list[web.RouteDef]:
         web.delete(one, delete_app, name="api_delete_application"),
         web.post(one + ":restart", restart_app, name="api_restart_application"),
         web.post(one + ":stop", stop_app, name="api_stop_application"),
+        web.get(one + "/logs", app_logs, name="api_application_logs"),
+        web.get(one + "/events", app_events, name="api_application_events"),
         web.route("*", "/apps/{subdomain}/{tail:.*}", proxy_path, name="app_proxy"),
         web.get("/apps/{subdomain}", _slash, name="app_proxy_root"),
     ]

@@ -394,3 +394,43 @@ async def test_jobs_pages_create_run_and_read_output(browser: Browser, make_user
     await page.click("#new-job button[type=submit]")
     await expect(page.locator(".flash.error")).to_contain_text("not a 5-field cron expression")
     browser.assert_clean()
+
+
+async def test_applications_page_create_and_open(browser: Browser, make_user: Any) -> None:
+    from playwright.async_api import expect
+
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Apps Demo"})
+    app_py = (b"import http.server, os\n"
+              b"class H(http.server.BaseHTTPRequestHandler):\n"
+              b"    def do_GET(self):\n"
+              b"        body = b'<h1>Hello from the app</h1>'\n"
+              b"        self.send_response(200); self.send_header('Content-Type', 'text/html')\n"
+              b"        self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)\n"
+              b"print('serving', flush=True)\n"
+              b"http.server.HTTPServer(('127.0.0.1', int(os.environ['CDSW_APP_PORT'])), H).serve_forever()\n")
+    form = aiohttp.FormData()
+    form.add_field("app.py", app_py, filename="app.py")
+    await alice.post(f"/api/v2/projects/{project['id']}/files", data=form)
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url(f"/projects/{project['id']}"))
+    await page.click("a.button:has-text('Applications')")
+    await page.fill("#new-app input[name=name]", "Hello app")
+    await page.fill("#new-app input[name=subdomain]", "hello")
+    await page.fill("#new-app input[name=script]", "app.py")
+    await page.click("#new-app button[type=submit]")
+    await expect(page.locator(".flash.ok")).to_contain_text("Starting application Hello app")
+    for _ in range(50):
+        if await page.locator("#app-list tr[data-app=hello] .status").inner_text() == "APPLICATION_RUNNING":
+            break
+        await page.wait_for_timeout(200)
+        await page.reload()
+    await expect(page.locator("#app-list tr[data-app=hello] .status")).to_have_text("APPLICATION_RUNNING")
+    await browser.shot("applications")
+    await page.goto(browser.url("/apps/hello/"))
+    await expect(page.locator("h1")).to_have_text("Hello from the app")
+    await page.goto(browser.url(f"/projects/{project['id']}/applications"))
+    await page.click("#app-list tr[data-app=hello] a:has-text('Hello app')")
+    await expect(page.locator("#console")).to_contain_text("serving")
+    browser.assert_clean()

@@ -138,3 +138,54 @@ async def test_bad_application_requests(alice: Api) -> None:
         assert_error(status, body, code)
     resp = await alice.client.get("/apps/nowhere/", headers={"Authorization": f"Bearer {alice.key}"})
     assert resp.status == 404
+
+
+WS_APP = b'''import os
+from aiohttp import web
+
+async def index(request):
+    return web.Response(text="ok")
+
+async def echo(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        await ws.send_str("echo:" + msg.data)
+    return ws
+
+async def stream(request):
+    response = web.StreamResponse()
+    await response.prepare(request)
+    for i in range(3):
+        await response.write(f"chunk{i}\\n".encode())
+    return response
+
+app = web.Application()
+app.add_routes([web.get("/", index), web.get("/ws", echo), web.get("/stream", stream)])
+web.run_app(app, host="127.0.0.1", port=int(os.environ["CDSW_APP_PORT"]), print=None)
+'''
+
+
+async def test_websockets_and_streams_pass_through(alice: Api) -> None:
+    import os
+    import sys
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "wsapp"})
+    pid = project["id"]
+    form = aiohttp.FormData()
+    form.add_field("ws.py", WS_APP, filename="ws.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    # The app needs aiohttp: run it with this interpreter's environment.
+    path = f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"
+    _, app = await alice.post(f"/api/v2/projects/{pid}/applications", json={
+        "name": "ws", "subdomain": "wsapp", "script": "ws.py", "environment": {"PATH": path},
+    })
+    await wait_app(alice, pid, app["id"], "APPLICATION_RUNNING")
+    auth = {"Authorization": f"Bearer {alice.key}"}
+    ws = await alice.client.ws_connect("/apps/wsapp/ws", headers=auth)
+    await ws.send_str("hello")
+    msg = await ws.receive(timeout=5)
+    assert msg.data == "echo:hello"
+    await ws.close()
+    resp = await alice.client.get("/apps/wsapp/stream", headers=auth)
+    assert await resp.text() == "chunk0\nchunk1\nchunk2\n"
