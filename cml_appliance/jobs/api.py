@@ -15,6 +15,7 @@ from cml_appliance.auth import api_keys
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import InvalidArgument, NotFound, Unauthenticated
 from cml_appliance.core.timefmt import rfc3339
+from cml_appliance.jobs.schedule import english
 from cml_appliance.jobs.service import Job
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
@@ -37,7 +38,7 @@ def job_json(job: Job, project_public_id: str, project_name: str = "", slug: str
         "runtime_addon_identifiers": [],
         "environment": json.dumps(job.environment),
         "schedule": job.schedule,
-        "english_schedule": "",
+        "english_schedule": english(job.schedule),
         "timezone": job.timezone,
         "paused": job.paused,
         "type": job.type,

@@ -11,6 +11,7 @@ import logging
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cron_descriptor import Options, get_description
 from croniter import croniter
 
 from cml_appliance.core.errors import InvalidArgument
@@ -35,3 +36,15 @@ def zone(timezone: str) -> ZoneInfo:
 def next_fire(schedule: str, timezone: str, after: datetime) -> datetime:
     """The first fire strictly after `after`, in the schedule's own time zone."""
     return croniter(schedule, after.astimezone(zone(timezone))).get_next(datetime)
+
+
+def english(schedule: str) -> str:
+    """CML's english_schedule, e.g. "At 13:00, only on Monday"."""
+    if not schedule:
+        return ""
+    options = Options()
+    options.use_24hour_time_format = True
+    try:
+        return str(get_description(schedule, options))
+    except Exception:  # a description is a courtesy: never let it break an answer
+        return ""

@@ -187,6 +187,7 @@ async def test_cron_jobs_fire_once_per_due_time(alice: Api) -> None:
         "name": "nightly", "script": "train.py", "schedule": "*/5 * * * *", "timezone": "Europe/Berlin",
     })
     assert status == 200 and job["type"] == "cron" and job["timezone"] == "Europe/Berlin"
+    assert job["english_schedule"] == "Every 5 minutes"
     _, paused = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
         "name": "paused", "script": "train.py", "schedule": "* * * * *", "paused": True,
     })
