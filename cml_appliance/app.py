@@ -30,6 +30,8 @@ from cml_appliance.jobs import api as jobs_api
 from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
+from cml_appliance.models import api as models_api
+from cml_appliance.models.service import ModelService
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
 from cml_appliance.projects.service import ProjectService
@@ -41,6 +43,7 @@ from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, middlewares, templating
 from cml_appliance.web.keys import (
+    MODELS,
     APP_PROXY_SESSION,
     APPLICATIONS,
     JOBS,
@@ -138,6 +141,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             pool, app[PROJECTS], service, tasks, ready_timeout=settings.app_ready_timeout_seconds,
             allow_unauthenticated=settings.allow_unauthenticated_apps,
         )
+        app[MODELS] = ModelService(pool, app[PROJECTS], service, tasks, builds_dir=settings.data_dir / "model_builds")
         app[APP_PROXY_SESSION] = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
         )
@@ -170,6 +174,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(sessions_api.routes())
     app.router.add_routes(jobs_api.routes())
     app.router.add_routes(applications_api.routes())
+    app.router.add_routes(models_api.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

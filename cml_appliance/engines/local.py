@@ -161,7 +161,11 @@ class LocalEngine:
             )
         except OSError as exc:
             raise EngineError(f"cannot start {spec.command[0]!r}: {exc.strerror}") from None
-        handle = f"{proc.pid}:{_start_ticks(proc.pid)}:{spec.workload_id}"
+        try:
+            ticks = _start_ticks(proc.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            ticks = "ended"  # a very short process can end (and be reaped) before we look
+        handle = f"{proc.pid}:{ticks}:{spec.workload_id}"
         self._procs[handle] = proc
         return handle
 

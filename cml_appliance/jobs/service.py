@@ -92,6 +92,8 @@ def _job(row: asyncpg.Record) -> Job:
                creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]})
 
 
+# Cron runs started at once by one scheduler tick.
+FIRE_CONCURRENCY = 32
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
 
 
@@ -326,8 +328,18 @@ class JobService:
         return await self.workloads.stop(run, reason=f"stopped by {user.username}")
 
     async def fire_due(self) -> int:
-        """Start a run of every cron job that is due; the scheduler loop calls this every few seconds."""
-        started = 0
+        """Start a run of every cron job that is due; the scheduler loop calls this every few seconds.
+
+        Jobs are claimed one by one (cheap), and their runs started concurrently, a bounded number
+        at a time, so a thousand jobs due in the same minute all start within seconds.
+        """
+        limit = asyncio.Semaphore(FIRE_CONCURRENCY)
+        starts: list[asyncio.Task[bool]] = []
+
+        async def fire(job: Job) -> bool:
+            async with limit:
+                return await self._fire(job)
+
         async with self.pool.acquire() as lock_conn:
             if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK):
                 return 0
@@ -347,11 +359,11 @@ class JobService:
                             "UPDATE jobs SET next_fire_at = $2 WHERE id = $1",
                             job.id, next_fire(job.schedule, job.timezone, datetime.now(UTC)),
                         )
-                    if await self._fire(job):
-                        started += 1
+                    starts.append(asyncio.create_task(fire(job)))
+                results = await asyncio.gather(*starts)
             finally:
                 await lock_conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK)
-        return started
+        return sum(results)
 
     async def _fire(self, job: Job) -> bool:
         owner = await get_by_id(self.pool, job.creator_id)

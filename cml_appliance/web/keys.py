@@ -10,6 +10,7 @@ from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.jobs.service import JobService
+from cml_appliance.models.service import ModelService
 from cml_appliance.projects.service import ProjectService
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web.metrics import Metrics
@@ -28,3 +29,4 @@ WEBSOCKETS = web.AppKey[set[web.WebSocketResponse]]("websockets")
 JOBS = web.AppKey("jobs", JobService)
 APPLICATIONS = web.AppKey("applications", ApplicationService)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
+MODELS = web.AppKey("models", ModelService)

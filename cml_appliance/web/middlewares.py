@@ -42,7 +42,9 @@ PUBLIC_ROUTES = frozenset(
      # Authenticates itself with HTTP Basic (CDSW's v1 API).
      "api_v1_start_job",
      # Applications decide themselves (bypass_authentication), and ask to sign in otherwise.
-     "app_proxy", "app_proxy_root"}
+     "app_proxy", "app_proxy_root",
+     # The model endpoint checks the model's access key, and the caller's key when the model asks.
+     "model_endpoint"}
 )
 # HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}
@@ -181,7 +183,8 @@ def _for_an_application(request: web.Request) -> bool:
 
 @web.middleware
 async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method in ("GET", "HEAD", "OPTIONS") or is_api_path(request.path) or _for_an_application(request):
+    if request.method in ("GET", "HEAD", "OPTIONS") or is_api_path(request.path) or _for_an_application(request) \
+            or request.path == "/model":
         return await handler(request)
     # Multipart forms carry the token as their first field; their handlers check it while streaming.
     if request.content_type != "multipart/form-data":

@@ -80,6 +80,9 @@ class LaunchRequest:
     max_duration_minutes: float | None = None
     job_id: int | None = None
     attempt: int = 1
+    deployment_id: int | None = None
+    # Where the workload runs; default: the project's directory (a model build's snapshot differs).
+    workdir: Path | None = None
 
 
 class WorkloadService:
@@ -164,6 +167,7 @@ class WorkloadService:
                     "max_duration_minutes": request.max_duration_minutes,
                     "job_id": request.job_id,
                     "attempt": request.attempt,
+                    "deployment_id": request.deployment_id,
                 },
             )
         except asyncpg.UniqueViolationError:
@@ -178,7 +182,7 @@ class WorkloadService:
             kind=request.kind,
             command=request.command,
             env=self._environment(row, project, secret, request),
-            project_dir=self.projects_dir / project.public_id,
+            project_dir=request.workdir or self.projects_dir / project.public_id,
             image=request.image,
             cpu=request.cpu,
             memory_mb=int(request.memory * 1024),

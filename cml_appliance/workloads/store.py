@@ -39,6 +39,7 @@ class Workload:
     readonly_port: int | None
     job_id: int | None
     attempt: int
+    deployment_id: int | None
     idle_timeout_minutes: float | None
     max_duration_minutes: float | None
     created_at: datetime

@@ -518,3 +518,30 @@ async def test_jobs_and_runs(cml: Cml, make_user: Any) -> None:
     assert [r["id"] for r in runs["job_runs"]] == [run["id"]]
     await cml("DeleteJob", alice, project_id=pid, job_id=job["id"])
     await cml.error(HTTPNotFound, "GetJob", alice, project_id=pid, job_id=job["id"])
+
+
+async def test_models_builds_and_deployments(cml: Cml, make_user: Any) -> None:
+    alice = await make_user("alice")
+    project = await cml("CreateProject", alice, body={"name": "models"})
+    pid = project["id"]
+    await cml("UploadFile", alice, project_id=pid, file=("predict.py", b"def predict(x):\n    return x\n"))
+    model = await cml("CreateModel", alice, project_id=pid, body={"project_id": pid, "name": "echo", "description": "d"})
+    assert [m["id"] for m in (await cml("ListModels", alice, project_id=pid))["models"]] == [model["id"]]
+    assert (await cml("GetModel", alice, project_id=pid, model_id=model["id"]))["access_key"] == model["access_key"]
+    build = await cml("CreateModelBuild", alice, project_id=pid, model_id=model["id"], body={
+        "project_id": pid, "model_id": model["id"], "file_path": "predict.py", "function_name": "predict",
+        "runtime_identifier": "host/python3",
+    })
+    assert build["status"] == "built"
+    assert [b["id"] for b in (await cml("ListModelBuilds", alice, project_id=pid, model_id=model["id"]))["model_builds"]] == [build["id"]]
+    assert (await cml("GetModelBuild", alice, project_id=pid, model_id=model["id"], build_id=build["id"]))["function_name"] == "predict"
+    deployment = await cml("CreateModelDeployment", alice, project_id=pid, model_id=model["id"], build_id=build["id"], body={
+        "project_id": pid, "model_id": model["id"], "build_id": build["id"], "cpu": 1, "memory": 2, "replicas": 1,
+    })
+    listed = await cml("ListModelDeployments", alice, project_id=pid, model_id=model["id"], build_id=build["id"])
+    assert [d["id"] for d in listed["model_deployments"]] == [deployment["id"]]
+    await cml("GetModelDeployment", alice, project_id=pid, model_id=model["id"], build_id=build["id"], deployment_id=deployment["id"])
+    stopped = await cml("StopModelDeployment", alice, project_id=pid, model_id=model["id"], build_id=build["id"],
+                        deployment_id=deployment["id"])
+    assert stopped["status"] in ("stopping", "stopped")
+    await cml("DeleteModel", alice, project_id=pid, model_id=model["id"])

@@ -1,0 +1,272 @@
+"""API v2: models, builds and deployments as CML defines them, and the model endpoint
+`POST /model` ({"accessKey", "request"}) that answers {"success", "response", "ReplicaID"}."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, OBJECT, STR, STR_LIST, STR_MAP, read_json_object
+from cml_appliance.api.common import json_body, list_query, page
+from cml_appliance.auth import api_keys
+from cml_appliance.auth.permissions import Role
+from cml_appliance.core.errors import InvalidArgument
+from cml_appliance.core.timefmt import rfc3339
+from cml_appliance.models.service import Build, Deployment, Model, deployment_status
+from cml_appliance.projects import store as project_store
+from cml_appliance.web.context import current_user
+from cml_appliance.web.keys import APP_PROXY_SESSION, MODELS, POOL, WORKLOADS
+
+BUSY_WAIT_SECONDS = 30  # CML's proxy looks for a free replica this long, then answers 429
+REQUEST_TIMEOUT_SECONDS = 30
+MAX_REQUEST_BYTES = 5 * 1024 * 1024
+
+
+def _dropped_times(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if not (k.endswith("_at") and v == "")}
+
+
+def model_json(model: Model, project_id: str, creator: dict[str, str] | None = None) -> dict[str, Any]:
+    return _dropped_times({
+        "id": model.public_id, "name": model.name, "description": model.description, "creator": creator or {},
+        "access_key": model.access_key, "deletion_status": "", "created_at": rfc3339(model.created_at),
+        "updated_at": rfc3339(model.updated_at), "crn": "", "auth_enabled": model.auth_enabled,
+        "project": {"public_identifier": project_id, "name": "", "slug": "", "default_project_engine": "ml_runtime"},
+        "registered_model_id": "", "visibility": "private",
+    })
+
+
+def build_json(build: Build, model_id: str) -> dict[str, Any]:
+    return _dropped_times({
+        "id": build.public_id, "model_id": model_id, "comment": build.comment, "file_path": build.file_path,
+        "function_name": build.function_name, "engine_image": "", "kernel": "", "runtime_identifier": build.runtime_identifier,
+        "runtime_addon_identifiers": [], "created_at": rfc3339(build.created_at), "updated_at": rfc3339(build.updated_at),
+        "built_at": rfc3339(build.built_at), "status": build.status, "deletion_status": "", "crn": "",
+        "registered_model_version_id": "", "model_root_dir": "", "build_script_path": "",
+    })
+
+
+def deployment_json(deployment: Deployment, status: str, project_id: str, model_id: str, build_id: str) -> dict[str, Any]:
+    return _dropped_times({
+        "id": deployment.public_id, "project_id": project_id, "model_id": model_id, "build_id": build_id,
+        "cpu": deployment.cpu, "memory": deployment.memory, "nvidia_gpu": 0, "environment": json.dumps(deployment.environment),
+        "created_at": rfc3339(deployment.created_at), "updated_at": rfc3339(deployment.updated_at),
+        "stopped_at": rfc3339(deployment.stopped_at), "crn": "", "status": status, "replicas": deployment.replicas,
+    })
+
+
+BUILD_FIELDS = {"comment": STR, "file_path": STR, "function_name": STR, "kernel": STR, "runtime_identifier": STR,
+                "runtime_addon_identifiers": STR_LIST, "registered_model_version_id": STR, "model_root_dir": STR,
+                "build_script_path": STR}
+DEPLOY_FIELDS = {"cpu": FLOAT, "memory": FLOAT, "nvidia_gpus": INT, "environment": STR_MAP, "replicas": INT,
+                 "deployment_secrets": STR_MAP, "resource_profile_id": INT}
+CREATE_MODEL = {"project_id": STR, "name": STR, "description": STR, "disable_authentication": BOOL,
+                "registered_model_id": STR, "run_as": INT, "visibility": STR, "auto_build_config": OBJECT,
+                "auto_deployment_config": OBJECT, "auto_build_model": BOOL, "auto_deploy_model": BOOL,
+                "accelerator_label_id": ANY, "resource_group_id": INT, "resource_profile_id": INT}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    q = list_query(request, {}, {})
+    pairs, more = await request.app[MODELS].list_models(current_user(request), request.match_info.get("project_id"), q.page_size, q.offset)
+    return page(request, "models", [model_json(m, pid) for pid, m in pairs], q, more)
+
+
+async def create_model(request: web.Request) -> web.Response:
+    body = await json_body(request, CREATE_MODEL)
+    from cml_appliance.api.bodies import check_body
+
+    if "auto_build_config" in body:
+        body["auto_build_config"] = check_body(body["auto_build_config"], BUILD_FIELDS)
+    if "auto_deployment_config" in body:
+        body["auto_deployment_config"] = check_body(body["auto_deployment_config"], DEPLOY_FIELDS)
+    model, _, _ = await request.app[MODELS].create_model(current_user(request), request.match_info["project_id"], body)
+    return web.json_response(model_json(model, request.match_info["project_id"]))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    project, model = await request.app[MODELS].get_model(current_user(request), request.match_info["project_id"], request.match_info["model_id"])
+    return web.json_response(model_json(model, project.public_id))
+
+
+async def update_model(request: web.Request) -> web.Response:
+    body = await json_body(request, {"id": STR, "name": STR, "description": STR, "visibility": STR, "default_resources": ANY,
+                                     "default_replication_policy": ANY, "run_as": INT, "accelerator_label_id": ANY,
+                                     "resource_group_id": INT, "resource_profile_id": INT})
+    if body.get("id", request.match_info["model_id"]) != request.match_info["model_id"]:
+        raise InvalidArgument("id in the body must match the path")
+    model = await request.app[MODELS].update_model(current_user(request), request.match_info["project_id"], request.match_info["model_id"], body)
+    return web.json_response(model_json(model, request.match_info["project_id"]))
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    await request.app[MODELS].delete_model(current_user(request), request.match_info["project_id"], request.match_info["model_id"])
+    return web.json_response({})
+
+
+async def regenerate_key(request: web.Request) -> web.Response:
+    """Ours: a new access key for the model; the old one stops working at once."""
+    model = await request.app[MODELS].regenerate_key(current_user(request), request.match_info["project_id"], request.match_info["model_id"])
+    return web.json_response(model_json(model, request.match_info["project_id"]))
+
+
+async def list_builds(request: web.Request) -> web.Response:
+    q = list_query(request, {}, {})
+    model, builds = await request.app[MODELS].list_builds(current_user(request), request.match_info["project_id"], request.match_info["model_id"])
+    items = [build_json(b, model.public_id) for b in builds[q.offset: q.offset + q.page_size]]
+    return page(request, "model_builds", items, q, len(builds) > q.offset + q.page_size)
+
+
+async def create_build(request: web.Request) -> web.Response:
+    body = await json_body(request, BUILD_FIELDS | {"project_id": STR, "model_id": STR, "auto_deploy_model": BOOL,
+                                                    "auto_deployment_config": OBJECT, "accelerator_label_id": ANY,
+                                                    "resource_group_id": INT, "resource_profile_id": INT})
+    build = await request.app[MODELS].create_build(current_user(request), request.match_info["project_id"], request.match_info["model_id"], body)
+    return web.json_response(build_json(build, request.match_info["model_id"]))
+
+
+async def get_build(request: web.Request) -> web.Response:
+    _, model, build = await request.app[MODELS].get_build(current_user(request), request.match_info["project_id"],
+                                                          request.match_info["model_id"], request.match_info["build_id"])
+    return web.json_response(build_json(build, model.public_id))
+
+
+async def _deployment_response(request: web.Request, deployment: Deployment) -> web.Response:
+    status = deployment_status(deployment, await request.app[MODELS].replicas(deployment))
+    m = request.match_info
+    return web.json_response(deployment_json(deployment, status, m["project_id"], m["model_id"], m["build_id"]))
+
+
+async def list_deployments(request: web.Request) -> web.Response:
+    q = list_query(request, {}, {})
+    m = request.match_info
+    _, deployments = await request.app[MODELS].list_deployments(current_user(request), m["project_id"], m["model_id"], m["build_id"])
+    items = []
+    for d in deployments[q.offset: q.offset + q.page_size]:
+        items.append(deployment_json(d, deployment_status(d, await request.app[MODELS].replicas(d)), m["project_id"], m["model_id"], m["build_id"]))
+    return page(request, "model_deployments", items, q, len(deployments) > q.offset + q.page_size)
+
+
+async def create_deployment(request: web.Request) -> web.Response:
+    body = await json_body(request, DEPLOY_FIELDS | {"project_id": STR, "model_id": STR, "build_id": STR,
+                                                     "accelerator_label_id": ANY, "resource_group_id": INT})
+    m = request.match_info
+    for key in ("project_id", "model_id", "build_id", "accelerator_label_id", "resource_group_id", "deployment_secrets"):
+        body.pop(key, None)
+    deployment = await request.app[MODELS].create_deployment(current_user(request), m["project_id"], m["model_id"], m["build_id"], body)
+    return await _deployment_response(request, deployment)
+
+
+async def get_deployment(request: web.Request) -> web.Response:
+    m = request.match_info
+    *_, deployment = await request.app[MODELS].get_deployment(current_user(request), m["project_id"], m["model_id"], m["build_id"], m["deployment_id"])
+    return await _deployment_response(request, deployment)
+
+
+async def stop_deployment(request: web.Request) -> web.Response:
+    m = request.match_info
+    deployment = await request.app[MODELS].stop_deployment(current_user(request), m["project_id"], m["model_id"], m["build_id"], m["deployment_id"])
+    return await _deployment_response(request, deployment)
+
+
+async def restart_deployment(request: web.Request) -> web.Response:
+    m = request.match_info
+    deployment = await request.app[MODELS].restart_deployment(current_user(request), m["project_id"], m["model_id"], m["build_id"], m["deployment_id"])
+    return await _deployment_response(request, deployment)
+
+
+def _failure(status: int, message: str) -> web.Response:
+    return web.json_response({"success": False, "error": {"message": message}}, status=status)
+
+
+async def call_model(request: web.Request) -> web.Response:
+    """CML's model endpoint: {"accessKey": ..., "request": {...}} -> {"success", "response", "ReplicaID"}."""
+    try:
+        body = await read_json_object(request, MAX_REQUEST_BYTES)
+    except Exception as exc:  # the endpoint answers in its own shape, not the API's
+        return _failure(getattr(exc, "status", 400), getattr(exc, "message", "the body must be a JSON object"))
+    access_key = body.get("accessKey") or request.query.get("accessKey", "")
+    if not isinstance(access_key, str) or not access_key:
+        return _failure(400, "accessKey is missing")
+    if "request" not in body:
+        return _failure(400, 'the body needs a "request" to pass to the model function')
+    service = request.app[MODELS]
+    model = await service.model_by_key(access_key)
+    if model is None:
+        return _failure(404, "no model has that access key")
+    if model.auth_enabled:
+        header = request.headers.get("Authorization", "")
+        scheme, _, secret = header.partition(" ")
+        checked = await api_keys.check(request.app[POOL], secret.strip(), "API") if scheme.lower() == "bearer" else None
+        if checked is None or checked.problem or checked.user is None:
+            return _failure(401, "this model needs 'Authorization: Bearer <API key>' of a project collaborator")
+        project_id = await request.app[POOL].fetchval("SELECT public_id FROM projects WHERE id = $1", model.project_id)
+        project = await project_store.get(request.app[POOL], checked.user, project_id)
+        if project is None or project.role < Role.READ:
+            return _failure(403, "you are not a collaborator on this model's project")
+    deadline = time.monotonic() + BUSY_WAIT_SECONDS
+    while True:
+        replicas = await service.serving_replicas(model)
+        if not replicas:
+            return _failure(503, "the model is not deployed, or its replicas are not running")
+        for replica in service.order(model, replicas):
+            lock = service.lock_for(replica)
+            if lock.locked():
+                continue
+            async with lock:
+                return await _forward(request, replica, body["request"])
+        if time.monotonic() >= deadline:
+            return web.json_response({"success": False, "error": {"message": "model.busy"}}, status=429)
+        await asyncio.sleep(0.01)
+
+
+async def _forward(request: web.Request, replica: Any, argument: Any) -> web.Response:
+    address = await request.app[WORKLOADS].engine(replica.engine).address(replica.handle, replica.app_port or 0)
+    session: aiohttp.ClientSession = request.app[APP_PROXY_SESSION]
+    started = time.monotonic()
+    while True:
+        try:
+            async with session.post(f"http://{address}/", json=argument,
+                                    timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)) as resp:
+                answer = await resp.json(content_type=None)
+            break
+        except aiohttp.ClientConnectorError as exc:
+            # A replica that has just started may not listen yet: give it a few seconds.
+            if time.monotonic() - started > 10:
+                return _failure(502, f"the replica did not answer: {exc}")
+            await asyncio.sleep(0.1)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            return _failure(502, f"the replica did not answer: {exc or type(exc).__name__}")
+    if "error" in answer:
+        return _failure(400, str(answer["error"]))
+    return web.json_response({"success": True, "response": answer.get("response"), "ReplicaID": replica.public_id})
+
+
+def routes() -> list[web.RouteDef]:
+    base = "/api/v2/projects/{project_id}/models"
+    model = base + "/{model_id:[a-z0-9-]+}"
+    build = model + "/builds/{build_id:[a-z0-9-]+}"
+    deployment = build + "/deployments/{deployment_id:[a-z0-9-]+}"
+    return [
+        web.get("/api/v2/models", list_models, name="api_list_all_models"),
+        web.get(base, list_models, name="api_list_models"),
+        web.post(base, create_model, name="api_create_model"),
+        web.get(model, get_model, name="api_get_model"),
+        web.patch(model, update_model, name="api_update_model"),
+        web.delete(model, delete_model, name="api_delete_model"),
+        web.post(model + ":regenerateAccessKey", regenerate_key, name="api_regenerate_model_key"),
+        web.get(model + "/builds", list_builds, name="api_list_model_builds"),
+        web.post(model + "/builds", create_build, name="api_create_model_build"),
+        web.get(build, get_build, name="api_get_model_build"),
+        web.get(build + "/deployments", list_deployments, name="api_list_model_deployments"),
+        web.post(build + "/deployments", create_deployment, name="api_create_model_deployment"),
+        web.get(deployment, get_deployment, name="api_get_model_deployment"),
+        web.post(deployment + ":stop", stop_deployment, name="api_stop_model_deployment"),
+        web.post(deployment + ":restart", restart_deployment, name="api_restart_model_deployment"),
+        web.post("/model", call_model, name="model_endpoint"),
+    ]

@@ -1,0 +1,68 @@
+"""A model replica: serves one Python function over HTTP on 127.0.0.1:$CDSW_APP_PORT.
+
+Standard library only, so it runs in any runtime with Python 3. One request at a time, as CML's
+replicas do. POST / with a JSON body calls the function with it and answers
+{"response": <return value>}, or {"error": "..."} with status 400 when the function raises or
+returns something that is not JSON.
+
+Usage: python3 replica_server.py FILE FUNCTION
+"""
+
+import http.server
+import importlib.util
+import json
+import os
+import sys
+import traceback
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location("cml_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def main():
+    path, name = sys.argv[1], sys.argv[2]
+    function = load(path, name)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, status, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._answer(200, {"ready": True})
+
+        def do_POST(self):
+            try:
+                argument = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"null")
+            except ValueError as exc:
+                self._answer(400, {"error": f"the request is not JSON: {exc}"})
+                return
+            try:
+                result = function(argument)
+            except Exception as exc:
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
+                self._answer(400, {"error": f"the model function raised {type(exc).__name__}: {exc}"})
+                return
+            try:
+                self._answer(200, {"response": result})
+            except (TypeError, ValueError) as exc:
+                self._answer(400, {"error": f"the model function returned something that is not JSON: {exc}"})
+
+        def log_message(self, *args):
+            pass
+
+    print(f"serving {name} from {path}", flush=True)
+    http.server.HTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

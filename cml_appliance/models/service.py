@@ -1,0 +1,370 @@
+"""Model rules: models with an access key, builds (immutable snapshots of the project's files plus
+the file and function to serve), deployments (replicas as workloads) and calls to /model."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import secrets
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from cml_appliance.auth.permissions import Role
+from cml_appliance.auth.users import User
+from cml_appliance.core import audit
+from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cml_appliance.core.ids import new_public_id
+from cml_appliance.core.tasks import Supervisor
+from cml_appliance.projects import files
+from cml_appliance.projects.service import ProjectService, check_environment, check_name
+from cml_appliance.projects.store import Project
+from cml_appliance.runtimes import catalog
+from cml_appliance.sessions.service import resources_within_profiles
+from cml_appliance.workloads import states
+from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.service import LaunchRequest, WorkloadService
+from cml_appliance.workloads.store import Workload
+
+REPLICA_SERVER = Path(__file__).with_name("replica_server.py")
+SERVER_NAME = ".cml_model_server.py"
+SNAPSHOT_IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".ipynb_checkpoints")
+
+
+def new_access_key() -> str:
+    """CML's model access keys: 32 lower-case letters and digits, starting with m."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "m" + "".join(secrets.choice(alphabet) for _ in range(31))
+
+
+def _record(cls: Any, row: asyncpg.Record, **extra: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)} - set(extra)
+    return cls(**{k: row[k] for k in names}, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    id: int
+    public_id: str
+    project_id: int
+    creator_id: int
+    name: str
+    description: str
+    access_key: str
+    auth_enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    id: int
+    public_id: str
+    model_id: int
+    creator_id: int
+    comment: str
+    file_path: str
+    function_name: str
+    runtime_identifier: str
+    status: str
+    failure: str
+    created_at: datetime
+    updated_at: datetime
+    built_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    id: int
+    public_id: str
+    model_id: int
+    build_id: int
+    deployer_id: int
+    cpu: float
+    memory: float
+    replicas: int
+    environment: dict[str, str]
+    stopped: bool
+    created_at: datetime
+    updated_at: datetime
+    stopped_at: datetime | None
+
+
+def deployment_status(deployment: Deployment, runs: list[Workload]) -> str:
+    """CML's deployment status words: deployed, deploying, stopping, stopped, failed."""
+    active = [r for r in runs if r.active]
+    if deployment.stopped:
+        return "stopping" if active else "stopped"
+    running = [r for r in active if r.status == states.RUNNING]
+    if len(running) >= deployment.replicas:
+        return "deployed"
+    if active:
+        return "deploying"
+    return "failed"
+
+
+class ModelService:
+    def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, supervisor: Supervisor,
+                 *, builds_dir: Path):
+        self.pool = pool
+        self.projects = projects
+        self.workloads = workloads
+        self.supervisor = supervisor
+        self.builds_dir = builds_dir
+        self._next_replica: dict[int, int] = {}
+        self._busy: dict[int, asyncio.Lock] = {}
+
+    # Models ------------------------------------------------------------------------------------
+
+    async def get_model(self, user: User, project_id: str, model_id: str, needed: Role = Role.READ) -> tuple[Project, Model]:
+        project = await self.projects.get(user, project_id, needed)
+        row = await self.pool.fetchrow("SELECT * FROM models WHERE public_id = $1 AND project_id = $2", model_id, project.id)
+        if row is None:
+            raise NotFound(f"model {model_id!r} not found")
+        return project, _record(Model, row)
+
+    async def list_models(self, user: User, project_id: str | None, limit: int, offset: int) -> tuple[list[tuple[str, Model]], bool]:
+        if project_id is not None:
+            project = await self.projects.get(user, project_id, Role.READ)
+            rows = await self.pool.fetch(
+                "SELECT m.*, p.public_id AS project_public_id FROM models m JOIN projects p ON p.id = m.project_id"
+                " WHERE m.project_id = $1 ORDER BY m.created_at DESC, m.id DESC LIMIT $2 OFFSET $3",
+                project.id, limit + 1, offset)
+        else:
+            rows = await self.pool.fetch(
+                "SELECT m.*, p.public_id AS project_public_id FROM models m JOIN projects p ON p.id = m.project_id"
+                " LEFT JOIN project_collaborators c ON c.project_id = p.id AND c.user_id = $1"
+                " WHERE (p.owner_id = $1 OR c.user_id IS NOT NULL OR p.visibility = 'public' OR $2)"
+                " AND ($5::bigint IS NULL OR p.id = $5)"
+                " ORDER BY m.created_at DESC, m.id DESC LIMIT $3 OFFSET $4",
+                user.id, user.is_admin, limit + 1, offset, user.scope_project_id)
+        return [(r["project_public_id"], _record(Model, r)) for r in rows[:limit]], len(rows) > limit
+
+    async def create_model(self, user: User, project_id: str, fields: dict[str, Any]) -> tuple[Model, Build | None, Deployment | None]:
+        project = await self.projects.get(user, project_id, Role.WRITE)
+        name = check_name(fields.get("name", ""))
+        public_id = new_public_id()
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute(
+                    "INSERT INTO models (public_id, project_id, creator_id, name, description, access_key, auth_enabled)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    public_id, project.id, user.id, name, fields.get("description", ""), new_access_key(),
+                    not fields.get("disable_authentication", False))
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists(f"the project already has a model named {name!r}") from None
+            await audit.record(conn, user.id, "model.create", "model", public_id, {"name": name})
+        _, model = await self.get_model(user, project_id, public_id)
+        build = deployment = None
+        if fields.get("auto_build_model"):
+            build_fields = dict(fields.get("auto_build_config") or {})
+            if fields.get("auto_deploy_model"):
+                build_fields["auto_deploy_model"] = True
+                build_fields["auto_deployment_config"] = fields.get("auto_deployment_config") or {}
+            build = await self.create_build(user, project_id, model.public_id, build_fields)
+        return model, build, deployment
+
+    async def update_model(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Model:
+        _, model = await self.get_model(user, project_id, model_id, Role.WRITE)
+        name = check_name(fields["name"]) if "name" in fields else model.name
+        try:
+            await self.pool.execute("UPDATE models SET name = $2, description = $3, updated_at = now() WHERE id = $1",
+                                    model.id, name, fields.get("description", model.description))
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(f"the project already has a model named {name!r}") from None
+        return (await self.get_model(user, project_id, model_id))[1]
+
+    async def regenerate_key(self, user: User, project_id: str, model_id: str) -> Model:
+        _, model = await self.get_model(user, project_id, model_id, Role.WRITE)
+        await self.pool.execute("UPDATE models SET access_key = $2, updated_at = now() WHERE id = $1", model.id, new_access_key())
+        return (await self.get_model(user, project_id, model_id))[1]
+
+    async def delete_model(self, user: User, project_id: str, model_id: str) -> None:
+        _, model = await self.get_model(user, project_id, model_id, Role.WRITE)
+        for run in await self._runs("d.model_id = $1", model.id):
+            if run.active:
+                await self.workloads.stop(run, reason="its model was deleted")
+        builds = [r["public_id"] for r in await self.pool.fetch("SELECT public_id FROM model_builds WHERE model_id = $1", model.id)]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM models WHERE id = $1", model.id)
+            await audit.record(conn, user.id, "model.delete", "model", model.public_id, {"name": model.name})
+        for build in builds:
+            await asyncio.to_thread(shutil.rmtree, self.builds_dir / build, True)
+
+    # Builds ------------------------------------------------------------------------------------
+
+    async def get_build(self, user: User, project_id: str, model_id: str, build_id: str) -> tuple[Project, Model, Build]:
+        project, model = await self.get_model(user, project_id, model_id)
+        row = await self.pool.fetchrow("SELECT * FROM model_builds WHERE public_id = $1 AND model_id = $2", build_id, model.id)
+        if row is None:
+            raise NotFound(f"build {build_id!r} not found")
+        return project, model, _record(Build, row)
+
+    async def list_builds(self, user: User, project_id: str, model_id: str) -> tuple[Model, list[Build]]:
+        _, model = await self.get_model(user, project_id, model_id)
+        rows = await self.pool.fetch("SELECT * FROM model_builds WHERE model_id = $1 ORDER BY created_at DESC, id DESC", model.id)
+        return model, [_record(Build, r) for r in rows]
+
+    async def create_build(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Build:
+        project, model = await self.get_model(user, project_id, model_id, Role.WRITE)
+        file_path = files.clean_relative(fields.get("file_path", ""))
+        function_name = (fields.get("function_name") or "").strip()
+        if not file_path or not function_name.isidentifier():
+            raise InvalidArgument("file_path (a .py file in the project) and function_name (a Python name) are required")
+        runtime_id = fields.get("runtime_identifier") or "host/python3"
+        try:
+            await catalog.get_runtime(self.pool, runtime_id)
+        except NotFound:
+            raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
+        public_id = new_public_id()
+        await self.pool.execute(
+            "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier, status)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, 'building')",
+            public_id, model.id, user.id, fields.get("comment", ""), file_path, function_name, runtime_id)
+        deploy = fields.get("auto_deployment_config") if fields.get("auto_deploy_model") else None
+        await self._build(project, public_id, file_path, function_name)
+        _, _, build = await self.get_build(user, project_id, model_id, public_id)
+        if deploy is not None and build.status == "built":
+            await self.create_deployment(user, project_id, model_id, public_id, dict(deploy))
+        return build
+
+    async def _build(self, project: Project, build_id: str, file_path: str, function_name: str) -> None:
+        """Snapshot the project's files and check the function is there; the build then never changes."""
+        target = self.builds_dir / build_id
+        source = self.projects.projects_dir / project.public_id
+        failure = ""
+        try:
+            await asyncio.to_thread(shutil.copytree, source, target, ignore=SNAPSHOT_IGNORE, symlinks=True)
+            shutil.copy(REPLICA_SERVER, target / SERVER_NAME)
+            code_path = target / file_path
+            if not code_path.is_file():
+                failure = f"{file_path} is not a file in the project"
+            else:
+                tree = ast.parse(code_path.read_text(), filename=file_path)
+                names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+                names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+                if function_name not in names:
+                    failure = f"{file_path} has no function named {function_name!r}"
+        except SyntaxError as exc:
+            failure = f"{file_path} is not valid Python: {exc.msg} (line {exc.lineno})"
+        except OSError as exc:
+            failure = f"could not snapshot the project: {exc}"
+        await self.pool.execute(
+            "UPDATE model_builds SET status = $2, failure = $3, built_at = CASE WHEN $2 = 'built' THEN now() END,"
+            " updated_at = now() WHERE public_id = $1",
+            build_id, "build failed" if failure else "built", failure)
+
+    # Deployments -------------------------------------------------------------------------------
+
+    async def get_deployment(self, user: User, project_id: str, model_id: str, build_id: str, deployment_id: str) -> tuple[Project, Model, Build, Deployment]:
+        project, model, build = await self.get_build(user, project_id, model_id, build_id)
+        row = await self.pool.fetchrow("SELECT * FROM model_deployments WHERE public_id = $1 AND build_id = $2", deployment_id, build.id)
+        if row is None:
+            raise NotFound(f"deployment {deployment_id!r} not found")
+        return project, model, build, _record(Deployment, row)
+
+    async def list_deployments(self, user: User, project_id: str, model_id: str, build_id: str) -> tuple[Build, list[Deployment]]:
+        _, _, build = await self.get_build(user, project_id, model_id, build_id)
+        rows = await self.pool.fetch("SELECT * FROM model_deployments WHERE build_id = $1 ORDER BY created_at DESC, id DESC", build.id)
+        return build, [_record(Deployment, r) for r in rows]
+
+    async def replicas(self, deployment: Deployment) -> list[Workload]:
+        return await self._runs("w.deployment_id = $1", deployment.id)
+
+    async def _runs(self, where: str, value: int) -> list[Workload]:
+        rows = await self.pool.fetch(
+            f"SELECT w.id FROM workloads w LEFT JOIN model_deployments d ON d.id = w.deployment_id WHERE {where} ORDER BY w.id", value)
+        return [w for r in rows if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
+
+    async def create_deployment(self, user: User, project_id: str, model_id: str, build_id: str, fields: dict[str, Any]) -> Deployment:
+        project, model, build = await self.get_build(user, project_id, model_id, build_id)
+        await self.projects.get(user, project_id, Role.WRITE)
+        if build.status != "built":
+            raise FailedPrecondition(f"build {build.public_id} cannot be deployed: {build.status} {build.failure}".strip())
+        if fields.get("nvidia_gpus", 0):
+            raise InvalidArgument("this site has no GPUs: nvidia_gpus must be 0")
+        replicas = fields.get("replicas", 1)
+        if not 1 <= replicas <= 32:
+            raise InvalidArgument("replicas must be between 1 and 32")
+        cpu, memory = await resources_within_profiles(self.pool, fields)
+        environment = check_environment(fields.get("environment", {}))
+        public_id = new_public_id()
+        # A new deployment replaces the model's running ones once it is up (no downtime gap).
+        previous = await self.pool.fetch("SELECT id FROM model_deployments WHERE model_id = $1 AND NOT stopped", model.id)
+        row = await self.pool.fetchrow(
+            "INSERT INTO model_deployments (public_id, model_id, build_id, deployer_id, cpu, memory, replicas, environment)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+            public_id, model.id, build.id, user.id, cpu, memory, replicas, environment)
+        deployment = _record(Deployment, row)
+        await self._start_replicas(user, project, build, deployment)
+        if previous:
+            self.supervisor.spawn(f"replace-{public_id}", self._retire_when_up(deployment, [r["id"] for r in previous]))
+        return deployment
+
+    async def _start_replicas(self, user: User, project: Project, build: Build, deployment: Deployment) -> None:
+        for n in range(deployment.replicas):
+            await self.workloads.launch(user, project, LaunchRequest(
+                kind="model_replica", name=f"{build.public_id} replica {n + 1}", runtime_identifier=build.runtime_identifier,
+                image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
+                command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
+                environment=deployment.environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
+            ))
+
+    async def _retire_when_up(self, deployment: Deployment, previous: list[int]) -> None:
+        for _ in range(600):
+            if deployment_status(deployment, await self.replicas(deployment)) in ("deployed", "failed", "stopped"):
+                break
+            await asyncio.sleep(0.2)
+        for deployment_id in previous:
+            await self._stop_deployment_id(deployment_id, "replaced by a newer deployment")
+
+    async def _stop_deployment_id(self, deployment_id: int, reason: str) -> None:
+        await self.pool.execute("UPDATE model_deployments SET stopped = true, stopped_at = now(), updated_at = now() WHERE id = $1",
+                                deployment_id)
+        for run in await self._runs("w.deployment_id = $1", deployment_id):
+            if run.active:
+                await self.workloads.stop(run, reason=reason)
+
+    async def stop_deployment(self, user: User, project_id: str, model_id: str, build_id: str, deployment_id: str) -> Deployment:
+        _, _, _, deployment = await self.get_deployment(user, project_id, model_id, build_id, deployment_id)
+        await self.projects.get(user, project_id, Role.WRITE)
+        await self._stop_deployment_id(deployment.id, f"stopped by {user.username}")
+        return (await self.get_deployment(user, project_id, model_id, build_id, deployment_id))[3]
+
+    async def restart_deployment(self, user: User, project_id: str, model_id: str, build_id: str, deployment_id: str) -> Deployment:
+        project, _, build, deployment = await self.get_deployment(user, project_id, model_id, build_id, deployment_id)
+        await self.projects.get(user, project_id, Role.WRITE)
+        old = [r for r in await self.replicas(deployment) if r.active]
+        await self.pool.execute("UPDATE model_deployments SET stopped = false, stopped_at = NULL, updated_at = now() WHERE id = $1",
+                                deployment.id)
+        refreshed = (await self.get_deployment(user, project_id, model_id, build_id, deployment_id))[3]
+        for run in old:
+            await self.workloads.stop(run, reason=f"restarted by {user.username}")
+        await self._start_replicas(user, project, build, refreshed)
+        return refreshed
+
+    # Calls ---------------------------------------------------------------------------------------
+
+    async def model_by_key(self, access_key: str) -> Model | None:
+        row = await self.pool.fetchrow("SELECT * FROM models WHERE access_key = $1", access_key)
+        return _record(Model, row) if row else None
+
+    async def serving_replicas(self, model: Model) -> list[Workload]:
+        rows = await self.pool.fetch(
+            "SELECT w.id FROM workloads w JOIN model_deployments d ON d.id = w.deployment_id"
+            " WHERE d.model_id = $1 AND NOT d.stopped AND w.status = 'ENGINE_RUNNING' ORDER BY w.id", model.id)
+        return [w for r in rows if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
+
+    def lock_for(self, replica: Workload) -> asyncio.Lock:
+        """Each replica serves one request at a time, as in CML."""
+        return self._busy.setdefault(replica.id, asyncio.Lock())
+
+    def order(self, model: Model, replicas: list[Workload]) -> list[Workload]:
+        """Round robin: start with the next replica after the one used last."""
+        start = self._next_replica.get(model.id, 0) % max(1, len(replicas))
+        self._next_replica[model.id] = start + 1
+        return replicas[start:] + replicas[:start]

@@ -1,0 +1,147 @@
+"""Models over CML API v2 (create, build, deploy, stop, restart) and the /model endpoint, called
+as Cloudera's documentation shows it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import Api, assert_error
+
+PREDICT = b'''import json
+def predict(args):
+    if args.get("boom"):
+        raise ValueError("boom requested")
+    if args.get("weird"):
+        return {1, 2}
+    return {"sum": args["a"] + args["b"]}
+'''
+
+
+async def setup(api: Api) -> str:
+    _, project = await api.post("/api/v2/projects", json={"name": "models"})
+    form = aiohttp.FormData()
+    form.add_field("predict.py", PREDICT, filename="predict.py")
+    await api.post(f"/api/v2/projects/{project['id']}/files", data=form)
+    return project["id"]
+
+
+async def call(api: Api, key: str, request: Any, *, bearer: bool = True) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {api.key}"} if bearer else {}
+    resp = await api.client.post("/model", json={"accessKey": key, "request": request}, headers=headers)
+    return resp.status, await resp.json()
+
+
+async def call_until_served(api: Api, key: str, request: Any, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = await call(api, key, request)
+        if status == 200 or time.monotonic() > deadline:
+            assert status == 200, body
+            return body
+        await asyncio.sleep(0.1)
+
+
+async def test_create_build_deploy_and_call(alice: Api, bob: Api) -> None:
+    pid = await setup(alice)
+    # One call creates, builds and deploys, as CreateModelRequest allows.
+    status, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
+        "project_id": pid, "name": "adder", "description": "adds",
+        "auto_build_model": True, "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
+        "auto_deploy_model": True, "auto_deployment_config": {"cpu": 1, "memory": 2, "replicas": 2},
+    })
+    assert status == 200, model
+    assert model["auth_enabled"] is True and model["access_key"].startswith("m") and len(model["access_key"]) == 32
+    mid = model["id"]
+    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds")
+    build = builds["model_builds"][0]
+    assert build["status"] == "built" and build["built_at"]
+    base = f"/api/v2/projects/{pid}/models/{mid}/builds/{build['id']}/deployments"
+    _, deployments = await alice.get(base)
+    deployment = deployments["model_deployments"][0]
+    assert deployment["replicas"] == 2
+
+    answer = await call_until_served(alice, model["access_key"], {"a": 2, "b": 40})
+    assert answer["success"] is True and answer["response"] == {"sum": 42} and answer["ReplicaID"]
+    seen = {(await call_until_served(alice, model["access_key"], {"a": 1, "b": 1}))["ReplicaID"] for _ in range(4)}
+    assert len(seen) == 2  # calls are spread over both replicas
+    for _ in range(50):
+        _, deployment = await alice.get(f"{base}/{deployment['id']}")
+        if deployment["status"] == "deployed":
+            break
+        await asyncio.sleep(0.1)
+    assert deployment["status"] == "deployed"
+
+    # The function's errors reach the caller; the replica stays up.
+    status, body = await call(alice, model["access_key"], {"boom": True})
+    assert status == 400 and body["success"] is False and "boom requested" in body["error"]["message"]
+    status, body = await call(alice, model["access_key"], {"weird": True})
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    assert (await call_until_served(alice, model["access_key"], {"a": 1, "b": 2}))["response"] == {"sum": 3}
+
+    # Authentication: a collaborator's key is needed; the access key alone is not enough.
+    status, body = await call(alice, model["access_key"], {"a": 1, "b": 2}, bearer=False)
+    assert status == 401
+    status, body = await call(bob, model["access_key"], {"a": 1, "b": 2})
+    assert status == 403
+    status, body = await call(alice, "mnotakey", {"a": 1})
+    assert status == 404
+
+    status, stopped = await alice.post(f"{base}/{deployment['id']}:stop")
+    assert status == 200
+    for _ in range(100):
+        _, deployment = await alice.get(f"{base}/{deployment['id']}")
+        if deployment["status"] == "stopped":
+            break
+        await asyncio.sleep(0.1)
+    assert deployment["status"] == "stopped" and deployment["stopped_at"]
+    status, body = await call(alice, model["access_key"], {"a": 1, "b": 2})
+    assert status == 503 and body["success"] is False
+
+    status, _ = await alice.post(f"{base}/{deployment['id']}:restart")
+    assert status == 200
+    assert (await call_until_served(alice, model["access_key"], {"a": 5, "b": 5}))["response"] == {"sum": 10}
+
+    status, regenerated = await alice.post(f"/api/v2/projects/{pid}/models/{mid}:regenerateAccessKey")
+    assert regenerated["access_key"] != model["access_key"]
+    status, _ = await call(alice, model["access_key"], {"a": 1, "b": 1})
+    assert status == 404
+    _, everything = await alice.get("/api/v2/models")
+    assert [m["id"] for m in everything["models"]] == [mid]
+    status, body = await alice.delete(f"/api/v2/projects/{pid}/models/{mid}")
+    assert (status, body) == (200, {})
+
+
+async def test_builds_that_cannot_work_fail_with_a_reason(alice: Api) -> None:
+    pid = await setup(alice)
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={"name": "m", "disable_authentication": True})
+    assert model["auth_enabled"] is False
+    url = f"/api/v2/projects/{pid}/models/{model['id']}/builds"
+    _, missing_fn = await alice.post(url, json={"file_path": "predict.py", "function_name": "nope"})
+    assert missing_fn["status"] == "build failed"
+    _, missing_file = await alice.post(url, json={"file_path": "absent.py", "function_name": "predict"})
+    assert missing_file["status"] == "build failed"
+    status, body = await alice.post(f"{url}/{missing_fn['id']}/deployments", json={"replicas": 1})
+    assert_error(status, body, 400)
+    assert "has no function named 'nope'" in body["message"]
+    for payload in ({"file_path": "../x.py", "function_name": "f"}, {"file_path": "predict.py", "function_name": "not a name"}):
+        status, body = await alice.post(url, json=payload)
+        assert_error(status, body, 400)
+    _, good = await alice.post(url, json={"file_path": "predict.py", "function_name": "predict"})
+    for payload in ({"replicas": 0}, {"replicas": 1, "cpu": 99}, {"replicas": 1, "nvidia_gpus": 1}):
+        status, body = await alice.post(f"{url}/{good['id']}/deployments", json=payload)
+        assert_error(status, body, 400)
+    # With authentication off, the access key alone calls the model.
+    await alice.post(f"{url}/{good['id']}/deployments", json={"replicas": 1})
+    deadline = time.monotonic() + 20
+    while True:
+        resp = await alice.client.post(f"/model?accessKey={model['access_key']}", json={"request": {"a": 1, "b": 1}})
+        if resp.status == 200 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert resp.status == 200 and (await resp.json())["response"] == {"sum": 2}
+    resp = await alice.client.post("/model", data=b"not json")
+    assert resp.status == 400 and (await resp.json())["success"] is False
