@@ -14,11 +14,8 @@ from aiohttp import WSMsgType, web
 from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, STR, STR_LIST, STR_MAP
 from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.applications.service import Application, app_status
-from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from cml_appliance.core.timefmt import rfc3339
-from cml_appliance.engines.base import EngineError, EngineUnavailable
-from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import USER, current_user
 from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
 from cml_appliance.workloads import states
@@ -143,25 +140,18 @@ async def proxy_path(request: web.Request) -> web.StreamResponse:
 
 async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "") -> web.StreamResponse:
     apps = request.app[APPLICATIONS]
-    app = await apps.by_subdomain(subdomain)
-    if app is None:
+    route = await apps.route(subdomain)
+    if route is None:
         raise NotFound(f"there is no application at {subdomain!r}")
     user = request.get(USER)
-    open_to_all = app.bypass_authentication and apps.allow_unauthenticated
-    if not open_to_all:
+    if not (route.app.bypass_authentication and apps.allow_unauthenticated):
         if user is None:
             raise Unauthenticated("sign in to open this application")
-        project_id = await request.app[POOL].fetchval("SELECT public_id FROM projects WHERE id = $1", app.project_id)
-        project = await project_store.get(request.app[POOL], user, project_id)
-        if project is None or project.role < Role.READ:
+        if not await apps.may_open(user, route):
             raise NotFound(f"there is no application at {subdomain!r}")
-    run = await apps.current_run(app)
-    if run is None or run.status != states.RUNNING or app.ready_at is None:
-        raise Unavailable(f"the application is not running ({app_status(app, run)})")
-    try:
-        address = await request.app[WORKLOADS].engine(run.engine).address(run.handle, run.app_port or 0)
-    except (EngineError, EngineUnavailable) as exc:
-        raise Unavailable(str(exc)) from None
+    if route.address is None:
+        raise Unavailable(f"the application is not running ({route.status})")
+    address = route.address
     target = f"http://{address}{path}" + (f"?{request.query_string}" if request.query_string else "")
     # Content-Length stays: many small servers cannot read a chunked request body.
     headers = {k: v for k, v in request.headers.items()

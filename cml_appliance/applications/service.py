@@ -21,7 +21,7 @@ import asyncpg
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
+from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.engines.base import EngineError, EngineUnavailable
@@ -88,6 +88,21 @@ def app_status(app: Application, run: Workload | None) -> str:
     return "APPLICATION_FAILED"  # an app that ended by itself, failed or timed out has failed
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where the proxy sends an application's requests, as of `at` (monotonic seconds)."""
+
+    app: Application
+    project_public_id: str
+    status: str
+    address: str | None  # None unless the app is running and ready
+    at: float
+
+
+# The proxy answers many requests a second: it reuses a route or a permission this long.
+ROUTE_TTL_SECONDS = 2.0
+
+
 class ApplicationService:
     def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, supervisor: Supervisor,
                  *, ready_timeout: float, allow_unauthenticated: bool):
@@ -97,6 +112,53 @@ class ApplicationService:
         self.supervisor = supervisor
         self.ready_timeout = ready_timeout
         self.allow_unauthenticated = allow_unauthenticated
+        self._routes: dict[str, Route] = {}
+        self._permissions: dict[tuple[int, int], float] = {}
+        workloads.finish_listeners.append(self._workload_ended)
+
+    async def _workload_ended(self, run: Workload) -> None:
+        if run.kind == "application":
+            self.forget_routes()
+
+    def forget_routes(self) -> None:
+        """After any start, stop or change: the proxy looks everything up again."""
+        self._routes.clear()
+        self._permissions.clear()
+
+    async def route(self, subdomain: str) -> Route | None:
+        cached = self._routes.get(subdomain)
+        if cached is not None and time.monotonic() - cached.at < ROUTE_TTL_SECONDS:
+            return cached
+        app = await self.by_subdomain(subdomain)
+        if app is None:
+            return None
+        run = await self.current_run(app)
+        status = app_status(app, run)
+        address = None
+        if run is not None and status == "APPLICATION_RUNNING":
+            try:
+                address = await self.workloads.engine(run.engine).address(run.handle, run.app_port or 0)
+            except (EngineError, EngineUnavailable):
+                address = None
+        project_public_id = await self.pool.fetchval("SELECT public_id FROM projects WHERE id = $1", app.project_id)
+        route = Route(app, project_public_id, status, address, time.monotonic())
+        if address is not None:  # only a working route is worth keeping
+            self._routes[subdomain] = route
+        return route
+
+    async def may_open(self, user: User, route: Route) -> bool:
+        """Any viewer of the project may open its applications."""
+        key = (user.id, route.app.project_id)
+        cached = self._permissions.get(key)
+        if cached is not None and time.monotonic() - cached < ROUTE_TTL_SECONDS:
+            return True
+        try:
+            await self.projects.get(user, route.project_public_id, Role.READ)
+        except (NotFound, PermissionDenied):
+            return False  # a refusal is not kept: access granted a moment later works at once
+        # A grant is kept briefly: access taken away can last up to ROUTE_TTL_SECONDS more.
+        self._permissions[key] = time.monotonic()
+        return True
 
     async def _get_row(self, where: str, *args: Any) -> Application | None:
         row = await self.pool.fetchrow(_SELECT + " WHERE " + where, *args)
@@ -183,6 +245,7 @@ class ApplicationService:
         ))
         await self.pool.execute("UPDATE applications SET workload_id = $2, ready_at = NULL, updated_at = now() WHERE id = $1",
                                 app.id, run.id)
+        self.forget_routes()
         self.supervisor.spawn(f"ready-{app.public_id}", self._wait_ready(app, run, project))
         return run
 
@@ -203,6 +266,7 @@ class ApplicationService:
                             if resp.status < 500:
                                 await self.pool.execute("UPDATE applications SET ready_at = now() WHERE id = $1 AND workload_id = $2",
                                                         app.id, run.id)
+                                self.forget_routes()
                                 return
                     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, EngineError, EngineUnavailable):
                         pass
@@ -231,6 +295,7 @@ class ApplicationService:
         _, app, run = await self.get(user, project_id, app_id, Role.WRITE)
         if run is not None and run.active:
             run = await self.workloads.stop(run, reason=f"stopped by {user.username}")
+        self.forget_routes()
         return app, run
 
     async def update(self, user: User, project_id: str, app_id: str, fields: dict[str, Any]) -> tuple[Application, Workload | None]:
@@ -244,6 +309,7 @@ class ApplicationService:
                 raise AlreadyExists("an application with that name or subdomain already exists") from None
         refreshed = await self._get_row("a.id = $1", app.id)
         assert refreshed is not None
+        self.forget_routes()
         return refreshed, run
 
     async def delete(self, user: User, project_id: str, app_id: str) -> None:
@@ -253,3 +319,4 @@ class ApplicationService:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM applications WHERE id = $1", app.id)
             await audit.record(conn, user.id, "application.delete", "application", app.public_id, {"name": app.name})
+        self.forget_routes()
