@@ -43,11 +43,11 @@ from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, middlewares, templating
 from cml_appliance.web.keys import (
-    MODELS,
     APP_PROXY_SESSION,
     APPLICATIONS,
     JOBS,
     METRICS,
+    MODELS,
     POOL,
     PROJECTS,
     SESSIONS,

@@ -14,10 +14,22 @@ from aiohttp import WSMsgType, web
 from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, STR, STR_LIST, STR_MAP
 from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.applications.service import Application, app_status
-from cml_appliance.core.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from cml_appliance.core.errors import (
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.web.context import USER, current_user
-from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
+from cml_appliance.web.keys import (
+    APP_PROXY_SESSION,
+    APPLICATIONS,
+    POOL,
+    SETTINGS,
+    STATUS_HUB,
+    WORKLOADS,
+)
 from cml_appliance.workloads import states
 from cml_appliance.workloads.store import Workload
 from cml_appliance.workloads.streams import event_stream, logs_response

@@ -21,17 +21,26 @@ import asyncpg
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from cml_appliance.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.engines.base import EngineError, EngineUnavailable
 from cml_appliance.jobs.service import command_for
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
 from cml_appliance.projects.store import Project
-from cml_appliance.runtimes import catalog
-from cml_appliance.sessions.service import resources_within_profiles
 from cml_appliance.workloads import states
 from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.checks import (
+    check_no_gpus,
+    check_runtime,
+    check_script,
+    resources_within_profiles,
+)
 from cml_appliance.workloads.service import LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
 
@@ -194,10 +203,7 @@ class ApplicationService:
                 raise InvalidArgument("subdomain must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'")
             values["subdomain"] = sub
         if "script" in fields or app is None:
-            script = (fields.get("script") or "").strip().lstrip("/")
-            if not script or ".." in script.split("/"):
-                raise InvalidArgument("script must name a file in the project, relative to its root")
-            values["script"] = script
+            values["script"] = check_script(fields.get("script"))
         if "description" in fields:
             values["description"] = fields["description"]
         if "environment" in fields:
@@ -207,14 +213,8 @@ class ApplicationService:
                 raise InvalidArgument("this site does not allow applications open to people who are not signed in")
             values["bypass_authentication"] = fields["bypass_authentication"]
         if "runtime_identifier" in fields or app is None:
-            runtime_id = fields.get("runtime_identifier") or "host/python3"
-            try:
-                await catalog.get_runtime(self.pool, runtime_id)
-            except NotFound:
-                raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
-            values["runtime_identifier"] = runtime_id
-        if fields.get("nvidia_gpu", 0):
-            raise InvalidArgument("this site has no GPUs: nvidia_gpu must be 0")
+            values["runtime_identifier"] = await check_runtime(self.pool, fields.get("runtime_identifier"))
+        check_no_gpus(fields.get("nvidia_gpu", 0))
         if any(k in fields for k in ("cpu", "memory", "resource_profile_id")) or app is None:
             values["cpu"], values["memory"] = await resources_within_profiles(self.pool, fields)
         return values

@@ -23,10 +23,14 @@ from cml_appliance.jobs.schedule import SCHEDULER_LOCK, check_schedule, next_fir
 from cml_appliance.projects import files
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
 from cml_appliance.projects.store import Project
-from cml_appliance.runtimes import catalog
-from cml_appliance.sessions.service import resources_within_profiles
 from cml_appliance.workloads import states
 from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.checks import (
+    check_no_gpus,
+    check_runtime,
+    check_script,
+    resources_within_profiles,
+)
 from cml_appliance.workloads.service import LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
 
@@ -172,10 +176,7 @@ class JobService:
         if "name" in fields or job is None:
             values["name"] = check_name(fields.get("name", ""))
         if "script" in fields or job is None:
-            script = (fields.get("script") or "").strip().lstrip("/")
-            if not script or ".." in script.split("/"):
-                raise InvalidArgument("script must name a file in the project, relative to its root")
-            values["script"] = script
+            values["script"] = check_script(fields.get("script"))
         for key in ("arguments", "paused", "kill_on_timeout", "retry_enabled", "retry_for_script_failure",
                     "retry_for_system_failure", "retry_for_timedout_runs", "retry_for_skipped_runs"):
             if key in fields:
@@ -196,17 +197,10 @@ class JobService:
                     raise InvalidArgument(f"{key} must not be negative")
                 values[key] = fields[key]
         if "runtime_identifier" in fields or job is None:
-            runtime_id = fields.get("runtime_identifier") or "host/python3"
-            try:
-                await catalog.get_runtime(self.pool, runtime_id)
-            except NotFound:
-                raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
-            values["runtime_identifier"] = runtime_id
-        if fields.get("nvidia_gpu", 0):
-            raise InvalidArgument("this site has no GPUs: nvidia_gpu must be 0")
+            values["runtime_identifier"] = await check_runtime(self.pool, fields.get("runtime_identifier"))
+        check_no_gpus(fields.get("nvidia_gpu", 0))
         if any(k in fields for k in ("cpu", "memory", "resource_profile_id")) or job is None:
-            cpu, memory = await resources_within_profiles(self.pool, fields)
-            values["cpu"], values["memory"] = cpu, memory
+            values["cpu"], values["memory"] = await resources_within_profiles(self.pool, fields)
         schedule = fields.get("schedule", job.schedule if job else "")
         parent_public = fields.get("parent_id") or fields.get("parent_job_id")
         if schedule and (parent_public or (job and job.parent_id and "parent_id" not in fields)):

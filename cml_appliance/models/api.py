@@ -11,7 +11,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, OBJECT, STR, STR_LIST, STR_MAP, read_json_object
+from cml_appliance.api.bodies import (
+    ANY,
+    BOOL,
+    FLOAT,
+    INT,
+    OBJECT,
+    STR,
+    STR_LIST,
+    STR_MAP,
+    read_json_object,
+)
 from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.auth import api_keys
 from cml_appliance.auth.permissions import Role

@@ -17,16 +17,24 @@ import asyncpg
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cml_appliance.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.projects import files
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
 from cml_appliance.projects.store import Project
-from cml_appliance.runtimes import catalog
-from cml_appliance.sessions.service import resources_within_profiles
 from cml_appliance.workloads import states
 from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.checks import (
+    check_no_gpus,
+    check_runtime,
+    resources_within_profiles,
+)
 from cml_appliance.workloads.service import LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
 
@@ -215,11 +223,7 @@ class ModelService:
         function_name = (fields.get("function_name") or "").strip()
         if not file_path or not function_name.isidentifier():
             raise InvalidArgument("file_path (a .py file in the project) and function_name (a Python name) are required")
-        runtime_id = fields.get("runtime_identifier") or "host/python3"
-        try:
-            await catalog.get_runtime(self.pool, runtime_id)
-        except NotFound:
-            raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
+        runtime_id = await check_runtime(self.pool, fields.get("runtime_identifier"))
         public_id = new_public_id()
         await self.pool.execute(
             "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier, status)"
@@ -285,8 +289,7 @@ class ModelService:
         await self.projects.get(user, project_id, Role.WRITE)
         if build.status != "built":
             raise FailedPrecondition(f"build {build.public_id} cannot be deployed: {build.status} {build.failure}".strip())
-        if fields.get("nvidia_gpus", 0):
-            raise InvalidArgument("this site has no GPUs: nvidia_gpus must be 0")
+        check_no_gpus(fields.get("nvidia_gpus", 0))
         replicas = fields.get("replicas", 1)
         if not 1 <= replicas <= 32:
             raise InvalidArgument("replicas must be between 1 and 32")

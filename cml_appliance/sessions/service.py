@@ -6,7 +6,6 @@ from typing import Any
 
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core.errors import InvalidArgument, NotFound, PermissionDenied
@@ -15,6 +14,7 @@ from cml_appliance.projects.service import ProjectService, check_environment
 from cml_appliance.projects.store import Project
 from cml_appliance.runtimes import catalog
 from cml_appliance.workloads import store
+from cml_appliance.workloads.checks import resources_within_profiles
 from cml_appliance.workloads.service import LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
 
@@ -35,36 +35,6 @@ def _minutes(name: str, raw: str) -> float:
     if not 0 < value <= 35_000:
         raise InvalidArgument(f"{name} must be more than 0 and at most 35000 minutes")
     return value
-
-
-async def resources_within_profiles(pool: asyncpg.Pool, fields: dict[str, Any]) -> tuple[float, float]:
-    """cpu and memory asked for (or a profile's), checked against the profile and the site's largest."""
-    profiles, _ = await catalog.list_profiles(pool, ListQuery(1000, 0, {}, [], ""))
-    if not profiles:
-        profiles = [{"id": 0, "cpu": 1.0, "memory": 2.0}]
-    chosen = None
-    if "resource_profile_id" in fields:
-        chosen = next((p for p in profiles if p["id"] == fields["resource_profile_id"]), None)
-        if chosen is None:
-            raise InvalidArgument(f"there is no resource profile {fields['resource_profile_id']}")
-    smallest = min(profiles, key=lambda p: (p["cpu"], p["memory"]))
-    cpu = float(fields.get("cpu", (chosen or smallest)["cpu"]))
-    memory = float(fields.get("memory", (chosen or smallest)["memory"]))
-    if cpu <= 0 or memory <= 0:
-        raise InvalidArgument("cpu and memory must be more than 0")
-    if chosen is not None and (cpu > chosen["cpu"] or memory > chosen["memory"]):
-        raise InvalidArgument(
-            f"{cpu:g} vCPU / {memory:g} GB is more than resource profile {chosen['id']} "
-            f"allows ({chosen['cpu']:g} vCPU / {chosen['memory']:g} GB)"
-        )
-    max_cpu = max(p["cpu"] for p in profiles)
-    max_memory = max(p["memory"] for p in profiles)
-    if cpu > max_cpu or memory > max_memory:
-        raise InvalidArgument(
-            f"{cpu:g} vCPU / {memory:g} GB is more than this site allows "
-            f"(at most {max_cpu:g} vCPU and {max_memory:g} GB, the largest resource profile)"
-        )
-    return cpu, memory
 
 
 class SessionService:

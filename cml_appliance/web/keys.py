@@ -6,9 +6,9 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
-from cml_appliance.applications.service import ApplicationService
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
 from cml_appliance.projects.service import ProjectService
