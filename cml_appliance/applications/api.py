@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
@@ -20,6 +19,7 @@ from cml_appliance.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from cml_appliance.core.tasks import until_first_done
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.web.context import USER, current_user
 from cml_appliance.web.keys import (
@@ -211,15 +211,9 @@ async def _proxy_websocket(request: web.Request, session: aiohttp.ClientSession,
             else:
                 break
 
-    tasks = [asyncio.create_task(pump(ws, upstream)), asyncio.create_task(pump(upstream, ws))]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await until_first_done(pump(ws, upstream), pump(upstream, ws))
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-                await task
         await upstream.close()
         await ws.close()
     return ws

@@ -7,6 +7,7 @@ backoff and cancels everything on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -71,3 +72,16 @@ class Supervisor:
                 task.cancel()
             # Cancel again any task that swallowed the first request instead of ending.
             _, pending = await asyncio.wait(pending, timeout=1)
+
+
+async def until_first_done(*coros: Coroutine[Any, Any, Any]) -> None:
+    """Run coroutines together until one ends, then cancel the rest (relays: either side closing ends both)."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+                await task

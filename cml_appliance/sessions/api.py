@@ -3,8 +3,6 @@ live events, and the terminal WebSocket."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -15,6 +13,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from cml_appliance.api.bodies import FLOAT, INT, STR, STR_MAP
 from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.core.errors import InvalidArgument, PermissionDenied
+from cml_appliance.core.tasks import until_first_done
 from cml_appliance.engines.base import EngineError, EngineUnavailable, Terminal
 from cml_appliance.web.context import LOGIN, current_user
 from cml_appliance.web.keys import (
@@ -172,15 +171,7 @@ async def _relay(ws: web.WebSocketResponse, shell: Terminal, workloads: object, 
                 last_touch = time.monotonic()
                 await workloads.touch(row)  # type: ignore[attr-defined]
 
-    tasks = [asyncio.create_task(to_browser()), asyncio.create_task(from_browser())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-                await task
+    await until_first_done(to_browser(), from_browser())
 
 
 async def _control(ws: web.WebSocketResponse, shell: Terminal, text: str) -> None:
