@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,15 @@ except ImportError:  # pragma: no cover - uvloop is a dependency of the applianc
 PAGE_SIZE = 10
 LIST_PATH = "/api/v2/projects"
 QUERY = f"?page_size={PAGE_SIZE}"
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Every benchmark's entry point: a BenchError is a readable failure with exit code 1."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"{Path(sys.argv[0]).name}: FAILED: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 class BenchError(Exception):
@@ -656,8 +665,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"api_list.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

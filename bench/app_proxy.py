@@ -29,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 import asyncpg
 from api_list import Round, cpu_seconds
-from common import BenchError, Harness, install_signal_handlers, median, run_async
+from common import (
+    BenchError,
+    Harness,
+    install_signal_handlers,
+    median,
+    run_async,
+    run_main,
+)
 
 TARGET = 0.8
 BODY = b"hello from the bench app\n"
@@ -175,8 +182,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"app_proxy.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

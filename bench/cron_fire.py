@@ -35,7 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 import asyncpg
 from api_list import cpu_seconds
-from common import FINISHED, BenchError, Harness, install_signal_handlers, marked_pids, median, run_async
+from common import (
+    FINISHED,
+    BenchError,
+    Harness,
+    install_signal_handlers,
+    marked_pids,
+    median,
+    run_async,
+    run_main,
+)
 
 from cml_appliance.core.ids import new_public_id
 
@@ -201,8 +210,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"cron_fire.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -41,6 +41,7 @@ from common import (
     median,
     rss_kb,
     run_async,
+    run_main,
 )
 
 RUNNING = "ENGINE_RUNNING"
@@ -175,8 +176,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"session_memory.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -37,12 +37,8 @@ or less.
 - Clean-up: sessions stopped, the appliance's process group killed, every container labelled
   with this run's cml.site removed, the database dropped, the Podman service stopped.
 
---what-if-fast-ping runs the appliance with one change made in its process by this file (not in
-cml_appliance/): ContainerEngine.ping() on GET /_ping instead of GET /version. It is for showing
-what that change would do, not a figure of the appliance as it is.
-
 Usage: /tmp/venv/bin/python bench/session_start_container.py [--samples N] [--warmup N] [--poll S]
-       [--no-engine] [--what-if-fast-ping]          (defaults: 8, 1, 0.02: about 25 s)
+       [--no-engine]          (defaults: 8, 1, 0.02: about 25 s)
 """
 
 from __future__ import annotations
@@ -71,6 +67,7 @@ from common import (
     parse_time,
     percentile,
     run_async,
+    run_main,
 )
 
 from cml_appliance.engines.base import LaunchSpec
@@ -240,28 +237,6 @@ async def engine_calls(docker: aiodocker.Docker, times: int = 3) -> dict[str, fl
     return out
 
 
-def serve_with_fast_ping() -> int:
-    """`python -m cml_appliance serve` with ContainerEngine.ping() calling GET /_ping instead of
-    GET /version: for --what-if-fast-ping only, to show what that one change does to the figure."""
-    import aiohttp
-
-    from cml_appliance.cli import main as cli_main
-    from cml_appliance.engines import container
-
-    async def ping(self: ContainerEngine) -> None:
-        try:
-            async def query() -> None:
-                async with self.docker._query("_ping", versioned_api=False) as resp:
-                    await resp.read()
-
-            await asyncio.wait_for(query(), 5)
-        except (TimeoutError, aiohttp.ClientError, aiodocker.DockerError, OSError) as exc:
-            raise container._unavailable(exc) from None
-
-    container.ContainerEngine.ping = ping  # type: ignore[method-assign]
-    return cli_main(["serve"])
-
-
 def compare(app: dict[str, Any], bare: dict[str, Any]) -> list[str]:
     """The limits the two containers run with; differences are a broken comparison."""
     keys = ("Memory", "MemorySwap", "NanoCpus", "PidsLimit", "Init", "NetworkMode", "CapDrop", "SecurityOpt")
@@ -362,13 +337,7 @@ def main() -> int:
     parser.add_argument("--poll", type=float, default=0.02, help="seconds between status polls (0.02)")
     parser.add_argument("--no-engine", dest="engine", action="store_false",
                         help="leave out the informational target that calls ContainerEngine.start() directly")
-    parser.add_argument("--what-if-fast-ping", action="store_true",
-                        help="not the appliance as it is: run it with ContainerEngine.ping() on GET /_ping "
-                             "instead of GET /version, to see what that change would give")
-    parser.add_argument("--serve-with-fast-ping", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_with_fast_ping:
-        return serve_with_fast_ping()
     if args.samples < 1 or args.warmup < 1 or args.poll <= 0:
         parser.error("--samples and --warmup must be at least 1, --poll positive")
 
@@ -381,10 +350,7 @@ def main() -> int:
         image = podman.ensure_image()
         version = podman.run("--version").stdout.strip()
         h.database(runtimes=[RUNTIME_ROW])
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-with-fast-ping"] if args.what_if_fast_ping else None
-        h.appliance(cmd, CML_CONTAINER_ENGINE_URL=podman.url)
-        if args.what_if_fast_ping:
-            print("WHAT-IF: the appliance runs with ContainerEngine.ping() patched to GET /_ping (not the code as it is)")
+        h.appliance(None, CML_CONTAINER_ENGINE_URL=podman.url)
         print(f"session start on the container engine ({BUSYBOX_IMAGE}, {image}): {args.samples} samples per target "
               f"after {args.warmup} warm-up each, interleaved A B B A...; polling every {args.poll * 1000:g} ms")
         print(f"engine:    {version}, `podman system service` on {podman.socket}, CONTAINERS_CONF={podman.env['CONTAINERS_CONF']}")
@@ -415,15 +381,9 @@ def main() -> int:
     pairs = [a.ms / b.ms for a, b in zip(app, bare)]
     print(f"per-pair ratios: {' '.join(f'{x:.2f}' for x in pairs)}; total time {h.elapsed():.0f} s")
     print(f"target: ratio {TARGET_RATIO:g} or less: {'met' if ratio <= TARGET_RATIO else 'NOT met'}")
-    if args.what_if_fast_ping:
-        print("WHAT-IF run: ContainerEngine.ping() on GET /_ping, not the appliance as it is")
     print(f"ratio: {ratio:.2f}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"session_start_container.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -53,6 +53,7 @@ from common import (
     parse_time,
     percentile,
     run_async,
+    run_main,
 )
 
 from cml_appliance.engines.local import _child_setup
@@ -88,7 +89,7 @@ def bare_env(project_dir: Path, site_id: str) -> dict[str, str]:
 
 
 async def bare_sample(target: str, project_dir: Path, env: dict[str, str], preexec: bool) -> Sample:
-    extra: dict[str, Any] = {"preexec_fn": _child_setup(2048 * 1024 * 1024, False)} if preexec else {}
+    extra: dict[str, Any] = {"preexec_fn": _child_setup(2048 * 1024 * 1024)} if preexec else {}
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         "/bin/sh", "-c", SESSION_MAIN, cwd=project_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -250,8 +251,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"session_start_local.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

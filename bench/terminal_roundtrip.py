@@ -51,63 +51,10 @@ from common import (
     install_signal_handlers,
     percentile,
     run_async,
-    stop,
+    run_main,
 )
 
 RUNNING = "ENGINE_RUNNING"
-# What the appliance logs when its local engine cannot give the terminal's shell its pty as
-# controlling terminal under uvloop (see serve_with_tty_fix).
-TTY_BUG = "Exception occurred in preexec_fn"
-
-
-class TtyBug(BenchError):
-    """The appliance's terminal failed with the preexec_fn/uvloop problem (see serve_with_tty_fix)."""
-
-
-def serve_with_tty_fix() -> int:
-    """`python -m cml_appliance serve`, with one change in the local engine's terminal spawn.
-
-    cml_appliance.engines.local opens a terminal's shell with create_subprocess_exec(...,
-    start_new_session=True, preexec_fn=_child_setup(..., controlling_tty=True)), whose preexec_fn
-    does ioctl(0, TIOCSCTTY). Under `serve`, the loop is uvloop, which runs preexec_fn right after
-    fork(), before setsid() and before the pty is put on fd 0: the ioctl fails with ENOTTY
-    ("OSError: 25"), the spawn raises SubprocessError and the WebSocket handler fails (close 1002).
-    (The standard library's child does dup2, setsid, then preexec_fn, so tests on asyncio's loop
-    pass.) Here preexec_fn calls setsid() itself and takes the pty by its own fd. The event loop,
-    the app and the terminal relay are the appliance's, unchanged.
-    """
-    import fcntl as _fcntl
-    import termios as _termios
-
-    from cml_appliance.cli import main as cli_main
-    from cml_appliance.engines import local
-
-    original = local._child_setup
-
-    def fixed(memory_bytes: int, controlling_tty: bool) -> Any:
-        base = original(memory_bytes, False)
-        if not controlling_tty:
-            return base
-
-        def setup() -> None:
-            base()
-            try:
-                os.setsid()
-            except OSError:
-                pass  # already a session leader (a loop that ran setsid first)
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    target = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("/dev/pts/"):
-                    _fcntl.ioctl(int(fd), _termios.TIOCSCTTY, 0)
-                    return
-
-        return setup
-
-    local._child_setup = fixed  # type: ignore[assignment]
-    return cli_main(["serve"])
 # Typed into the shell; the quotes keep the echo of the typed line from matching READY.
 SETUP = b"stty raw -echo; echo RE''ADY; exec cat\r"
 
@@ -278,12 +225,7 @@ async def measure(h: Harness, args: argparse.Namespace) -> dict[str, list[float]
             bare_dir.mkdir(exist_ok=True)
             terms["bare"] = await BareTerminal.open(bare_dir, h.site_id)
             for name, term in terms.items():
-                try:
-                    await make_echo(term)
-                except BenchError as exc:
-                    if name == "appliance" and TTY_BUG in api.server.log_tail(200):
-                        raise TtyBug(str(exc)) from None
-                    raise
+                await make_echo(term)
                 await roundtrips(term, args.warmup)
             order = ["appliance", "bare"]
             done = 0
@@ -318,13 +260,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=500, help="round trips per target (500)")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured round trips per target first (100)")
     parser.add_argument("--block", type=int, default=50, help="samples per interleaved block (50)")
-    parser.add_argument("--no-tty-fix", dest="tty_fix", action="store_false",
-                        help="fail when the appliance's terminal hits the uvloop/preexec_fn bug instead of "
-                             "measuring again with serve_with_tty_fix")
-    parser.add_argument("--serve-with-tty-fix", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_with_tty_fix:
-        return serve_with_tty_fix()
     args.attempt = 1
     if args.samples < 1 or args.warmup < 0 or args.block < 1:
         parser.error("--samples and --block must be at least 1, --warmup not negative")
@@ -332,7 +268,6 @@ def main() -> int:
     install_signal_handlers()
     h = Harness("terminal")
     results: dict[str, list[float]] = {}
-    tty_fixed = False
     try:
         h.database()
         h.appliance()
@@ -345,23 +280,7 @@ def main() -> int:
               "WebSocket, binary frames, aiohttp client in this process")
         print("bare:      pty.openpty + the same shell in this process; master read with loop.add_reader, "
               "written with os.write")
-        try:
-            results = run_async(measure(h, args))
-        except TtyBug as exc:
-            if not args.tty_fix:
-                raise
-            first = str(exc).split("\n")[0]
-            print(f"\nAPPLIANCE BUG: the terminal of a local session fails under `python -m cml_appliance serve`: "
-                  f"{first}; the appliance logged 'SubprocessError: {TTY_BUG}' (OSError 25, ENOTTY, from "
-                  f"ioctl(0, TIOCSCTTY) in cml_appliance.engines.local._child_setup: uvloop runs preexec_fn before "
-                  f"setsid() and before the pty is on fd 0). Measuring again with the same serve, uvloop and relay, "
-                  f"with only that preexec_fn fixed (see serve_with_tty_fix in this file).\n")
-            assert h.server is not None
-            stop(h.server)
-            h.appliance([sys.executable, str(Path(__file__).resolve()), "--serve-with-tty-fix"])
-            tty_fixed = True
-            args.attempt += 1
-            results = run_async(measure(h, args))
+        results = run_async(measure(h, args))
     finally:
         h.close()
 
@@ -374,15 +293,9 @@ def main() -> int:
     app, bare = results["appliance"], results["bare"]
     print(f"p99/p50: appliance {percentile(app, 0.99) / percentile(app, 0.5):.1f}, "
           f"bare {percentile(bare, 0.99) / percentile(bare, 0.5):.1f}; total time {h.elapsed():.0f} s")
-    if tty_fixed:
-        print("NOTE: appliance figures taken with serve_with_tty_fix (the real serve's terminal fails; see above)")
     print(f"ratio: {percentile(app, 0.5) / percentile(bare, 0.5):.2f}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"terminal_roundtrip.py: FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)
