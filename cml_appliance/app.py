@@ -154,7 +154,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             await service.reconcile(name, starting_up=True)
             tasks.loop(f"reconcile-{name}", functools.partial(service.reconcile, name), settings.reconcile_interval_seconds)
         tasks.loop("session-time-limits", service.enforce_time_limits, 15)
-        tasks.loop("job-scheduler", app[JOBS].fire_due, 1)
+        tasks.loop("job-scheduler", app[JOBS].scheduler_tick, 1)
         yield
         try:
             await service.shutdown()

@@ -97,6 +97,19 @@ async def create(
     return secret, _key(row)
 
 
+def workload_key(user_id: int, project_id: int, comments: str) -> tuple[str, dict[str, object]]:
+    """A workload's own CDSW_APIV2_KEY: (the secret, the api_keys columns to insert with the workload).
+
+    It reaches only its project, and is revoked when the workload ends; being part of the
+    workload's life, it gets no audit entry of its own.
+    """
+    secret = new_token(32)
+    return secret, {
+        "key_id": secrets.token_hex(8), "user_id": user_id, "key_digest": token_digest(secret), "comments": comments,
+        "audiences": ["API"], "scope_project_id": project_id,
+    }
+
+
 async def revoke(pool: asyncpg.Pool, key_id: str) -> None:
     """Remove a key without an audit entry of its own (a workload's key when the workload ends)."""
     await pool.execute("DELETE FROM api_keys WHERE key_id = $1", key_id)

@@ -32,15 +32,20 @@ class Supervisor:
         return task
 
     def loop(self, name: str, body: Callable[[], Awaitable[object]], interval: float, max_backoff: float = 60.0) -> None:
-        """Call body every `interval` seconds; after a failure wait longer, up to max_backoff."""
+        """Call body every `interval` seconds; after a failure wait longer, up to max_backoff.
+
+        A body that returns a number of seconds is called again after that long instead, if sooner.
+        """
 
         async def run() -> None:
             delay = interval
             me = asyncio.current_task()
             while True:
                 try:
-                    await body()
+                    sooner = await body()
                     delay = interval
+                    if isinstance(sooner, float):
+                        delay = max(0.0, min(interval, sooner))
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -16,7 +16,7 @@ import asyncpg
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
+from cml_appliance.core.errors import AlreadyExists, AppError, InvalidArgument, NotFound
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.jobs import notify
 from cml_appliance.jobs.schedule import SCHEDULER_LOCK, check_schedule, next_fire
@@ -98,6 +98,8 @@ def _job(row: asyncpg.Record) -> Job:
 
 # Cron runs started at once by one scheduler tick.
 FIRE_CONCURRENCY = 32
+# Due jobs claimed per transaction.
+FIRE_BATCH = 200
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
 
 
@@ -136,8 +138,7 @@ class JobService:
         self.workloads = workloads
         self.smtp = smtp
         self.base_url = base_url
-        workloads.finish_listeners.append(self._run_finished)
-        workloads.finish_listeners.append(self._notify)
+        workloads.finish_listeners.append(self._run_ended)
 
     async def _get_row(self, project: Project, job_id: str) -> Job:
         row = await self.pool.fetchrow(_SELECT + " WHERE j.public_id = $1 AND j.project_id = $2", job_id, project.id)
@@ -321,51 +322,76 @@ class JobService:
         await self.projects.get(user, project_id, Role.OPERATOR)
         return await self.workloads.stop(run, reason=f"stopped by {user.username}")
 
-    async def fire_due(self) -> int:
-        """Start a run of every cron job that is due; the scheduler loop calls this every few seconds.
+    async def scheduler_tick(self) -> float:
+        """Fire what is due; return how long to sleep: until the next due fire, if that is sooner
+        than the loop's interval (a minute's fires then start on time, not up to a tick late)."""
+        await self.fire_due()
+        wait = await self.pool.fetchval(
+            "SELECT extract(epoch FROM min(next_fire_at) - now()) FROM jobs WHERE schedule <> '' AND NOT paused"
+        )
+        return 3600.0 if wait is None else float(wait) + 0.005
 
-        Jobs are claimed one by one (cheap), and their runs started concurrently, a bounded number
-        at a time, so a thousand jobs due in the same minute all start within seconds.
+    async def fire_due(self) -> int:
+        """Start a run of every cron job that is due; the scheduler loop calls this every second.
+
+        Due jobs are claimed a batch at a time (one transaction moves each one's next fire past
+        now), and their runs started concurrently, a bounded number at a time, so a thousand jobs
+        due in the same minute all start within seconds.
         """
         limit = asyncio.Semaphore(FIRE_CONCURRENCY)
         starts: list[asyncio.Task[bool]] = []
+        # Owners and projects looked up once per tick, not once per job.
+        launchers: dict[tuple[int, int], asyncio.Future[tuple[User, Project] | None]] = {}
 
         async def fire(job: Job) -> bool:
             async with limit:
-                return await self._fire(job)
+                key = (job.creator_id, job.project_id)
+                if key not in launchers:
+                    launchers[key] = asyncio.ensure_future(self._launcher(job))
+                found = await launchers[key]
+                return found is not None and await self._fire(job, *found)
 
-        async with self.pool.acquire() as lock_conn:
-            if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK):
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK):
                 return 0
             try:
                 while True:
-                    async with self.pool.acquire() as conn, conn.transaction():
-                        row = await conn.fetchrow(
+                    async with conn.transaction():
+                        rows = await conn.fetch(
                             _SELECT + " WHERE j.schedule <> '' AND NOT j.paused AND j.next_fire_at <= now()"
-                            " ORDER BY j.next_fire_at LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+                            " ORDER BY j.next_fire_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED", FIRE_BATCH,
                         )
-                        if row is None:
+                        if not rows:
                             break
-                        job = _job(row)
-                        # Move the next fire past now first: a crash from here on can miss this fire,
-                        # never start it twice; fires missed while down collapse into this one.
+                        jobs = [_job(r) for r in rows]
+                        now = datetime.now(UTC)
+                        # Move the next fires past now first: a crash from here on can miss these
+                        # fires, never start one twice; fires missed while down collapse into one.
                         await conn.execute(
-                            "UPDATE jobs SET next_fire_at = $2 WHERE id = $1",
-                            job.id, next_fire(job.schedule, job.timezone, datetime.now(UTC)),
+                            "UPDATE jobs SET next_fire_at = due.at FROM unnest($1::bigint[], $2::timestamptz[])"
+                            " AS due(id, at) WHERE jobs.id = due.id",
+                            [j.id for j in jobs], [next_fire(j.schedule, j.timezone, now) for j in jobs],
                         )
-                    starts.append(asyncio.create_task(fire(job)))
+                    starts += [asyncio.create_task(fire(job)) for job in jobs]
                 results = await asyncio.gather(*starts)
             finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK)
+                await conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK)
         return sum(results)
 
-    async def _fire(self, job: Job) -> bool:
+    async def _launcher(self, job: Job) -> tuple[User, Project] | None:
+        """Who a cron run starts as (the job's creator, still an operator of its project), and where."""
         owner = await get_by_id(self.pool, job.creator_id)
-        project_row = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", job.project_id)
-        if owner is None or project_row is None:
-            return False
+        project_id = await self.pool.fetchval("SELECT public_id FROM projects WHERE id = $1", job.project_id)
+        if owner is None or project_id is None:
+            return None
         try:
-            project = await self.projects.get(owner, project_row["public_id"], Role.OPERATOR)
+            return owner, await self.projects.get(owner, project_id, Role.OPERATOR)
+        except AppError as exc:
+            log.warning("cron job %s cannot start as %s: %s", job.public_id, owner.username, exc)
+            return None
+
+    async def _fire(self, job: Job, owner: User, project: Project) -> bool:
+        try:
             await self.run(owner, project, job)
         except AlreadyExists:
             log.info("cron job %s is still running: this fire is skipped", job.public_id)
@@ -399,16 +425,36 @@ class JobService:
         except Exception as exc:
             log.warning("retry %d of job %s did not start: %s", run.attempt + 1, job.public_id, exc)
 
-    async def _notify(self, run: Workload) -> None:
-        """Mail the job's recipients that asked to hear about this ending."""
+    async def _run_ended(self, run: Workload) -> None:
+        """After a run's final status: mail who asked, then start dependents or a retry."""
         if run.kind != "job_run" or run.job_id is None:
             return
         row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id)
-        final = await workload_store.get_by_id(self.pool, run.id)
-        if row is None or final is None:
+        if row is None:  # the job was deleted
             return
         job = _job(row)
-        to = notify.recipients_for(job.recipients, final.status)
+        if job.recipients:
+            await self._notify(job, run)
+        if run.status != states.SUCCEEDED:
+            if self._should_retry(job, run):
+                await self._retry(job, run)
+            return
+        children = await self.pool.fetch(_SELECT + " WHERE j.parent_id = $1 AND NOT j.paused", run.job_id)
+        for child_row in children:
+            child = _job(child_row)
+            owner = await get_by_id(self.pool, child.creator_id)
+            project_row = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", child.project_id)
+            if owner is None or project_row is None:
+                continue
+            try:
+                project = await self.projects.get(owner, project_row["public_id"], Role.OPERATOR)
+                await self.run(owner, project, child)
+            except Exception as exc:  # one child failing to start must not stop its siblings
+                log.warning("dependent job %s did not start: %s", child.public_id, exc)
+
+    async def _notify(self, job: Job, run: Workload) -> None:
+        """Mail the job's recipients that asked to hear about this ending."""
+        to = notify.recipients_for(job.recipients, run.status)
         if not to:
             return
         if self.smtp is None:
@@ -416,8 +462,8 @@ class JobService:
             return
         project = await self.pool.fetchrow("SELECT public_id, name FROM projects WHERE id = $1", job.project_id)
         message = notify.build_message(
-            sender=self.smtp.sender, to=to, job_name=job.name, project_name=project["name"], status=final.status,
-            reason=final.reason, run_url=f"{self.base_url}/projects/{project['public_id']}/jobs/{job.public_id}/runs/{run.public_id}",
+            sender=self.smtp.sender, to=to, job_name=job.name, project_name=project["name"], status=run.status,
+            reason=run.reason, run_url=f"{self.base_url}/projects/{project['public_id']}/jobs/{job.public_id}/runs/{run.public_id}",
             log_tail=self._log_tail(run), project_dir=self.workloads.projects_dir / project["public_id"],
             attachments=job.attachments,
         )
@@ -430,28 +476,3 @@ class JobService:
         size = self.workloads.logs.size(run.public_id)
         data = self.workloads.logs.read(run.public_id, max(0, size - notify.LOG_TAIL_BYTES), notify.LOG_TAIL_BYTES)
         return data.decode("utf-8", errors="replace")
-
-    async def _run_finished(self, run: Workload) -> None:
-        """A run that succeeded starts its job's dependents; one that failed may be retried."""
-        if run.kind != "job_run" or run.job_id is None:
-            return
-        final = await workload_store.get_by_id(self.pool, run.id)
-        if final is None:
-            return
-        if final.status != states.SUCCEEDED:
-            row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id)
-            if row is not None and self._should_retry(_job(row), final):
-                await self._retry(_job(row), final)
-            return
-        children = await self.pool.fetch(_SELECT + " WHERE j.parent_id = $1 AND NOT j.paused", run.job_id)
-        for row in children:
-            child = _job(row)
-            owner = await get_by_id(self.pool, child.creator_id)
-            project_row = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", child.project_id)
-            if owner is None or project_row is None:
-                continue
-            try:
-                project = await self.projects.get(owner, project_row["public_id"], Role.OPERATOR)
-                await self.run(owner, project, child)
-            except Exception as exc:  # one child failing to start must not stop its siblings
-                log.warning("dependent job %s did not start: %s", child.public_id, exc)

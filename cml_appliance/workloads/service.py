@@ -153,6 +153,7 @@ class WorkloadService:
             raise Unavailable(str(exc)) from None
         public_id = new_engine_id()
         local = engine_name == "local"
+        secret, key = api_keys.workload_key(user.id, project.id, f"{request.kind} {public_id}")
         try:
             row = await store.insert(
                 self.pool,
@@ -169,14 +170,10 @@ class WorkloadService:
                     "attempt": request.attempt,
                     "deployment_id": request.deployment_id,
                 },
+                api_key=key,
             )
         except asyncpg.UniqueViolationError:
             raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
-        secret, key = await api_keys.create(
-            self.pool, user, comments=f"{request.kind} {public_id}", audiences=["API"], scope_project_id=project.id
-        )
-        await store.update(self.pool, row.id, api_key_id=key.key_id)
-        row = dataclasses.replace(row, api_key_id=key.key_id)
         spec = LaunchSpec(
             workload_id=public_id,
             kind=request.kind,
@@ -198,8 +195,8 @@ class WorkloadService:
                 await self._finish(row.id, None)  # stopped before it started
                 return
             handle = await engine.start(spec)
-            await store.update(self.pool, row.id, handle=handle)
-            if await store.transition(self.pool, row.id, states.RUNNING) is None:
+            if await store.transition(self.pool, row.id, states.RUNNING, handle=handle) is None:
+                await store.update(self.pool, row.id, handle=handle)
                 await engine.stop(handle, self.stop_grace)  # a stop came while it was starting
             await self._watch(row, engine, handle)
         except (EngineError, EngineUnavailable) as exc:
@@ -253,28 +250,24 @@ class WorkloadService:
         else:
             target = states.FAILED
             reason = reason or (f"the main process exited with code {code}" if code is not None else "the process ended")
-        await self._revoke(row)
-        await store.transition(self.pool, row_id, target, exit_code=code, reason=reason)
-        self._ended(row)
+        await self._end(row, target, exit_code=code, reason=reason)
 
     async def _fail(self, row_id: int, reason: str) -> None:
         row = await store.get_by_id(self.pool, row_id)
         if row is None or not row.active:
             return
-        await self._revoke(row)
-        await store.transition(self.pool, row_id, states.FAILED, reason=reason[:2000])
-        self._ended(row)
+        await self._end(row, states.FAILED, reason=reason[:2000])
 
-    async def _revoke(self, row: Workload) -> None:
-        """The workload's own key dies before its final status is visible, never after."""
-        if row.api_key_id:
-            await api_keys.revoke(self.pool, row.api_key_id)
-
-    def _ended(self, row: Workload) -> None:
+    async def _end(self, row: Workload, target: str, **fields: Any) -> None:
+        """The final status; the workload's own key dies with it (same statement), never after."""
+        final = await store.transition(self.pool, row.id, target, revoke_key=row.api_key_id, **fields)
+        if final is None:  # someone else ended it meanwhile
+            final = await store.get_by_id(self.pool, row.id) or row
         self.logs.close(row.public_id)
         self._specs.pop(row.id, None)
+        # Listeners get the final row (dependent jobs, retries, notifications, replicas).
         for listener in self.finish_listeners:
-            self.supervisor.spawn(f"finished-{row.public_id}", listener(row))
+            self.supervisor.spawn(f"finished-{row.public_id}", listener(final))
 
     # Stop ----------------------------------------------------------------------------------
 

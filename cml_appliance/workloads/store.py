@@ -72,13 +72,30 @@ def _workload(row: asyncpg.Record) -> Workload:
     )
 
 
-async def insert(conn: asyncpg.Connection | asyncpg.Pool, values: dict[str, Any]) -> Workload:
-    columns = ", ".join(values)
-    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-    row_id = await conn.fetchval(f"INSERT INTO workloads ({columns}) VALUES ({placeholders}) RETURNING id", *values.values())
-    found = await get_by_id(conn, row_id)
-    assert found is not None
-    return found
+async def insert(conn: asyncpg.Connection | asyncpg.Pool, values: dict[str, Any],
+                 api_key: dict[str, Any] | None = None) -> Workload:
+    """Insert a workload and return it whole, in one statement; with `api_key` (the columns of its
+    own CDSW_APIV2_KEY row) the key is inserted by the same statement, so neither exists alone."""
+    columns = list(values)
+    args = list(values.values())
+    placeholders = [f"${i}" for i in range(1, len(args) + 1)]
+    key_cte = ""
+    source = ""
+    if api_key:
+        key_columns = ", ".join(api_key)
+        key_placeholders = ", ".join(f"${i}" for i in range(len(args) + 1, len(args) + len(api_key) + 1))
+        args += list(api_key.values())
+        key_cte = f"k AS (INSERT INTO api_keys ({key_columns}) VALUES ({key_placeholders}) RETURNING key_id), "
+        columns.append("api_key_id")
+        placeholders.append("k.key_id")
+        source = " FROM k"
+    row = await conn.fetchrow(
+        f"WITH {key_cte}w AS (INSERT INTO workloads ({', '.join(columns)}) SELECT {', '.join(placeholders)}{source}"
+        f" RETURNING *) {_SELECT.replace('FROM workloads w', 'FROM w')}",
+        *args,
+    )
+    assert row is not None
+    return _workload(row)
 
 
 async def get_by_id(conn: asyncpg.Connection | asyncpg.Pool, row_id: int) -> Workload | None:
@@ -118,11 +135,12 @@ async def list_active(conn: asyncpg.Pool, engine: str) -> list[Workload]:
 
 
 async def transition(
-    conn: asyncpg.Connection | asyncpg.Pool, row_id: int, target: str, **fields: Any
+    conn: asyncpg.Connection | asyncpg.Pool, row_id: int, target: str, *, revoke_key: str | None = None, **fields: Any
 ) -> Workload | None:
     """Move a workload to `target` if the state machine allows it from its current status.
 
-    Returns the updated workload, or None when the move is illegal (nothing changes then).
+    Returns the updated workload, or None when the move is illegal (nothing changes then). With
+    `revoke_key`, that API key is deleted by the same statement: it is gone once the status shows.
     """
     stamp = states.STAMPS.get(target)
     sets = ["status = $2", "updated_at = now()"]
@@ -132,12 +150,16 @@ async def transition(
     for key, value in fields.items():
         args.append(value)
         sets.append(f"{key} = ${len(args)}")
-    row_id_out = await conn.fetchval(
-        f"UPDATE workloads SET {', '.join(sets)} WHERE id = $1 AND status = ANY($3::text[]) RETURNING id", *args
+    revoke = ""
+    if revoke_key:
+        args.append(revoke_key)
+        revoke = f"gone AS (DELETE FROM api_keys WHERE key_id = ${len(args)}), "
+    row = await conn.fetchrow(
+        f"WITH {revoke}w AS (UPDATE workloads SET {', '.join(sets)} WHERE id = $1 AND status = ANY($3::text[])"
+        f" RETURNING *) {_SELECT.replace('FROM workloads w', 'FROM w')}",
+        *args,
     )
-    if row_id_out is None:
-        return None
-    return await get_by_id(conn, row_id)
+    return _workload(row) if row else None
 
 
 async def update(conn: asyncpg.Connection | asyncpg.Pool, row_id: int, **fields: Any) -> None:
