@@ -42,7 +42,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Connections go back to the pool without asyncpg's reset query (advisory unlock all, UNLISTEN,
+    RESET ALL), which would be a second round trip after every query. asyncpg still rolls back an
+    open transaction. So nothing here may leave session state behind: advisory locks are released
+    in `finally`, LISTEN has a connection of its own (workloads/events.py), nothing uses SET."""
+
+
 async def create_pool(dsn: str, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_no_session_reset, **kwargs
+    )
     assert pool is not None
     return pool
