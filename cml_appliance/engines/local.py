@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import pty
@@ -20,8 +21,10 @@ import resource
 import shutil
 import signal
 import struct
+import subprocess
 import termios
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cml_appliance.engines.base import EngineError, LaunchSpec
@@ -68,6 +71,73 @@ def _alive(pid: int, ticks: str) -> bool:
 def _parse(handle: str) -> tuple[int, str, str]:
     pid, ticks, workload_id = handle.split(":", 2)
     return int(pid), ticks, workload_id
+
+
+class MainProcess:
+    """A workload's main process, started by subprocess.Popen in a worker thread.
+
+    Forking this (large) process and waiting for the child's exec takes milliseconds; done on the
+    event loop (as uvloop's subprocess does) that blocks every other request meanwhile, which is
+    what a thousand cron runs due at once would feel. The loop only watches the output pipe and a
+    pidfd that becomes readable when the process ends. Both descriptors are ours alone, closed once.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], output_fd: int):
+        self.popen = popen
+        self.pid = popen.pid
+        self.output = asyncio.StreamReader()
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = self._loop.create_future()
+        self._output_fd: int | None = output_fd
+        os.set_blocking(output_fd, False)
+        self._loop.add_reader(output_fd, self._readable)
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._loop.add_reader(self._pidfd, self._check_exit)
+        self._check_exit()  # it may already be gone
+
+    @classmethod
+    async def start(cls, spawner: ThreadPoolExecutor, command: list[str], cwd: Path, env: dict[str, str],
+                    memory_bytes: int) -> MainProcess:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            popen = await asyncio.get_running_loop().run_in_executor(spawner, functools.partial(
+                subprocess.Popen, command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=write_fd,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_child_setup(memory_bytes),
+            ))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return cls(popen, read_fd)
+
+    def _readable(self) -> None:
+        assert self._output_fd is not None
+        try:
+            data = os.read(self._output_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.output.feed_data(data)
+        else:
+            self.close()
+
+    def _check_exit(self) -> None:
+        if self.exited.done() or self.popen.poll() is None:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.exited.set_result(self.popen.returncode)
+
+    def close(self) -> None:
+        """Stop reading the output (at its end, or when the workload is cleaned up)."""
+        if self._output_fd is not None:
+            self._loop.remove_reader(self._output_fd)
+            os.close(self._output_fd)
+            self._output_fd = None
+            self.output.feed_eof()
 
 
 class LocalTerminal:
@@ -135,7 +205,10 @@ class LocalEngine:
 
     def __init__(self, site_id: str):
         self.site_id = site_id
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._procs: dict[str, MainProcess] = {}
+        # Threads that fork main processes. PR_SET_PDEATHSIG fires when the forking *thread* ends,
+        # so these live exactly as long as the engine (the default executor's threads might not).
+        self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="local-spawn")
         self._terminals: dict[str, set[LocalTerminal]] = {}
 
     async def ping(self) -> None:
@@ -149,16 +222,7 @@ class LocalEngine:
 
     async def start(self, spec: LaunchSpec) -> str:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *spec.command,
-                cwd=spec.project_dir,
-                env=self._env(spec),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024),
-            )
+            proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec), spec.memory_mb * 1024 * 1024)
         except OSError as exc:
             raise EngineError(f"cannot start {spec.command[0]!r}: {exc.strerror}") from None
         try:
@@ -171,9 +235,9 @@ class LocalEngine:
 
     async def output(self, handle: str) -> AsyncIterator[bytes]:
         proc = self._procs.get(handle)
-        if proc is None or proc.stdout is None:
+        if proc is None:
             return
-        while chunk := await proc.stdout.read(65536):
+        while chunk := await proc.output.read(65536):
             yield chunk
 
     async def wait(self, handle: str) -> int | None:
@@ -183,7 +247,7 @@ class LocalEngine:
             while _alive(pid, ticks):
                 await asyncio.sleep(0.5)
             return None
-        code = await proc.wait()
+        code = await proc.exited
         # A signal death shows as -N; report it as a shell would (128 + N).
         return code if code >= 0 else 128 - code
 
@@ -208,8 +272,9 @@ class LocalEngine:
 
     async def cleanup(self, handle: str) -> None:
         proc = self._procs.pop(handle, None)
-        if proc is not None and proc.returncode is None:
-            await proc.wait()
+        if proc is not None:
+            await proc.exited
+            proc.close()
         _, _, workload_id = _parse(handle)
         self._terminals.pop(workload_id, None)
 
@@ -273,6 +338,8 @@ class LocalEngine:
         for terminals in self._terminals.values():
             for terminal in list(terminals):
                 await terminal.close()
+        # Local workloads end with the appliance: the spawner threads ending sends PDEATHSIG.
+        self._spawner.shutdown(wait=False)
 
 
 def _exists(pid: int) -> bool:
