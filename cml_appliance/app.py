@@ -31,6 +31,7 @@ from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models import api as models_api
+from cml_appliance.models import ui as models_ui
 from cml_appliance.models.service import ModelService
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
@@ -181,5 +182,6 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(sessions_ui.routes())
     app.router.add_routes(jobs_ui.routes())
     app.router.add_routes(applications_ui.routes())
+    app.router.add_routes(models_ui.routes())
     app.router.add_static("/static", static_dir(), name="static", append_version=True)
     return app

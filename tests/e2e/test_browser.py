@@ -434,3 +434,65 @@ async def test_applications_page_create_and_open(browser: Browser, make_user: An
     await page.click("#app-list tr[data-app=hello] a:has-text('Hello app')")
     await expect(page.locator("#console")).to_contain_text("serving")
     browser.assert_clean()
+
+
+async def test_model_page_sends_a_test_request(browser: Browser, make_user: Any) -> None:
+    """A deployed model's page: the test box sends its JSON and shows the function's answer, or its error."""
+    import asyncio
+
+    from playwright.async_api import expect
+
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Models Demo"})
+    pid = project["id"]
+    form = aiohttp.FormData()
+    form.add_field("predict.py", b"def predict(args):\n    if 'boom' in args:\n        raise ValueError('boom requested')\n"
+                                 b"    return {'doubled': {k: v * 2 for k, v in args.items()}}\n", filename="predict.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    status, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
+        "name": "Doubler", "auto_build_model": True, "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
+    })
+    assert status == 200, model
+    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds")
+    build_id = builds["model_builds"][0]["id"]
+    deployments_url = f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build_id}/deployments"
+    for _ in range(100):
+        _, deployments = await alice.get(deployments_url)
+        if deployments["model_deployments"][0]["status"] == "deployed":
+            break
+        await asyncio.sleep(0.1)
+    assert deployments["model_deployments"][0]["status"] == "deployed"
+
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url(f"/projects/{pid}"))
+    await page.click("a.button:has-text('Models')")
+    await expect(page.locator("h1")).to_have_text("Models")
+    await expect(page.locator(f"#model-list tr[data-model='{model['id']}'] .status")).to_have_text("deployed")
+    await browser.shot("models")
+    await page.click("#model-list a:has-text('Doubler')")
+    await expect(page.locator("#model-status")).to_have_text("deployed")
+    await expect(page.locator("#access-key")).to_have_text(model["access_key"])
+    await expect(page.locator("#console")).to_contain_text("serving predict from predict.py")
+
+    # The example in the box, sent as it is.
+    await expect(page.locator("#test-output")).to_be_hidden()
+    await page.click("#test-send")
+    await expect(page.locator("#test-state")).to_contain_text("200 OK")
+    await expect(page.locator("#test-output")).to_contain_text('"feature": 2')
+    await browser.shot("model")
+
+    # The function's own error is shown as the message.
+    browser.expected_errors.add((400, f"/projects/{pid}/models/{model['id']}/test"))
+    await page.fill("#test-input", '{"boom": 1}')
+    await page.click("#test-send")
+    await expect(page.locator("#test-state")).to_contain_text("boom requested")
+    # Text that is not JSON is caught before it is sent.
+    await page.fill("#test-input", '{"a": ')
+    await page.click("#test-send")
+    await expect(page.locator("#test-state")).to_contain_text("not valid JSON")
+    await page.fill("#test-input", '{"a": 21}')
+    await page.click("#test-send")
+    await expect(page.locator("#test-output")).to_contain_text('"a": 42')
+    browser.assert_clean()

@@ -1,0 +1,323 @@
+"""Pages: a project's models (list, create with build and deploy) and one model (access key,
+builds, deployments, replicas and their output, a test request)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from cml_appliance.api.listing import ListQuery
+from cml_appliance.auth.permissions import Role
+from cml_appliance.core.errors import AppError, InvalidArgument, NotFound, PermissionDenied
+from cml_appliance.models import api as models_api
+from cml_appliance.models.service import Build, Deployment, Model, deployment_status
+from cml_appliance.runtimes import catalog
+from cml_appliance.web.context import current_user
+from cml_appliance.web.keys import MODELS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
+from cml_appliance.web.templating import redirect
+from cml_appliance.workloads import store as workload_store
+from cml_appliance.workloads.store import Workload
+from cml_appliance.workloads.streams import event_stream, logs_response
+
+# Refusals are answered as the error page (403, or 404 so existence is not leaked), never as a
+# form message: a viewer's POST must read as refused.
+REFUSED = (PermissionDenied, NotFound)
+# Status words -> the colour classes the stylesheet already has.
+STATUS_CLASS = {
+    "deployed": "status-engine_running", "deploying": "status-engine_starting", "stopping": "status-engine_stopping",
+    "failed": "status-engine_failed", "built": "status-engine_succeeded", "building": "status-engine_starting",
+    "build failed": "status-engine_failed",
+}
+EXAMPLE_REQUEST = '{\n  "feature": 1\n}'
+MAX_DEPLOYMENTS_SHOWN = 50
+
+
+def _deployment(row: Any) -> Deployment:
+    return Deployment(**{f.name: row[f.name] for f in dataclasses.fields(Deployment)})
+
+
+def _build(row: Any) -> Build:
+    return Build(**{f.name: row[f.name] for f in dataclasses.fields(Build)})
+
+
+async def _choices(request: web.Request) -> dict[str, Any]:
+    everything = ListQuery(1000, 0, {}, [], "")
+    runtimes, _ = await catalog.list_runtimes(request.app[POOL], everything)
+    profiles, _ = await catalog.list_profiles(request.app[POOL], everything)
+    return {"runtimes": [r for r in runtimes if r["status"] != "DISABLED"], "profiles": profiles, "status_class": STATUS_CLASS}
+
+
+def _build_fields(form: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {k: str(form.get(k, "")).strip() for k in ("file_path", "function_name", "comment")}
+    if form.get("runtime_identifier"):
+        fields["runtime_identifier"] = str(form["runtime_identifier"]).strip()
+    return fields
+
+
+def _deploy_fields(form: Any) -> dict[str, Any]:
+    """Replicas and resources from a form, in the API's terms; empty cpu/memory take the profile's."""
+    raw = str(form.get("replicas", "") or "1").strip()
+    if not raw.isdigit():
+        raise InvalidArgument("Replicas must be a whole number from 1 to 32.")
+    fields: dict[str, Any] = {"replicas": int(raw)}
+    profile = str(form.get("resource_profile_id", "")).strip()
+    if profile:
+        if not profile.isdigit():
+            raise InvalidArgument("Choose a resource profile from the list.")
+        fields["resource_profile_id"] = int(profile)
+    for key in ("cpu", "memory"):
+        value = str(form.get(key, "")).strip()
+        if value:
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                raise InvalidArgument(f"{key} must be a number ({'vCPU' if key == 'cpu' else 'GB'}).") from None
+    return fields
+
+
+# The models of a project -----------------------------------------------------------------------
+
+async def models_page(request: web.Request, *, error: str = "", form: dict[str, Any] | None = None,
+                      status: int = 200) -> web.StreamResponse:
+    user = current_user(request)
+    models = request.app[MODELS]
+    pid = request.match_info["project_id"]
+    project = await models.projects.get(user, pid, Role.READ)
+    pairs, _ = await models.list_models(user, pid, 500, 0)
+    ids = [m.id for _, m in pairs]
+    pool = request.app[POOL]
+    latest = {r["model_id"]: _deployment(r) for r in await pool.fetch(
+        "SELECT DISTINCT ON (model_id) * FROM model_deployments WHERE model_id = ANY($1::bigint[])"
+        " ORDER BY model_id, created_at DESC, id DESC", ids)}
+    builds = {r["model_id"]: _build(r) for r in await pool.fetch(
+        "SELECT DISTINCT ON (model_id) * FROM model_builds WHERE model_id = ANY($1::bigint[])"
+        " ORDER BY model_id, created_at DESC, id DESC", ids)}
+    rows = []
+    for _, model in pairs:
+        deployment = latest.get(model.id)
+        build = builds.get(model.id)
+        if deployment is not None:
+            shown = deployment_status(deployment, await models.replicas(deployment))
+        else:
+            shown = build.status if build is not None else "not built"
+        rows.append({"model": model, "deployment": deployment, "build": build, "status": shown})
+    context = {"project": project, "rows": rows, "error": error, "form": form,
+               "can_write": project.role >= Role.WRITE} | await _choices(request)
+    return aiohttp_jinja2.render_template("models.html", request, context, status=status)
+
+
+async def create_model(request: web.Request) -> web.StreamResponse:
+    user = current_user(request)
+    models = request.app[MODELS]
+    pid = request.match_info["project_id"]
+    await models.projects.get(user, pid, Role.WRITE)  # refused before any form message
+    form = await request.post()
+    kept = {k: str(v) for k, v in form.items() if k != "csrf_token"}
+    build_now = form.get("build_and_deploy") == "on"
+    fields: dict[str, Any] = {"name": str(form.get("name", "")).strip(), "description": str(form.get("description", "")).strip(),
+                              "disable_authentication": form.get("disable_authentication") == "on"}
+    model: Model | None = None
+    try:
+        deploy = _deploy_fields(form) if build_now else {}
+        build_fields = _build_fields(form)
+        # What auto_build_model/auto_deploy_model do in ModelService.create_model, in two steps so
+        # that a build or deployment that cannot work removes the model again: the form is then
+        # shown with the reason and can simply be sent again.
+        model, _, _ = await models.create_model(user, pid, fields)
+        if build_now:
+            build = await models.create_build(user, pid, model.public_id,
+                                              build_fields | {"auto_deploy_model": True, "auto_deployment_config": deploy})
+            if build.status != "built":
+                raise InvalidArgument(f"The build failed: {build.failure}.")
+    except REFUSED:
+        raise
+    except AppError as exc:
+        if model is not None:
+            await models.delete_model(user, pid, model.public_id)
+        message = exc.message if model is None else f"{exc.message.rstrip('.')}. Nothing was created; correct the form and try again."
+        return await models_page(request, error=message, form=kept, status=exc.status)
+    text = f"Created model {model.name}" + (", built it and started its deployment." if build_now else ".")
+    raise redirect(request, f"/projects/{pid}/models/{model.public_id}", "ok", text)
+
+
+# One model -------------------------------------------------------------------------------------
+
+async def _deployments(request: web.Request, model: Model) -> list[dict[str, Any]]:
+    """The model's deployments, newest first, with their build, status and replicas."""
+    rows = await request.app[POOL].fetch(
+        "SELECT d.*, b.public_id AS build_public_id FROM model_deployments d JOIN model_builds b ON b.id = d.build_id"
+        " WHERE d.model_id = $1 ORDER BY d.created_at DESC, d.id DESC LIMIT $2", model.id, MAX_DEPLOYMENTS_SHOWN)
+    found = []
+    for row in rows:
+        deployment = _deployment(row)
+        replicas = await request.app[MODELS].replicas(deployment)
+        found.append({"deployment": deployment, "build_id": row["build_public_id"], "replicas": replicas,
+                      "status": deployment_status(deployment, replicas)})
+    return found
+
+
+async def model_page(request: web.Request) -> web.StreamResponse:
+    user = current_user(request)
+    models = request.app[MODELS]
+    pid, mid = request.match_info["project_id"], request.match_info["model_id"]
+    project, model = await models.get_model(user, pid, mid)
+    _, builds = await models.list_builds(user, pid, mid)
+    deployments = await _deployments(request, model)
+    # The active deployment: the newest that was not stopped (a failed one too, to read why).
+    active = next((d for d in deployments if not d["deployment"].stopped), None)
+    everyone = [r for d in deployments for r in d["replicas"]]
+    wanted = request.query.get("replica", "")
+    replica = next((r for r in everyone if r.public_id == wanted), None)
+    if replica is None and active and active["replicas"]:
+        replica = active["replicas"][0]
+    context = {
+        "project": project, "model": model, "builds": builds, "deployments": deployments, "active": active,
+        "replica": replica, "can_write": project.role >= Role.WRITE, "example_request": EXAMPLE_REQUEST,
+        "base_url": request.app[SETTINGS].base_url,
+    } | await _choices(request)
+    return aiohttp_jinja2.render_template("model.html", request, context)
+
+
+def _back(request: web.Request) -> str:
+    return f"/projects/{request.match_info['project_id']}/models/{request.match_info['model_id']}"
+
+
+async def regenerate_key(request: web.Request) -> web.StreamResponse:
+    await request.app[MODELS].regenerate_key(current_user(request), request.match_info["project_id"], request.match_info["model_id"])
+    raise redirect(request, _back(request), "ok", "A new access key was made; the old one no longer works.")
+
+
+async def delete_model(request: web.Request) -> web.StreamResponse:
+    pid = request.match_info["project_id"]
+    await request.app[MODELS].delete_model(current_user(request), pid, request.match_info["model_id"])
+    raise redirect(request, f"/projects/{pid}/models", "ok", "Model deleted.")
+
+
+async def create_build(request: web.Request) -> web.StreamResponse:
+    user = current_user(request)
+    pid, mid = request.match_info["project_id"], request.match_info["model_id"]
+    form = await request.post()
+    try:
+        fields = _build_fields(form)
+        if form.get("deploy") == "on":
+            fields |= {"auto_deploy_model": True, "auto_deployment_config": _deploy_fields(form)}
+        build = await request.app[MODELS].create_build(user, pid, mid, fields)
+    except REFUSED:
+        raise
+    except AppError as exc:
+        raise redirect(request, _back(request), "error", exc.message) from None
+    if build.status != "built":
+        raise redirect(request, _back(request), "error", f"Build {build.public_id} failed: {build.failure}")
+    deployed = " and started its deployment" if form.get("deploy") == "on" else ""
+    raise redirect(request, _back(request), "ok", f"Built {build.public_id}{deployed}.")
+
+
+async def deploy_build(request: web.Request) -> web.StreamResponse:
+    m = request.match_info
+    form = await request.post()
+    try:
+        deployment = await request.app[MODELS].create_deployment(current_user(request), m["project_id"], m["model_id"],
+                                                                 m["build_id"], _deploy_fields(form))
+    except REFUSED:
+        raise
+    except AppError as exc:
+        raise redirect(request, _back(request), "error", exc.message) from None
+    raise redirect(request, _back(request), "ok", f"Deploying build {m['build_id']} ({deployment.replicas} replica(s)).")
+
+
+async def deployment_action(request: web.Request) -> web.StreamResponse:
+    m = request.match_info
+    models = request.app[MODELS]
+    act = models.stop_deployment if m["action"] == "stop" else models.restart_deployment
+    try:
+        await act(current_user(request), m["project_id"], m["model_id"], m["build_id"], m["deployment_id"])
+    except REFUSED:
+        raise
+    except AppError as exc:
+        raise redirect(request, _back(request), "error", exc.message) from None
+    raise redirect(request, _back(request), "ok", "Stopping the deployment." if m["action"] == "stop" else "Restarting the deployment.")
+
+
+# Replicas' output ------------------------------------------------------------------------------
+
+async def _replica(request: web.Request) -> Workload:
+    """A replica of this model, found only through a model the user may read."""
+    user = current_user(request)
+    _, model = await request.app[MODELS].get_model(user, request.match_info["project_id"], request.match_info["model_id"])
+    replica = await workload_store.get(request.app[POOL], request.match_info["replica_id"])
+    if replica is None or replica.kind != "model_replica" or replica.deployment_id is None or not await request.app[POOL].fetchval(
+            "SELECT true FROM model_deployments WHERE id = $1 AND model_id = $2", replica.deployment_id, model.id):
+        raise NotFound(f"replica {request.match_info['replica_id']!r} not found")
+    return replica
+
+
+async def replica_logs(request: web.Request) -> web.Response:
+    return logs_response(request, request.app[WORKLOADS].logs, await _replica(request))
+
+
+async def replica_events(request: web.Request) -> web.StreamResponse:
+    replica = await _replica(request)
+    return await event_stream(request, request.app[POOL], request.app[STATUS_HUB], request.app[WORKLOADS].logs, replica)
+
+
+# The test request ------------------------------------------------------------------------------
+
+async def test_request(request: web.Request) -> web.Response:
+    """The page's test box: what POST /model answers, for the signed-in user.
+
+    /model takes a Bearer API key for models with authentication, and the page holds only the
+    sign-in cookie, so this route does the same with the cookie's user: it needs the read
+    permission on the project, as /model asks of a key's user, and the form's CSRF token.
+    """
+    user = current_user(request)
+    models = request.app[MODELS]
+    try:
+        _, model = await models.get_model(user, request.match_info["project_id"], request.match_info["model_id"])
+    except AppError as exc:
+        return models_api._failure(exc.status, exc.message)
+    form = await request.post()
+    try:
+        argument = json.loads(str(form.get("request", "")))
+    except ValueError as exc:
+        return models_api._failure(400, f"the request is not valid JSON: {exc}")
+    deadline = time.monotonic() + models_api.BUSY_WAIT_SECONDS
+    while True:  # as /model: round robin over free replicas, 429 when all stay busy
+        replicas = await models.serving_replicas(model)
+        if not replicas:
+            return models_api._failure(503, "the model is not deployed, or its replicas are not running")
+        for replica in models.order(model, replicas):
+            lock = models.lock_for(replica)
+            if lock.locked():
+                continue
+            async with lock:
+                return await models_api._forward(request, replica, argument)
+        if time.monotonic() >= deadline:
+            return models_api._failure(429, "model.busy")
+        await asyncio.sleep(0.01)
+
+
+def routes() -> list[web.RouteDef]:
+    base = "/projects/{project_id}/models"
+    model = base + "/{model_id:[a-z0-9-]+}"
+    build = model + "/builds/{build_id:[a-z0-9-]+}"
+    replica = model + "/replicas/{replica_id:[a-z0-9-]+}"
+    return [
+        web.get(base, models_page, name="ui_models"),
+        web.post(base, create_model, name="ui_model_create"),
+        web.get(model, model_page, name="ui_model"),
+        web.post(model + "/regenerate-key", regenerate_key, name="ui_model_regenerate_key"),
+        web.post(model + "/delete", delete_model, name="ui_model_delete"),
+        web.post(model + "/test", test_request, name="ui_model_test"),
+        web.post(model + "/builds", create_build, name="ui_model_build"),
+        web.post(build + "/deploy", deploy_build, name="ui_model_deploy"),
+        web.post(build + "/deployments/{deployment_id:[a-z0-9-]+}/{action:stop|restart}", deployment_action,
+                 name="ui_model_deployment_action"),
+        web.get(replica + "/logs", replica_logs, name="ui_model_replica_logs"),
+        web.get(replica + "/events", replica_events, name="ui_model_replica_events"),
+    ]
