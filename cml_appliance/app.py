@@ -14,6 +14,7 @@ import jinja2
 from aiohttp import web
 
 from cml_appliance.applications import api as applications_api
+from cml_appliance.applications import proxy as applications_proxy
 from cml_appliance.applications import ui as applications_ui
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.auth import api as auth_api
@@ -72,9 +73,9 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         middlewares=[
             middlewares.observe,
             middlewares.errors,
+            applications_proxy.gateway,  # application traffic goes no further
             middlewares.authenticate,
             middlewares.csrf,
-            applications_api.host_router,
             templating.page_context,
         ],
         client_max_size=settings.max_json_body_mb * 1024 * 1024,
@@ -175,6 +176,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(sessions_api.routes())
     app.router.add_routes(jobs_api.routes())
     app.router.add_routes(applications_api.routes())
+    app.router.add_routes(applications_proxy.routes())
     app.router.add_routes(models_api.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())

@@ -1,14 +1,11 @@
-"""API v2: applications as CML defines them, and the proxy that reaches them at
-/apps/<subdomain>/ and at http://<subdomain>.<domain>/ (HTTP, streamed responses, WebSockets)."""
+"""API v2: applications as CML defines them. The proxy that reaches them is in proxy.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, STR, STR_LIST, STR_MAP
 from cml_appliance.api.common import json_body, list_query, page
@@ -16,29 +13,18 @@ from cml_appliance.applications.service import Application, app_status
 from cml_appliance.core.errors import (
     InvalidArgument,
     NotFound,
-    Unauthenticated,
-    Unavailable,
 )
-from cml_appliance.core.tasks import until_first_done
 from cml_appliance.core.timefmt import rfc3339
-from cml_appliance.web.context import USER, current_user
+from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import (
-    APP_PROXY_SESSION,
     APPLICATIONS,
     POOL,
-    SETTINGS,
     STATUS_HUB,
     WORKLOADS,
 )
 from cml_appliance.workloads import states
 from cml_appliance.workloads.store import Workload
 from cml_appliance.workloads.streams import event_stream, logs_response
-
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "host", "content-length"})
-# The user's credentials for the appliance never reach the application.
-PRIVATE_HEADERS = frozenset({"authorization", "cookie"})
-
 
 def app_json(app: Application, run: Workload | None) -> dict[str, Any]:
     data = {
@@ -132,107 +118,6 @@ async def app_events(request: web.Request) -> web.StreamResponse:
     return await event_stream(request, request.app[POOL], request.app[STATUS_HUB], request.app[WORKLOADS].logs, run)
 
 
-# The proxy -------------------------------------------------------------------------------------
-
-def subdomain_of_host(request: web.Request) -> str | None:
-    """`<sub>` when the request came for http://<sub>.<domain>/ (wildcard DNS), else None."""
-    host = request.host.split(":", 1)[0].lower()
-    domain = request.app[SETTINGS].domain.split(":", 1)[0].lower()
-    if host.endswith("." + domain):
-        sub = host[: -len(domain) - 1]
-        if sub and "." not in sub:
-            return sub
-    return None
-
-
-async def proxy_path(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, request.match_info["subdomain"], "/" + request.match_info["tail"],
-                       prefix=f"/apps/{request.match_info['subdomain']}")
-
-
-async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "") -> web.StreamResponse:
-    apps = request.app[APPLICATIONS]
-    route = await apps.route(subdomain)
-    if route is None:
-        raise NotFound(f"there is no application at {subdomain!r}")
-    user = request.get(USER)
-    if not (route.app.bypass_authentication and apps.allow_unauthenticated):
-        if user is None:
-            raise Unauthenticated("sign in to open this application")
-        if not await apps.may_open(user, route):
-            raise NotFound(f"there is no application at {subdomain!r}")
-    if route.address is None:
-        raise Unavailable(f"the application is not running ({route.status})")
-    address = route.address
-    target = f"http://{address}{path}" + (f"?{request.query_string}" if request.query_string else "")
-    # Content-Length stays: many small servers cannot read a chunked request body.
-    headers = {k: v for k, v in request.headers.items()
-               if k.lower() not in (HOP_BY_HOP - {"content-length"}) | PRIVATE_HEADERS}
-    headers.update({"X-Forwarded-Host": request.host, "X-Forwarded-Proto": request.scheme})
-    if prefix:
-        headers["X-Forwarded-Prefix"] = prefix
-    if user is not None:
-        headers["X-Forwarded-User"] = user.username
-    session = request.app[APP_PROXY_SESSION]
-    if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await _proxy_websocket(request, session, target.replace("http://", "ws://", 1), headers)
-    try:
-        async with session.request(request.method, target, headers=headers, allow_redirects=False,
-                                   data=request.content if request.body_exists else None) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in HOP_BY_HOP:
-                    response.headers.add(key, value)
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-        raise Unavailable(f"the application did not answer: {exc}") from None
-
-
-async def _proxy_websocket(request: web.Request, session: aiohttp.ClientSession, target: str, headers: dict[str, str]) -> web.StreamResponse:
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    forward = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
-    try:
-        upstream = await session.ws_connect(target, headers=forward, protocols=protocols)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise Unavailable(f"the application did not accept the WebSocket: {exc}") from None
-    ws = web.WebSocketResponse(protocols=protocols, heartbeat=25)
-    await ws.prepare(request)
-
-    async def pump(source: Any, sink: Any) -> None:
-        async for msg in source:
-            if msg.type == WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-            else:
-                break
-
-    try:
-        await until_first_done(pump(ws, upstream), pump(upstream, ws))
-    finally:
-        await upstream.close()
-        await ws.close()
-    return ws
-
-
-@web.middleware
-async def host_router(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Requests for http://<subdomain>.<domain>/ go to that application, whatever their path."""
-    subdomain = subdomain_of_host(request)
-    if subdomain is not None:
-        return await proxy(request, subdomain, request.path)
-    return await handler(request)
-
-
-async def _slash(request: web.Request) -> web.StreamResponse:
-    """/apps/<subdomain> without the slash: relative links in the app need it."""
-    raise web.HTTPFound(f"/apps/{request.match_info['subdomain']}/")
-
-
 def routes() -> list[web.RouteDef]:
     base = "/api/v2/projects/{project_id}/applications"
     one = base + "/{app_id:[a-z0-9-]+}"
@@ -246,7 +131,5 @@ def routes() -> list[web.RouteDef]:
         web.post(one + ":stop", stop_app, name="api_stop_application"),
         web.get(one + "/logs", app_logs, name="api_application_logs"),
         web.get(one + "/events", app_events, name="api_application_events"),
-        web.route("*", "/apps/{subdomain}/{tail:.*}", proxy_path, name="app_proxy"),
-        web.get("/apps/{subdomain}", _slash, name="app_proxy_root"),
     ]
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from cml_appliance.auth import api_keys, login_sessions
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
@@ -28,6 +29,7 @@ from cml_appliance.core.errors import (
     PermissionDenied,
 )
 from cml_appliance.core.ids import new_public_id
+from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.engines.base import EngineError, EngineUnavailable
 from cml_appliance.jobs.service import command_for
@@ -110,6 +112,7 @@ class Route:
 
 # The proxy answers many requests a second: it reuses a route or a permission this long.
 ROUTE_TTL_SECONDS = 2.0
+MAX_REMEMBERED_VISITORS = 10_000
 
 
 class ApplicationService:
@@ -123,6 +126,7 @@ class ApplicationService:
         self.allow_unauthenticated = allow_unauthenticated
         self._routes: dict[str, Route] = {}
         self._permissions: dict[tuple[int, int], float] = {}
+        self._visitors: dict[str, tuple[float, User | None]] = {}
         workloads.finish_listeners.append(self._workload_ended)
 
     async def _workload_ended(self, run: Workload) -> None:
@@ -133,6 +137,7 @@ class ApplicationService:
         """After any start, stop or change: the proxy looks everything up again."""
         self._routes.clear()
         self._permissions.clear()
+        self._visitors.clear()
 
     async def route(self, subdomain: str) -> Route | None:
         cached = self._routes.get(subdomain)
@@ -154,6 +159,29 @@ class ApplicationService:
         if address is not None:  # only a working route is worth keeping
             self._routes[subdomain] = route
         return route
+
+    async def visitor(self, bearer: str | None, cookie: str | None) -> User | None:
+        """Who calls an application: a key made for the Application audience if one is sent, else
+        the sign-in cookie. The answer for a credential is kept ROUTE_TTL_SECONDS: a sign-out or a
+        revoked key reaches open applications that much later."""
+        if bearer is None and cookie is None:
+            return None
+        kind, secret = ("key", bearer) if bearer is not None else ("cookie", cookie)
+        cache_key = kind + ":" + token_digest(secret or "")
+        now = time.monotonic()
+        seen = self._visitors.get(cache_key)
+        if seen is not None and now - seen[0] < ROUTE_TTL_SECONDS:
+            return seen[1]
+        if bearer is not None:
+            check = await api_keys.check(self.pool, bearer, "Application")
+            user = None if check.problem else check.user
+        else:
+            login = await login_sessions.resolve(self.pool, cookie or "")
+            user = login.user if login else None
+        if len(self._visitors) >= MAX_REMEMBERED_VISITORS:
+            self._visitors.clear()
+        self._visitors[cache_key] = (now, user)
+        return user
 
     async def may_open(self, user: User, route: Route) -> bool:
         """Any viewer of the project may open its applications."""

@@ -11,6 +11,8 @@ from cml_appliance.core.security import sign, verify_signature
 from cml_appliance.web.keys import SETTINGS
 
 USER = web.RequestKey("user", User)
+# A metrics label for requests that no route names (application traffic).
+ROUTE_LABEL = web.RequestKey("route_label", str)
 LOGIN = web.RequestKey("login", LoginSession)
 SESSION_COOKIE = "cml_session"
 PRELOGIN_COOKIE = "cml_prelogin"

@@ -25,6 +25,7 @@ from cml_appliance.core.logs import request_id_var
 from cml_appliance.web import templating
 from cml_appliance.web.context import (
     LOGIN,
+    ROUTE_LABEL,
     SESSION_COOKIE,
     USER,
     check_csrf,
@@ -41,10 +42,10 @@ PUBLIC_ROUTES = frozenset(
     {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "api_validate_key", "index",
      # Authenticates itself with HTTP Basic (CDSW's v1 API).
      "api_v1_start_job",
-     # Applications decide themselves (bypass_authentication), and ask to sign in otherwise.
-     "app_proxy", "app_proxy_root",
      # The model endpoint checks the model's access key, and the caller's key when the model asks.
-     "model_endpoint"}
+     "model_endpoint",
+     # Never reached through here: applications/proxy.py's gateway answers it, and checks itself.
+     "app_proxy"}
 )
 # HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}
@@ -52,6 +53,8 @@ _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8,
 
 def _route_name(request: web.Request) -> str:
     # match_info is a dict of path parameters: empty (falsy) for routes without any.
+    if label := request.get(ROUTE_LABEL):
+        return label
     route = request.match_info.route
     if route is None or route.resource is None:
         return "unmatched"
@@ -152,39 +155,29 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if login is not None:
         request[LOGIN] = login
         request[USER] = login.user
-    for_app = _for_an_application(request)
-    if is_api_path(request.path) or for_app:
+    if is_api_path(request.path):
         secret = _bearer(request)
         if secret is not None:
-            # Applications take keys made for the Application audience; the API those for API.
-            result = await api_keys.check(pool, secret, "Application" if for_app else "API")
+            result = await api_keys.check(pool, secret, "API")
             if result.problem or result.user is None:
                 request.pop(USER, None)
-                if _route_name(request) not in PUBLIC_ROUTES and not for_app:
+                if _route_name(request) not in PUBLIC_ROUTES:
                     raise Unauthenticated(result.problem)
             else:
                 request[USER] = result.user
-        elif login is not None and request.method not in ("GET", "HEAD") and not for_app:
+        elif login is not None and request.method not in ("GET", "HEAD"):
             # The cookie alone may read the API from the UI's own pages, never change it.
             request.pop(USER, None)
-    if request.get(USER) is None and _route_name(request) not in PUBLIC_ROUTES and not for_app:
+    if request.get(USER) is None and _route_name(request) not in PUBLIC_ROUTES:
         if request.match_info.http_exception is not None:
             raise request.match_info.http_exception
         raise Unauthenticated("sign in first: send 'Authorization: Bearer <API key>'" if is_api_path(request.path) else "sign in first")
     return await handler(request)
 
 
-def _for_an_application(request: web.Request) -> bool:
-    """Requests the appliance passes on to an application: its own forms carry no token of ours."""
-    from cml_appliance.applications.api import subdomain_of_host
-
-    return request.path.startswith("/apps/") or subdomain_of_host(request) is not None
-
-
 @web.middleware
 async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method in ("GET", "HEAD", "OPTIONS") or is_api_path(request.path) or _for_an_application(request) \
-            or request.path == "/model":
+    if request.method in ("GET", "HEAD", "OPTIONS") or is_api_path(request.path) or request.path == "/model":
         return await handler(request)
     # Multipart forms carry the token as their first field; their handlers check it while streaming.
     if request.content_type != "multipart/form-data":

@@ -91,6 +91,12 @@ async def test_application_lifecycle_and_proxy(alice: Api, bob: Api) -> None:
     assert_error(status, body, 403)
     resp = await client.get("/apps/dash/", allow_redirects=False)
     assert resp.status == 302 and resp.headers["Location"].startswith("/login")
+    resp = await client.get("/apps/dash?tab=2", allow_redirects=False)  # relative links need the slash
+    assert resp.status == 302 and resp.headers["Location"] == "/apps/dash/?tab=2"
+    # A key for the API audience only does not open applications.
+    _, api_only = await alice.post("/api/v2/users/alice/v2_keys", json={"audiences": ["API"]})
+    resp = await client.get("/apps/dash/", headers={"Authorization": f"Bearer {api_only['api_key']}"}, allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"].startswith("/login")
 
     status, stopped = await alice.post(f"/api/v2/projects/{pid}/applications/{aid}:stop")
     assert status == 200
