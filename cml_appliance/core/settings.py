@@ -55,6 +55,9 @@ class Settings:
     reconcile_interval_seconds: int
     app_ready_timeout_seconds: int
     allow_unauthenticated_apps: bool
+    model_request_timeout_seconds: int
+    model_max_request_mb: int
+    model_busy_wait_seconds: int
     smtp_host: str
     smtp_port: int
     smtp_sender: str
@@ -226,7 +229,7 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     for name in (
         "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
         "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
-        "app_ready_timeout_seconds",
+        "app_ready_timeout_seconds", "model_request_timeout_seconds", "model_max_request_mb", "model_busy_wait_seconds",
     ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")

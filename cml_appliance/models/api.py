@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from cml_appliance.api.bodies import (
@@ -23,18 +20,13 @@ from cml_appliance.api.bodies import (
     read_json_object,
 )
 from cml_appliance.api.common import json_body, list_query, page
-from cml_appliance.auth import api_keys
-from cml_appliance.auth.permissions import Role
-from cml_appliance.core.errors import InvalidArgument
+from cml_appliance.core.errors import AppError, InvalidArgument
 from cml_appliance.core.timefmt import rfc3339
+from cml_appliance.models import serving
+from cml_appliance.models.serving import failure
 from cml_appliance.models.service import Build, Deployment, Model, deployment_status
-from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import APP_PROXY_SESSION, MODELS, POOL, WORKLOADS
-
-BUSY_WAIT_SECONDS = 30  # CML's proxy looks for a free replica this long, then answers 429
-REQUEST_TIMEOUT_SECONDS = 30
-MAX_REQUEST_BYTES = 5 * 1024 * 1024
+from cml_appliance.web.keys import MODELS, SETTINGS
 
 
 def _dropped_times(data: dict[str, Any]) -> dict[str, Any]:
@@ -190,71 +182,29 @@ async def restart_deployment(request: web.Request) -> web.Response:
     return await _deployment_response(request, deployment)
 
 
-def _failure(status: int, message: str) -> web.Response:
-    return web.json_response({"success": False, "error": {"message": message}}, status=status)
-
-
 async def call_model(request: web.Request) -> web.Response:
     """CML's model endpoint: {"accessKey": ..., "request": {...}} -> {"success", "response", "ReplicaID"}."""
     try:
-        body = await read_json_object(request, MAX_REQUEST_BYTES)
-    except Exception as exc:  # the endpoint answers in its own shape, not the API's
-        return _failure(getattr(exc, "status", 400), getattr(exc, "message", "the body must be a JSON object"))
+        body = await read_json_object(request, request.app[SETTINGS].model_max_request_mb * 1024 * 1024)
+    except AppError as exc:  # the endpoint answers in its own shape, not the API's
+        return failure(exc.status, exc.message)
     access_key = body.get("accessKey") or request.query.get("accessKey", "")
     if not isinstance(access_key, str) or not access_key:
-        return _failure(400, "accessKey is missing")
+        return failure(400, "accessKey is missing")
     if "request" not in body:
-        return _failure(400, 'the body needs a "request" to pass to the model function')
+        return failure(400, 'the body needs a "request" to pass to the model function')
     service = request.app[MODELS]
     model = await service.model_by_key(access_key)
     if model is None:
-        return _failure(404, "no model has that access key")
+        return failure(404, "no model has that access key")
     if model.auth_enabled:
-        header = request.headers.get("Authorization", "")
-        scheme, _, secret = header.partition(" ")
-        checked = await api_keys.check(request.app[POOL], secret.strip(), "API") if scheme.lower() == "bearer" else None
-        if checked is None or checked.problem or checked.user is None:
-            return _failure(401, "this model needs 'Authorization: Bearer <API key>' of a project collaborator")
-        project_id = await request.app[POOL].fetchval("SELECT public_id FROM projects WHERE id = $1", model.project_id)
-        project = await project_store.get(request.app[POOL], checked.user, project_id)
-        if project is None or project.role < Role.READ:
-            return _failure(403, "you are not a collaborator on this model's project")
-    deadline = time.monotonic() + BUSY_WAIT_SECONDS
-    while True:
-        replicas = await service.serving_replicas(model)
-        if not replicas:
-            return _failure(503, "the model is not deployed, or its replicas are not running")
-        for replica in service.order(model, replicas):
-            lock = service.lock_for(replica)
-            if lock.locked():
-                continue
-            async with lock:
-                return await _forward(request, replica, body["request"])
-        if time.monotonic() >= deadline:
-            return web.json_response({"success": False, "error": {"message": "model.busy"}}, status=429)
-        await asyncio.sleep(0.01)
-
-
-async def _forward(request: web.Request, replica: Any, argument: Any) -> web.Response:
-    address = await request.app[WORKLOADS].engine(replica.engine).address(replica.handle, replica.app_port or 0)
-    session: aiohttp.ClientSession = request.app[APP_PROXY_SESSION]
-    started = time.monotonic()
-    while True:
-        try:
-            async with session.post(f"http://{address}/", json=argument,
-                                    timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)) as resp:
-                answer = await resp.json(content_type=None)
-            break
-        except aiohttp.ClientConnectorError as exc:
-            # A replica that has just started may not listen yet: give it a few seconds.
-            if time.monotonic() - started > 10:
-                return _failure(502, f"the replica did not answer: {exc}")
-            await asyncio.sleep(0.1)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            return _failure(502, f"the replica did not answer: {exc or type(exc).__name__}")
-    if "error" in answer:
-        return _failure(400, str(answer["error"]))
-    return web.json_response({"success": True, "response": answer.get("response"), "ReplicaID": replica.public_id})
+        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+        refused = await service.may_call(model, secret.strip()) if scheme.lower() == "bearer" and secret.strip() else 401
+        if refused == 401:
+            return failure(401, "this model needs 'Authorization: Bearer <API key>' of a project collaborator")
+        if refused == 403:
+            return failure(403, "you are not a collaborator on this model's project")
+    return await serving.call(request, model, body["request"])
 
 
 def routes() -> list[web.RouteDef]:

@@ -1,7 +1,8 @@
 """A model replica: serves one Python function over HTTP on 127.0.0.1:$CDSW_APP_PORT.
 
-Standard library only, so it runs in any runtime with Python 3. One request at a time, as CML's
-replicas do. POST / with a JSON body calls the function with it and answers
+Standard library only, so it runs in any runtime with Python 3. The function runs for one
+request at a time, as in CML's replicas; connections are kept alive (HTTP/1.1), each on a thread
+of its own, so an idle one never holds up the others. POST / with a JSON body calls the function with it and answers
 {"response": <return value>}, or {"error": "..."} with status 400 when the function raises or
 returns something that is not JSON.
 
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import traceback
 
 
@@ -27,10 +29,18 @@ def load(path, name):
 def main():
     path, name = sys.argv[1], sys.argv[2]
     function = load(path, name)
+    one_at_a_time = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out as two writes: without TCP_NODELAY a kept-alive connection
+        # would wait for the peer's delayed ACK (40 ms) between them.
+        disable_nagle_algorithm = True
+
         def _answer(self, status, payload):
-            body = json.dumps(payload).encode()
+            self._send(status, json.dumps(payload).encode())
+
+        def _send(self, status, body):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -47,21 +57,26 @@ def main():
                 self._answer(400, {"error": f"the request is not JSON: {exc}"})
                 return
             try:
-                result = function(argument)
+                with one_at_a_time:
+                    result = function(argument)
             except Exception as exc:
                 print(traceback.format_exc(), file=sys.stderr, flush=True)
                 self._answer(400, {"error": f"the model function raised {type(exc).__name__}: {exc}"})
                 return
             try:
-                self._answer(200, {"response": result})
+                body = json.dumps({"response": result})
             except (TypeError, ValueError) as exc:
                 self._answer(400, {"error": f"the model function returned something that is not JSON: {exc}"})
+                return
+            self._send(200, body.encode())
 
         def log_message(self, *args):
             pass
 
     print(f"serving {name} from {path}", flush=True)
-    http.server.HTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), Handler).serve_forever()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from cml_appliance.auth import api_keys
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
@@ -24,8 +27,10 @@ from cml_appliance.core.errors import (
     NotFound,
 )
 from cml_appliance.core.ids import new_public_id
+from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.projects import files
+from cml_appliance.projects import store as project_store
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
 from cml_appliance.projects.store import Project
 from cml_appliance.workloads import states
@@ -115,6 +120,10 @@ def deployment_status(deployment: Deployment, runs: list[Workload]) -> str:
     return "failed"
 
 
+CALL_CACHE_SECONDS = 2.0
+MAX_REMEMBERED = 10_000
+
+
 class ModelService:
     def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, supervisor: Supervisor,
                  *, builds_dir: Path):
@@ -125,6 +134,13 @@ class ModelService:
         self.builds_dir = builds_dir
         self._next_replica: dict[int, int] = {}
         self._busy: dict[int, asyncio.Lock] = {}
+        self._freed = asyncio.Event()
+        # Calls come many a second: what they look up is kept CALL_CACHE_SECONDS, and forgotten
+        # at once when this process changes a model, a deployment or a replica ends.
+        self._by_key: dict[str, tuple[float, Model | None]] = {}
+        self._serving: dict[int, tuple[float, list[Workload]]] = {}
+        self._callers: dict[tuple[str, int], float] = {}
+        workloads.finish_listeners.append(self._workload_ended)
 
     # Models ------------------------------------------------------------------------------------
 
@@ -189,6 +205,7 @@ class ModelService:
     async def regenerate_key(self, user: User, project_id: str, model_id: str) -> Model:
         _, model = await self.get_model(user, project_id, model_id, Role.WRITE)
         await self.pool.execute("UPDATE models SET access_key = $2, updated_at = now() WHERE id = $1", model.id, new_access_key())
+        self.forget_calls()  # the old key stops working here at once
         return (await self.get_model(user, project_id, model_id))[1]
 
     async def delete_model(self, user: User, project_id: str, model_id: str) -> None:
@@ -200,6 +217,7 @@ class ModelService:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM models WHERE id = $1", model.id)
             await audit.record(conn, user.id, "model.delete", "model", model.public_id, {"name": model.name})
+        self.forget_calls()
         for build in builds:
             await asyncio.to_thread(shutil.rmtree, self.builds_dir / build, True)
 
@@ -248,12 +266,13 @@ class ModelService:
             if not code_path.is_file():
                 failure = f"{file_path} is not a file in the project"
             else:
-                tree = ast.parse(code_path.read_text(), filename=file_path)
+                # Bytes: Python's own rules find the encoding (a coding line, else UTF-8).
+                tree = ast.parse(code_path.read_bytes(), filename=file_path)
                 names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
                 names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
                 if function_name not in names:
                     failure = f"{file_path} has no function named {function_name!r}"
-        except SyntaxError as exc:
+        except SyntaxError as exc:  # also undecodable bytes and NUL bytes
             failure = f"{file_path} is not valid Python: {exc.msg} (line {exc.lineno})"
         except OSError as exc:
             failure = f"could not snapshot the project: {exc}"
@@ -281,8 +300,8 @@ class ModelService:
 
     async def _runs(self, where: str, value: int) -> list[Workload]:
         rows = await self.pool.fetch(
-            f"SELECT w.id FROM workloads w LEFT JOIN model_deployments d ON d.id = w.deployment_id WHERE {where} ORDER BY w.id", value)
-        return [w for r in rows if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
+            workload_store.SELECT + f" LEFT JOIN model_deployments d ON d.id = w.deployment_id WHERE {where} ORDER BY w.id", value)
+        return [workload_store.from_row(r) for r in rows]
 
     async def create_deployment(self, user: User, project_id: str, model_id: str, build_id: str, fields: dict[str, Any]) -> Deployment:
         project, model, build = await self.get_build(user, project_id, model_id, build_id)
@@ -328,6 +347,7 @@ class ModelService:
     async def _stop_deployment_id(self, deployment_id: int, reason: str) -> None:
         await self.pool.execute("UPDATE model_deployments SET stopped = true, stopped_at = now(), updated_at = now() WHERE id = $1",
                                 deployment_id)
+        self.forget_calls()
         for run in await self._runs("w.deployment_id = $1", deployment_id):
             if run.active:
                 await self.workloads.stop(run, reason=reason)
@@ -339,28 +359,86 @@ class ModelService:
         return (await self.get_deployment(user, project_id, model_id, build_id, deployment_id))[3]
 
     async def restart_deployment(self, user: User, project_id: str, model_id: str, build_id: str, deployment_id: str) -> Deployment:
-        project, _, build, deployment = await self.get_deployment(user, project_id, model_id, build_id, deployment_id)
+        project, model, build, deployment = await self.get_deployment(user, project_id, model_id, build_id, deployment_id)
         await self.projects.get(user, project_id, Role.WRITE)
         old = [r for r in await self.replicas(deployment) if r.active]
+        # Restarting an older deployment makes it the model's one: the others go once it is up.
+        others = await self.pool.fetch(
+            "SELECT id FROM model_deployments WHERE model_id = $1 AND NOT stopped AND id <> $2", model.id, deployment.id)
         await self.pool.execute("UPDATE model_deployments SET stopped = false, stopped_at = NULL, updated_at = now() WHERE id = $1",
                                 deployment.id)
         refreshed = (await self.get_deployment(user, project_id, model_id, build_id, deployment_id))[3]
         for run in old:
             await self.workloads.stop(run, reason=f"restarted by {user.username}")
+        self.forget_calls()
         await self._start_replicas(user, project, build, refreshed)
+        if others:
+            self.supervisor.spawn(f"replace-{deployment.public_id}", self._retire_when_up(refreshed, [r["id"] for r in others]))
         return refreshed
 
     # Calls ---------------------------------------------------------------------------------------
 
+    def forget_calls(self) -> None:
+        self._by_key.clear()
+        self._serving.clear()
+        self._callers.clear()
+
+    async def _workload_ended(self, run: Workload) -> None:
+        if run.kind == "model_replica":
+            self.forget_calls()
+
     async def model_by_key(self, access_key: str) -> Model | None:
+        now = time.monotonic()
+        seen = self._by_key.get(access_key)
+        if seen is not None and now - seen[0] < CALL_CACHE_SECONDS:
+            return seen[1]
         row = await self.pool.fetchrow("SELECT * FROM models WHERE access_key = $1", access_key)
-        return _record(Model, row) if row else None
+        model = _record(Model, row) if row else None
+        if len(self._by_key) >= MAX_REMEMBERED:
+            self._by_key.clear()
+        self._by_key[access_key] = (now, model)
+        return model
+
+    async def may_call(self, model: Model, api_key: str) -> int:
+        """0 when the key's user may call the model (a collaborator of its project), else 401 or 403.
+        A yes is kept CALL_CACHE_SECONDS; access taken away can last that much longer."""
+        grant = (token_digest(api_key), model.project_id)
+        now = time.monotonic()
+        if now - self._callers.get(grant, -CALL_CACHE_SECONDS) < CALL_CACHE_SECONDS:
+            return 0
+        checked = await api_keys.check(self.pool, api_key, "API")
+        if checked.problem or checked.user is None:
+            return 401
+        project_id = await self.pool.fetchval("SELECT public_id FROM projects WHERE id = $1", model.project_id)
+        project = await project_store.get(self.pool, checked.user, project_id)
+        if project is None or project.role < Role.READ:
+            return 403
+        if len(self._callers) >= MAX_REMEMBERED:
+            self._callers.clear()
+        self._callers[grant] = now
+        return 0
 
     async def serving_replicas(self, model: Model) -> list[Workload]:
+        now = time.monotonic()
+        seen = self._serving.get(model.id)
+        if seen is not None and now - seen[0] < CALL_CACHE_SECONDS:
+            return seen[1]
         rows = await self.pool.fetch(
-            "SELECT w.id FROM workloads w JOIN model_deployments d ON d.id = w.deployment_id"
+            workload_store.SELECT + " JOIN model_deployments d ON d.id = w.deployment_id"
             " WHERE d.model_id = $1 AND NOT d.stopped AND w.status = 'ENGINE_RUNNING' ORDER BY w.id", model.id)
-        return [w for r in rows if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
+        replicas = [workload_store.from_row(r) for r in rows]
+        if replicas:  # none yet is not kept: a deployment's first replica is used as soon as it runs
+            self._serving[model.id] = (now, replicas)
+        return replicas
+
+    def replica_released(self) -> None:
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+    async def replica_freed(self, timeout: float) -> None:
+        """Wait until some replica is released, or `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._freed.wait(), timeout)
 
     def lock_for(self, replica: Workload) -> asyncio.Lock:
         """Each replica serves one request at a time, as in CML."""

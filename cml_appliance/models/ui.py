@@ -3,10 +3,8 @@ builds, deployments, replicas and their output, a test request)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import time
 from typing import Any
 
 import aiohttp_jinja2
@@ -15,7 +13,7 @@ from aiohttp import web
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import AppError, InvalidArgument, NotFound, PermissionDenied
-from cml_appliance.models import api as models_api
+from cml_appliance.models import serving
 from cml_appliance.models.service import Build, Deployment, Model, deployment_status
 from cml_appliance.runtimes import catalog
 from cml_appliance.web.context import current_user
@@ -280,26 +278,13 @@ async def test_request(request: web.Request) -> web.Response:
     try:
         _, model = await models.get_model(user, request.match_info["project_id"], request.match_info["model_id"])
     except AppError as exc:
-        return models_api._failure(exc.status, exc.message)
+        return serving.failure(exc.status, exc.message)
     form = await request.post()
     try:
         argument = json.loads(str(form.get("request", "")))
     except ValueError as exc:
-        return models_api._failure(400, f"the request is not valid JSON: {exc}")
-    deadline = time.monotonic() + models_api.BUSY_WAIT_SECONDS
-    while True:  # as /model: round robin over free replicas, 429 when all stay busy
-        replicas = await models.serving_replicas(model)
-        if not replicas:
-            return models_api._failure(503, "the model is not deployed, or its replicas are not running")
-        for replica in models.order(model, replicas):
-            lock = models.lock_for(replica)
-            if lock.locked():
-                continue
-            async with lock:
-                return await models_api._forward(request, replica, argument)
-        if time.monotonic() >= deadline:
-            return models_api._failure(429, "model.busy")
-        await asyncio.sleep(0.01)
+        return serving.failure(400, f"the request is not valid JSON: {exc}")
+    return await serving.call(request, model, argument)
 
 
 def routes() -> list[web.RouteDef]:

@@ -56,14 +56,14 @@ class Workload:
         return self.status in states.ACTIVE
 
 
-_SELECT = """
+SELECT = """
 SELECT w.*, p.public_id AS project_public_id, u.username AS cr_username, u.name AS cr_name, u.email AS cr_email
 FROM workloads w JOIN projects p ON p.id = w.project_id JOIN users u ON u.id = w.creator_id
 """
 _FIELDS = {f.name for f in dataclasses.fields(Workload)} - {"creator", "project_public_id"}
 
 
-def _workload(row: asyncpg.Record) -> Workload:
+def from_row(row: asyncpg.Record) -> Workload:
     values = {k: row[k] for k in _FIELDS}
     return Workload(
         **values,
@@ -91,47 +91,47 @@ async def insert(conn: asyncpg.Connection | asyncpg.Pool, values: dict[str, Any]
         source = " FROM k"
     row = await conn.fetchrow(
         f"WITH {key_cte}w AS (INSERT INTO workloads ({', '.join(columns)}) SELECT {', '.join(placeholders)}{source}"
-        f" RETURNING *) {_SELECT.replace('FROM workloads w', 'FROM w')}",
+        f" RETURNING *) {SELECT.replace('FROM workloads w', 'FROM w')}",
         *args,
     )
     assert row is not None
-    return _workload(row)
+    return from_row(row)
 
 
 async def get_by_id(conn: asyncpg.Connection | asyncpg.Pool, row_id: int) -> Workload | None:
-    row = await conn.fetchrow(_SELECT + " WHERE w.id = $1", row_id)
-    return _workload(row) if row else None
+    row = await conn.fetchrow(SELECT + " WHERE w.id = $1", row_id)
+    return from_row(row) if row else None
 
 
 async def get(conn: asyncpg.Connection | asyncpg.Pool, public_id: str) -> Workload | None:
-    row = await conn.fetchrow(_SELECT + " WHERE w.public_id = $1", public_id)
-    return _workload(row) if row else None
+    row = await conn.fetchrow(SELECT + " WHERE w.public_id = $1", public_id)
+    return from_row(row) if row else None
 
 
 async def list_for_project(
     conn: asyncpg.Pool, project_id: int, kind: str, limit: int, offset: int, status_like: str = ""
 ) -> tuple[list[Workload], bool]:
     rows = await conn.fetch(
-        _SELECT + " WHERE w.project_id = $1 AND w.kind = $2 AND ($5 = '' OR lower(w.status) LIKE '%' || $5 || '%')"
+        SELECT + " WHERE w.project_id = $1 AND w.kind = $2 AND ($5 = '' OR lower(w.status) LIKE '%' || $5 || '%')"
         " ORDER BY w.created_at DESC, w.id DESC LIMIT $3 OFFSET $4",
         project_id, kind, limit + 1, offset, status_like.lower(),
     )
-    return [_workload(r) for r in rows[:limit]], len(rows) > limit
+    return [from_row(r) for r in rows[:limit]], len(rows) > limit
 
 
 async def list_for_user(conn: asyncpg.Pool, user_id: int, kind: str, limit: int, offset: int) -> tuple[list[Workload], bool]:
     rows = await conn.fetch(
-        _SELECT + " WHERE w.creator_id = $1 AND w.kind = $2 ORDER BY w.created_at DESC, w.id DESC LIMIT $3 OFFSET $4",
+        SELECT + " WHERE w.creator_id = $1 AND w.kind = $2 ORDER BY w.created_at DESC, w.id DESC LIMIT $3 OFFSET $4",
         user_id, kind, limit + 1, offset,
     )
-    return [_workload(r) for r in rows[:limit]], len(rows) > limit
+    return [from_row(r) for r in rows[:limit]], len(rows) > limit
 
 
 async def list_active(conn: asyncpg.Pool, engine: str) -> list[Workload]:
     rows = await conn.fetch(
-        _SELECT + " WHERE w.engine = $1 AND w.status = ANY($2::text[]) ORDER BY w.id", engine, list(states.ACTIVE)
+        SELECT + " WHERE w.engine = $1 AND w.status = ANY($2::text[]) ORDER BY w.id", engine, list(states.ACTIVE)
     )
-    return [_workload(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 async def transition(
@@ -156,10 +156,10 @@ async def transition(
         revoke = f"gone AS (DELETE FROM api_keys WHERE key_id = ${len(args)}), "
     row = await conn.fetchrow(
         f"WITH {revoke}w AS (UPDATE workloads SET {', '.join(sets)} WHERE id = $1 AND status = ANY($3::text[])"
-        f" RETURNING *) {_SELECT.replace('FROM workloads w', 'FROM w')}",
+        f" RETURNING *) {SELECT.replace('FROM workloads w', 'FROM w')}",
         *args,
     )
-    return _workload(row) if row else None
+    return from_row(row) if row else None
 
 
 async def update(conn: asyncpg.Connection | asyncpg.Pool, row_id: int, **fields: Any) -> None:

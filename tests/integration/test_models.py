@@ -4,11 +4,16 @@ as Cloudera's documentation shows it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
 import aiohttp
 
+from cml_appliance.app import create_app
+from cml_appliance.auth import api_keys, users
+from cml_appliance.core.settings import Settings
+from cml_appliance.web.keys import POOL
 from tests.conftest import Api, assert_error
 
 PREDICT = b'''import json
@@ -145,3 +150,87 @@ async def test_builds_that_cannot_work_fail_with_a_reason(alice: Api) -> None:
     assert resp.status == 200 and (await resp.json())["response"] == {"sum": 2}
     resp = await alice.client.post("/model", data=b"not json")
     assert resp.status == 400 and (await resp.json())["success"] is False
+
+
+SLOW = b'''import time
+def predict(args):
+    time.sleep(args.get("sleep", 0))
+    return {"slept": args.get("sleep", 0)}
+'''
+
+
+async def deployed_model(api: Api, pid: str, name: str, file_path: str) -> tuple[dict[str, Any], str, str]:
+    """(model, build id, deployment id) of a model deployed with one replica and no authentication."""
+    _, model = await api.post(f"/api/v2/projects/{pid}/models", json={
+        "name": name, "disable_authentication": True, "auto_build_model": True,
+        "auto_build_config": {"file_path": file_path, "function_name": "predict"},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
+    })
+    _, builds = await api.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds")
+    build = builds["model_builds"][0]
+    _, deployments = await api.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build['id']}/deployments")
+    await call_until_served(api, model["access_key"], {})
+    return model, build["id"], deployments["model_deployments"][0]["id"]
+
+
+async def test_limits_busy_replicas_and_timeouts(aiohttp_client: Any, settings: Settings) -> None:
+    """The request timeout, body limit and busy wait are settings; each ends with its own status."""
+    client = await aiohttp_client(create_app(dataclasses.replace(
+        settings, model_request_timeout_seconds=2, model_max_request_mb=1, model_busy_wait_seconds=1)))
+    user = await users.create_user(client.app[POOL], "alice", "alice@example.com", "correct horse")
+    alice = Api(client, (await api_keys.create(client.app[POOL], user))[0], "alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "slow models"})
+    pid = project["id"]
+    form = aiohttp.FormData()
+    form.add_field("slow.py", SLOW, filename="slow.py")
+    form.add_field("latin1.py", "def predict(args):\n    return 'caf\xe9'\n".encode("latin-1"), filename="latin1.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    model, build_id, first = await deployed_model(alice, pid, "slow", "slow.py")
+    key = model["access_key"]
+
+    # The one replica is busy for 1.5 s: a second call waits 1 s for it, then gets model.busy.
+    slow = asyncio.ensure_future(call(alice, key, {"sleep": 1.5}, bearer=False))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    status, body = await call(alice, key, {"sleep": 0}, bearer=False)
+    assert (status, body) == (429, {"success": False, "error": {"message": "model.busy"}})
+    assert 0.9 <= time.monotonic() - started < 1.5
+    assert (await slow) == (200, {"success": True, "response": {"slept": 1.5}, "ReplicaID": (await slow)[1]["ReplicaID"]})
+
+    # A function slower than the request timeout: 504 with the reason; the replica serves on.
+    status, body = await call(alice, key, {"sleep": 3}, bearer=False)
+    assert status == 504 and "within 2 s" in body["error"]["message"]
+    answer = await call_until_served(alice, key, {"sleep": 0})
+    assert answer["response"] == {"slept": 0}
+
+    # A body over model_max_request_mb.
+    resp = await client.post("/model", json={"accessKey": key, "request": {"blob": "x" * (1024 * 1024)}})
+    assert resp.status == 413 and (await resp.json())["success"] is False
+
+    # A file that is not UTF-8 (and says nothing of its encoding) fails its build with the reason.
+    url = f"/api/v2/projects/{pid}/models/{model['id']}/builds"
+    _, latin1 = await alice.post(url, json={"file_path": "latin1.py", "function_name": "predict"})
+    assert latin1["status"] == "build failed"
+    _, listed = await alice.get(f"{url}/{latin1['id']}")
+    assert listed["status"] == "build failed"
+
+    # A second deployment replaces the first once it is up; restarting the first brings it back
+    # and retires the second: one deployment serves a model.
+    deployments = f"{url}/{build_id}/deployments"
+    _, second = await alice.post(deployments, json={"replicas": 1})
+
+    async def statuses() -> dict[str, str]:
+        _, listed = await alice.get(deployments)
+        return {d["id"]: d["status"] for d in listed["model_deployments"]}
+
+    async def until(wanted: dict[str, str]) -> None:
+        deadline = time.monotonic() + 20
+        while (seen := await statuses()) != wanted:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.1)
+
+    await until({first: "stopped", second["id"]: "deployed"})
+    status, _ = await alice.post(f"{deployments}/{first}:restart")
+    assert status == 200
+    await until({first: "deployed", second["id"]: "stopped"})
+    assert (await call_until_served(alice, key, {"sleep": 0}))["success"] is True

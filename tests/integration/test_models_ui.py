@@ -143,8 +143,9 @@ async def test_create_deploy_and_test_a_model_from_the_pages(client: TestClient,
     _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds")
     [build] = builds["model_builds"]
 
+    # The flash shows on the first page after the redirect, whatever the deployment's status.
+    assert "Created model adder, built it and started its deployment." in await page(client, model_path)
     text = await wait_for_page(client, model_path, r'id="model-status">deployed<')
-    assert "Created model adder, built it and started its deployment." in text
     assert f'<code id="access-key">{model["access_key"]}</code>' in text
     assert f'data-build="{build["id"]}"' in text and "predict.py" in text
     [first_deployment] = deployment_ids(text)

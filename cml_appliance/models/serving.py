@@ -1,0 +1,76 @@
+"""Calls to deployed models, for POST /model and the model page's test box.
+
+A call goes to a free replica, round robin; each replica serves one request at a time, as in
+CML. When every replica is busy the call waits up to model_busy_wait_seconds for one, then gets
+429 model.busy. Answers take CML's shape: {"success": true, "response": ..., "ReplicaID": ...}
+or {"success": false, "error": {"message": ...}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cml_appliance.models.service import Model
+from cml_appliance.web.keys import APP_PROXY_SESSION, MODELS, SETTINGS, WORKLOADS
+from cml_appliance.workloads.store import Workload
+
+# A replica that has just started may not listen yet: connecting is retried this long.
+CONNECT_GRACE_SECONDS = 10
+
+
+def failure(status: int, message: str) -> web.Response:
+    return web.json_response({"success": False, "error": {"message": message}}, status=status)
+
+
+async def call(request: web.Request, model: Model, argument: Any) -> web.Response:
+    """Pass `argument` to the model's function on a free replica and answer as CML does."""
+    service = request.app[MODELS]
+    deadline = time.monotonic() + request.app[SETTINGS].model_busy_wait_seconds
+    while True:
+        replicas = await service.serving_replicas(model)
+        if not replicas:
+            return failure(503, "the model is not deployed, or its replicas are not running")
+        for replica in service.order(model, replicas):
+            lock = service.lock_for(replica)
+            if lock.locked():
+                continue
+            try:
+                async with lock:
+                    return await _forward(request, replica, argument)
+            finally:
+                service.replica_released()
+        if time.monotonic() >= deadline:
+            return failure(429, "model.busy")
+        # Wake when any replica is let go (or soon anyway: new replicas may have come up).
+        await service.replica_freed(min(0.25, max(0.0, deadline - time.monotonic())))
+
+
+async def _forward(request: web.Request, replica: Workload, argument: Any) -> web.Response:
+    address = await request.app[WORKLOADS].engine(replica.engine).address(replica.handle, replica.app_port or 0)
+    session: aiohttp.ClientSession = request.app[APP_PROXY_SESSION]
+    timeout = aiohttp.ClientTimeout(total=request.app[SETTINGS].model_request_timeout_seconds)
+    started = time.monotonic()
+    while True:
+        try:
+            async with session.post(f"http://{address}/", json=argument, timeout=timeout) as resp:
+                answer = await resp.json(content_type=None)
+            break
+        except aiohttp.ClientConnectorError as exc:
+            if time.monotonic() - started > CONNECT_GRACE_SECONDS:
+                return failure(502, f"the replica did not answer: {exc}")
+            await asyncio.sleep(0.1)
+        except TimeoutError:
+            return failure(504, "the model function did not answer within "
+                                f"{request.app[SETTINGS].model_request_timeout_seconds} s")
+        except (aiohttp.ClientError, ValueError) as exc:
+            return failure(502, f"the replica did not answer: {exc or type(exc).__name__}")
+    if not isinstance(answer, dict):
+        return failure(502, "the replica's answer is not a JSON object")
+    if "error" in answer:
+        return failure(400, str(answer["error"]))
+    return web.json_response({"success": True, "response": answer.get("response"), "ReplicaID": replica.public_id})
