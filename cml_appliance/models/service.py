@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
+import collections
 import dataclasses
 import secrets
 import shutil
@@ -120,6 +120,16 @@ def deployment_status(deployment: Deployment, runs: list[Workload]) -> str:
     return "failed"
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 CALL_CACHE_SECONDS = 2.0
 MAX_REMEMBERED = 10_000
 
@@ -134,7 +144,8 @@ class ModelService:
         self.builds_dir = builds_dir
         self._next_replica: dict[int, int] = {}
         self._busy: dict[int, asyncio.Lock] = {}
-        self._freed = asyncio.Event()
+        # Calls waiting for a free replica, per model, longest waiting first.
+        self._waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
         # Calls come many a second: what they look up is kept CALL_CACHE_SECONDS, and forgotten
         # at once when this process changes a model, a deployment or a replica ends.
         self._by_key: dict[str, tuple[float, Model | None]] = {}
@@ -431,14 +442,25 @@ class ModelService:
             self._serving[model.id] = (now, replicas)
         return replicas
 
-    def replica_released(self) -> None:
-        self._freed.set()
-        self._freed = asyncio.Event()
+    def replica_released(self, model: Model) -> None:
+        """A replica of the model is free: wake the call that has waited longest for one."""
+        waiters = self._waiters.get(model.id)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
-    async def replica_freed(self, timeout: float) -> None:
-        """Wait until some replica is released, or `timeout` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._freed.wait(), timeout)
+    async def replica_freed(self, model: Model, timeout: float) -> None:
+        """Wait until a replica of the model is released, or `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(model.id, collections.deque()).append(waiter)
+        timer = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
 
     def lock_for(self, replica: Workload) -> asyncio.Lock:
         """Each replica serves one request at a time, as in CML."""

@@ -43,11 +43,11 @@ async def call(request: web.Request, model: Model, argument: Any) -> web.Respons
                 async with lock:
                     return await _forward(request, replica, argument)
             finally:
-                service.replica_released()
+                service.replica_released(model)
         if time.monotonic() >= deadline:
             return failure(429, "model.busy")
         # Wake when any replica is let go (or soon anyway: new replicas may have come up).
-        await service.replica_freed(min(0.25, max(0.0, deadline - time.monotonic())))
+        await service.replica_freed(model, min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 async def _forward(request: web.Request, replica: Workload, argument: Any) -> web.Response:
