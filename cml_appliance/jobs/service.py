@@ -16,7 +16,7 @@ import asyncpg
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, AppError, InvalidArgument, NotFound
+from cml_appliance.core.errors import AlreadyExists, AppError, FailedPrecondition, InvalidArgument, NotFound
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.jobs import notify
 from cml_appliance.jobs.schedule import SCHEDULER_LOCK, check_schedule, next_fire
@@ -31,7 +31,7 @@ from cml_appliance.workloads.checks import (
     check_script,
     resources_within_profiles,
 )
-from cml_appliance.workloads.service import LaunchRequest, WorkloadService
+from cml_appliance.workloads.service import FireTaken, LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ FIRE_CONCURRENCY = 32
 # Due jobs claimed per transaction.
 FIRE_BATCH = 200
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
+
+
+def _fire_of(row: asyncpg.Record) -> dict[str, Any]:
+    return {"id": row["fire_id"], "creator_id": row["fire_creator_id"], "attempt": row["fire_attempt"],
+            "environment": row["fire_environment"], "arguments": row["fire_arguments"]}
 
 
 def check_recipients(raw: Any) -> list[dict[str, Any]]:
@@ -282,8 +287,9 @@ class JobService:
     # Runs ------------------------------------------------------------------------------------
 
     async def run(self, user: User, project: Project, job: Job, *, environment: dict[str, str] | None = None,
-                  arguments: str | None = None, attempt: int = 1) -> Workload:
-        """Start a run with a snapshot of the job's settings (and per-run overrides)."""
+                  arguments: str | None = None, attempt: int = 1, fire_id: int | None = None) -> Workload:
+        """Start a run with a snapshot of the job's settings (and per-run overrides); with
+        fire_id, the run consumes that pending fire (see fire_due)."""
         env = job.environment | check_environment(environment or {})
         args = job.arguments if arguments is None else arguments
         timeout = job.timeout_seconds if job.kill_on_timeout and job.timeout_seconds else None
@@ -291,7 +297,7 @@ class JobService:
             kind="job_run", name=job.name, runtime_identifier=job.runtime_identifier, image=job.runtime_identifier,
             cpu=job.cpu, memory=job.memory, nvidia_gpu=0, command=command_for(job.script, args), environment=env,
             script=job.script, arguments=args, max_duration_minutes=timeout / 60 if timeout else None, job_id=job.id,
-            attempt=attempt,
+            attempt=attempt, fire_id=fire_id,
         )
         return await self.workloads.launch(user, project, request)
 
@@ -323,83 +329,113 @@ class JobService:
         return await self.workloads.stop(run, reason=f"stopped by {user.username}")
 
     async def scheduler_tick(self) -> float:
-        """Fire what is due; return how long to sleep: until the next due fire, if that is sooner
-        than the loop's interval (a minute's fires then start on time, not up to a tick late)."""
+        """Fire what is due; return how long to sleep: until the next cron fire or retry, if that
+        is sooner than the loop's interval (a minute's fires then start on time, not a tick late)."""
         await self.fire_due()
         wait = await self.pool.fetchval(
-            "SELECT extract(epoch FROM min(next_fire_at) - now()) FROM jobs WHERE schedule <> '' AND NOT paused"
+            "SELECT extract(epoch FROM least("
+            " (SELECT min(next_fire_at) FROM jobs WHERE schedule <> '' AND NOT paused),"
+            " (SELECT min(due_at) FROM job_fires)) - now())"
         )
         return 3600.0 if wait is None else float(wait) + 0.005
 
     async def fire_due(self) -> int:
-        """Start a run of every cron job that is due; the scheduler loop calls this every second.
+        """Start the runs jobs owe: cron jobs that are due, retries whose delay has passed, and
+        fires a process that died left behind. Returns how many runs started.
 
-        Due jobs are claimed a batch at a time (one transaction moves each one's next fire past
-        now), and their runs started concurrently, a bounded number at a time, so a thousand jobs
-        due in the same minute all start within seconds.
+        Only the holder of the scheduler lock does this. Due cron jobs are claimed a batch per
+        transaction, which moves each one's next fire past now and records a pending fire
+        (job_fires); a run consumes its fire in the statement that inserts it. So a crash at any
+        point loses no fire (the next holder starts what is still pending) and starts none twice.
+        Fires missed while the appliance was down collapse into one.
         """
-        limit = asyncio.Semaphore(FIRE_CONCURRENCY)
-        starts: list[asyncio.Task[bool]] = []
-        # Owners and projects looked up once per tick, not once per job.
-        launchers: dict[tuple[int, int], asyncio.Future[tuple[User, Project] | None]] = {}
-
-        async def fire(job: Job) -> bool:
-            async with limit:
-                key = (job.creator_id, job.project_id)
-                if key not in launchers:
-                    launchers[key] = asyncio.ensure_future(self._launcher(job))
-                found = await launchers[key]
-                return found is not None and await self._fire(job, *found)
-
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK):
                 return 0
             try:
-                while True:
-                    async with conn.transaction():
-                        rows = await conn.fetch(
-                            _SELECT + " WHERE j.schedule <> '' AND NOT j.paused AND j.next_fire_at <= now()"
-                            " ORDER BY j.next_fire_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED", FIRE_BATCH,
-                        )
-                        if not rows:
-                            break
-                        jobs = [_job(r) for r in rows]
-                        now = datetime.now(UTC)
-                        # Move the next fires past now first: a crash from here on can miss these
-                        # fires, never start one twice; fires missed while down collapse into one.
-                        await conn.execute(
-                            "UPDATE jobs SET next_fire_at = due.at FROM unnest($1::bigint[], $2::timestamptz[])"
-                            " AS due(id, at) WHERE jobs.id = due.id",
-                            [j.id for j in jobs], [next_fire(j.schedule, j.timezone, now) for j in jobs],
-                        )
-                    starts += [asyncio.create_task(fire(job)) for job in jobs]
-                results = await asyncio.gather(*starts)
+                await self._claim_due_jobs(conn)
+                return await self._start_pending_fires(conn)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK)
-        return sum(results)
 
-    async def _launcher(self, job: Job) -> tuple[User, Project] | None:
-        """Who a cron run starts as (the job's creator, still an operator of its project), and where."""
-        owner = await get_by_id(self.pool, job.creator_id)
+    async def _claim_due_jobs(self, conn: asyncpg.Connection) -> None:
+        while True:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT id, creator_id, schedule, timezone, next_fire_at FROM jobs"
+                    " WHERE schedule <> '' AND NOT paused AND next_fire_at <= now()"
+                    " ORDER BY next_fire_at LIMIT $1 FOR UPDATE SKIP LOCKED", FIRE_BATCH,
+                )
+                if not rows:
+                    return
+                now = datetime.now(UTC)
+                await conn.execute(
+                    "UPDATE jobs SET next_fire_at = due.at FROM unnest($1::bigint[], $2::timestamptz[])"
+                    " AS due(id, at) WHERE jobs.id = due.id",
+                    [r["id"] for r in rows], [next_fire(r["schedule"], r["timezone"], now) for r in rows],
+                )
+                await conn.execute(
+                    "INSERT INTO job_fires (job_id, creator_id, due_at)"
+                    " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[])",
+                    [r["id"] for r in rows], [r["creator_id"] for r in rows], [r["next_fire_at"] for r in rows],
+                )
+
+    async def _start_pending_fires(self, conn: asyncpg.Connection) -> int:
+        limit = asyncio.Semaphore(FIRE_CONCURRENCY)
+        # Who a run starts as, and where, looked up once per tick, not once per fire.
+        launchers: dict[tuple[int, int], asyncio.Future[tuple[User, Project] | None]] = {}
+
+        async def start(fire: asyncpg.Record, job: Job) -> bool:
+            async with limit:
+                key = (fire["creator_id"], job.project_id)
+                if key not in launchers:
+                    launchers[key] = asyncio.ensure_future(self._launcher(fire["creator_id"], job))
+                found = await launchers[key]
+                return await self._start_fire(fire, job, found)
+
+        starts: list[asyncio.Task[bool]] = []
+        last = 0
+        while True:
+            fires = await conn.fetch(
+                "SELECT f.id AS fire_id, f.creator_id AS fire_creator_id, f.attempt AS fire_attempt,"
+                " f.environment AS fire_environment, f.arguments AS fire_arguments, " + _SELECT.strip()[len("SELECT "):]
+                + " JOIN job_fires f ON f.job_id = j.id WHERE f.due_at <= now() AND f.id > $1 ORDER BY f.id LIMIT $2",
+                last, FIRE_BATCH,
+            )
+            if not fires:
+                break
+            last = fires[-1]["fire_id"]
+            starts += [asyncio.create_task(start(_fire_of(r), _job(r))) for r in fires]
+        return sum(await asyncio.gather(*starts))
+
+    async def _launcher(self, creator_id: int, job: Job) -> tuple[User, Project] | None:
+        """Who a scheduled run starts as (still an operator of the job's project), and where."""
+        owner = await get_by_id(self.pool, creator_id)
         project_id = await self.pool.fetchval("SELECT public_id FROM projects WHERE id = $1", job.project_id)
         if owner is None or project_id is None:
             return None
         try:
             return owner, await self.projects.get(owner, project_id, Role.OPERATOR)
         except AppError as exc:
-            log.warning("cron job %s cannot start as %s: %s", job.public_id, owner.username, exc)
+            log.warning("job %s cannot start as %s: %s", job.public_id, owner.username, exc)
             return None
 
-    async def _fire(self, job: Job, owner: User, project: Project) -> bool:
+    async def _start_fire(self, fire: dict[str, Any], job: Job, launcher: tuple[User, Project] | None) -> bool:
         try:
-            await self.run(owner, project, job)
+            if launcher is None:
+                raise FailedPrecondition("its user or project is gone, or the user may no longer run it")
+            await self.run(*launcher, job, environment=fire["environment"], arguments=fire["arguments"],
+                           attempt=fire["attempt"], fire_id=fire["id"])
+            return True
+        except FireTaken:
+            return False  # another scheduler started it meanwhile
         except AlreadyExists:
-            log.info("cron job %s is still running: this fire is skipped", job.public_id)
-            return False
+            log.info("job %s is still running: this fire is skipped", job.public_id)
         except Exception as exc:  # one job failing to start must not stop the others
-            log.warning("cron job %s did not start: %s", job.public_id, exc)
-            return False
-        return True
+            log.warning("job %s did not start: %s", job.public_id, exc)
+        # The fire is settled (skipped, or could not start): it is not tried again.
+        await self.pool.execute("DELETE FROM job_fires WHERE id = $1", fire["id"])
+        return False
 
     def _should_retry(self, job: Job, run: Workload) -> bool:
         if not job.retry_enabled or run.attempt > job.max_retry:
@@ -412,18 +448,12 @@ class JobService:
         return False
 
     async def _retry(self, job: Job, run: Workload) -> None:
-        if job.retry_delay:
-            await asyncio.sleep(job.retry_delay)
-        owner = await get_by_id(self.pool, run.creator_id)
-        if owner is None:
-            return
-        try:
-            project = await self.projects.get(owner, run.project_public_id, Role.OPERATOR)
-            current = await self._get_row(project, job.public_id)  # the job may have changed meanwhile
-            await self.run(owner, project, current, environment=run.environment, arguments=run.arguments,
-                           attempt=run.attempt + 1)
-        except Exception as exc:
-            log.warning("retry %d of job %s did not start: %s", run.attempt + 1, job.public_id, exc)
+        """Owe the job another attempt after its delay: a pending fire, which survives a restart."""
+        await self.pool.execute(
+            "INSERT INTO job_fires (job_id, creator_id, due_at, attempt, environment, arguments)"
+            " VALUES ($1, $2, now() + make_interval(secs => $3), $4, $5, $6)",
+            job.id, run.creator_id, float(job.retry_delay), run.attempt + 1, run.environment, run.arguments,
+        )
 
     async def _run_ended(self, run: Workload) -> None:
         """After a run's final status: mail who asked, then start dependents or a retry."""

@@ -50,6 +50,10 @@ PLATFORM_VARIABLES = frozenset(
 )
 
 
+class FireTaken(Exception):
+    """The job fire a launch was to consume was consumed by another launch (no run twice)."""
+
+
 def new_engine_id() -> str:
     """CML engine ids are 16 lower-case letters and digits (cwg6wclmg0x482u0)."""
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -82,6 +86,8 @@ class LaunchRequest:
     deployment_id: int | None = None
     # Where the workload runs; default: the project's directory (a model build's snapshot differs).
     workdir: Path | None = None
+    # The pending job fire (job_fires) this run starts: consumed with the insert, exactly once.
+    fire_id: int | None = None
 
 
 class WorkloadService:
@@ -170,9 +176,12 @@ class WorkloadService:
                     "deployment_id": request.deployment_id,
                 },
                 api_key=key,
+                consume_fire=request.fire_id,
             )
         except asyncpg.UniqueViolationError:
             raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
+        if row is None:
+            raise FireTaken(f"job fire {request.fire_id} has already started a run")
         spec = LaunchSpec(
             workload_id=public_id,
             kind=request.kind,

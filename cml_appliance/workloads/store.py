@@ -73,29 +73,32 @@ def from_row(row: asyncpg.Record) -> Workload:
 
 
 async def insert(conn: asyncpg.Connection | asyncpg.Pool, values: dict[str, Any],
-                 api_key: dict[str, Any] | None = None) -> Workload:
-    """Insert a workload and return it whole, in one statement; with `api_key` (the columns of its
-    own CDSW_APIV2_KEY row) the key is inserted by the same statement, so neither exists alone."""
-    columns = list(values)
+                 api_key: dict[str, Any] | None = None, consume_fire: int | None = None) -> Workload | None:
+    """Insert a workload and return it whole, in one statement.
+
+    With `api_key` (the columns of its own CDSW_APIV2_KEY row) the key is inserted by the same
+    statement, so neither exists alone. With `consume_fire` the job fire it starts is deleted by
+    the same statement too; None is returned, and nothing inserted, when that fire is gone.
+    """
     args = list(values.values())
+    columns = list(values)
     placeholders = [f"${i}" for i in range(1, len(args) + 1)]
-    key_cte = ""
+    ctes: list[str] = []
     source = ""
+    if consume_fire is not None:
+        args.append(consume_fire)
+        ctes.append(f"f AS (DELETE FROM job_fires WHERE id = ${len(args)} RETURNING id)")
+        source = " FROM f"
     if api_key:
-        key_columns = ", ".join(api_key)
         key_placeholders = ", ".join(f"${i}" for i in range(len(args) + 1, len(args) + len(api_key) + 1))
         args += list(api_key.values())
-        key_cte = f"k AS (INSERT INTO api_keys ({key_columns}) VALUES ({key_placeholders}) RETURNING key_id), "
+        ctes.append(f"k AS (INSERT INTO api_keys ({', '.join(api_key)}) SELECT {key_placeholders}{source} RETURNING key_id)")
         columns.append("api_key_id")
         placeholders.append("k.key_id")
         source = " FROM k"
-    row = await conn.fetchrow(
-        f"WITH {key_cte}w AS (INSERT INTO workloads ({', '.join(columns)}) SELECT {', '.join(placeholders)}{source}"
-        f" RETURNING *) {SELECT.replace('FROM workloads w', 'FROM w')}",
-        *args,
-    )
-    assert row is not None
-    return from_row(row)
+    ctes.append(f"w AS (INSERT INTO workloads ({', '.join(columns)}) SELECT {', '.join(placeholders)}{source} RETURNING *)")
+    row = await conn.fetchrow(f"WITH {', '.join(ctes)} {SELECT.replace('FROM workloads w', 'FROM w')}", *args)
+    return from_row(row) if row is not None else None
 
 
 async def get_by_id(conn: asyncpg.Connection | asyncpg.Pool, row_id: int) -> Workload | None:

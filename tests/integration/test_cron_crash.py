@@ -1,0 +1,149 @@
+"""SIGKILL the appliance at a cron fire, and while a retry waits out its delay, then start it
+again: every fire owed still runs, and none runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from tests.integration.test_cli import CLI, free_port
+from tests.integration.test_reconcile_after_crash import serve, wait_ready
+
+JOBS = 200
+
+
+class Appliance:
+    """`cml-appliance serve` in a process of its own, to be killed and started again."""
+
+    def __init__(self, dsn: str, tmp_path: Path):
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CML_")}
+        self.env.update({"CML_DATABASE_URL": dsn, "CML_DATA_DIR": str(tmp_path / "data"), "CML_LOG_LEVEL": "WARNING"})
+        self.port, self.log = free_port(), tmp_path / "serve.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def key_for_new_user(self, name: str) -> str:
+        assert subprocess.run(CLI + ["users", "create", name, "--email", f"{name}@example.com", "--password-stdin"],
+                              env=self.env, input=b"longpassword\n", capture_output=True).returncode == 0
+        return subprocess.run(CLI + ["api-keys", "create", name], env=self.env, capture_output=True, text=True).stdout.split()[-1]
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        self.proc = serve(self.env, self.port, self.log)
+        await wait_ready(http, self.url, self.proc, self.log)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+async def project_with(http: aiohttp.ClientSession, url: str, name: str, files: dict[str, bytes]) -> str:
+    async with http.post(url + "/api/v2/projects", json={"name": name}) as resp:
+        pid = (await resp.json())["id"]
+    form = aiohttp.FormData()
+    for filename, content in files.items():
+        form.add_field(filename, content, filename=filename)
+    async with http.post(f"{url}/api/v2/projects/{pid}/files", data=form) as resp:
+        assert resp.status == 200
+    return str(pid)
+
+
+async def until(conn: asyncpg.Connection, query: str, check: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await conn.fetchval(query)
+        if check(value):
+            return value
+        assert time.monotonic() < deadline, f"{query} is still {value!r}"
+        await asyncio.sleep(0.05)
+
+
+async def test_sigkill_at_a_cron_fire_loses_no_fire_and_doubles_none(clean_db: str, tmp_path: Path) -> None:
+    appliance = Appliance(clean_db, tmp_path)
+    key = appliance.key_for_new_user("kim")
+    conn = await asyncpg.connect(clean_db)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        try:
+            await appliance.start(http)
+            url = appliance.url
+            pid = await project_with(http, url, "crash at a fire", {"ok.sh": b"echo ok\n"})
+            for n in range(JOBS):
+                # Yearly: after this fire the next one is months away, so every run below is this fire's.
+                async with http.post(f"{url}/api/v2/projects/{pid}/jobs", json={
+                        "name": f"job {n}", "script": "ok.sh", "schedule": "0 0 1 1 *"}) as resp:
+                    assert resp.status == 200, await resp.text()
+            # All due at one instant, two seconds from now.
+            await conn.execute("UPDATE jobs SET next_fire_at = now() + interval '2 seconds'")
+            await until(conn, "SELECT count(*) FROM workloads WHERE kind = 'job_run'", lambda n: n > 0)
+            appliance.kill()  # the scheduler has claimed the fires and started its first runs
+
+            runs = await conn.fetchval("SELECT count(*) FROM workloads WHERE kind = 'job_run'")
+            pending = await conn.fetchval("SELECT count(*) FROM job_fires")
+            # The test is about a kill in the middle of the fire: some runs started, some still owed.
+            assert 0 < runs < JOBS and pending > 0, (runs, pending)
+            # Nothing is lost at the moment of the kill: every job has its run or its pending fire.
+            assert runs + pending == JOBS
+            assert await conn.fetchval("SELECT count(*) FROM jobs WHERE next_fire_at < now() + interval '1 day'") == 0
+
+            await appliance.start(http)
+            await until(conn, "SELECT count(*) FROM job_fires", lambda n: n == 0)
+            await until(conn, "SELECT count(*) FROM workloads WHERE kind = 'job_run' AND status NOT IN"
+                              " ('ENGINE_SUCCEEDED', 'ENGINE_FAILED', 'ENGINE_STOPPED', 'ENGINE_TIMEDOUT')", lambda n: n == 0)
+            per_job = await conn.fetch(
+                "SELECT j.name, count(w.id) AS runs, count(*) FILTER (WHERE w.status = 'ENGINE_SUCCEEDED') AS ok"
+                " FROM jobs j LEFT JOIN workloads w ON w.job_id = j.id GROUP BY j.name")
+            assert len(per_job) == JOBS
+            assert [r["name"] for r in per_job if r["runs"] != 1] == []  # each fire ran exactly once
+            # Runs the kill cut short end failed with the reason; all the others succeeded.
+            failed = await conn.fetch("SELECT reason FROM workloads WHERE kind = 'job_run' AND status <> 'ENGINE_SUCCEEDED'")
+            assert all(r["reason"] for r in failed)
+            assert sum(r["ok"] for r in per_job) >= JOBS - runs
+        finally:
+            appliance.stop()
+            await conn.close()
+
+
+async def test_a_retry_waiting_out_its_delay_survives_a_restart(clean_db: str, tmp_path: Path) -> None:
+    appliance = Appliance(clean_db, tmp_path)
+    key = appliance.key_for_new_user("kim")
+    conn = await asyncpg.connect(clean_db)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        try:
+            await appliance.start(http)
+            url = appliance.url
+            # Fails on its first attempt, succeeds on the next (the marker file tells them apart).
+            pid = await project_with(http, url, "retry after crash", {
+                "flaky.sh": b"if [ -e tried ]; then echo second; else touch tried; echo first; exit 3; fi\n"})
+            async with http.post(f"{url}/api/v2/projects/{pid}/jobs", json={
+                    "name": "flaky", "script": "flaky.sh", "retry_enabled": True, "max_retry": 2, "retry_delay": 4,
+                    "retry_for_script_failure": True}) as resp:
+                job = await resp.json()
+            async with http.post(f"{url}/api/v2/projects/{pid}/jobs/{job['id']}/runs", json={}) as resp:
+                assert resp.status == 200
+            await until(conn, "SELECT count(*) FROM job_fires", lambda n: n == 1)  # the retry is owed
+            appliance.kill()
+            assert await conn.fetchval("SELECT status FROM workloads WHERE kind = 'job_run'") == "ENGINE_FAILED"
+
+            await appliance.start(http)
+            await until(conn, "SELECT count(*) FROM workloads WHERE kind = 'job_run' AND status = 'ENGINE_SUCCEEDED'",
+                        lambda n: n == 1)
+            runs = await conn.fetch("SELECT attempt, status, exit_code FROM workloads WHERE kind = 'job_run' ORDER BY id")
+            assert [(r["attempt"], r["status"], r["exit_code"]) for r in runs] == [
+                (1, "ENGINE_FAILED", 3), (2, "ENGINE_SUCCEEDED", 0)]
+            assert await conn.fetchval("SELECT count(*) FROM job_fires") == 0
+        finally:
+            appliance.stop()
+            await conn.close()
