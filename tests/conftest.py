@@ -272,6 +272,24 @@ def busybox_image(podman_url: str) -> str:
     return BUSYBOX_IMAGE
 
 
+PYTHON_IMAGE = "localhost/debian-python:bookworm"
+
+
+@pytest.fixture(scope="session")
+def python_image(podman_url: str) -> str:
+    """A Debian runtime image with Python 3, made by scripts/build-base-image.sh (about a minute,
+    once per machine; nothing can be pulled here)."""
+    import subprocess
+
+    env = _podman_env()
+    if subprocess.run(["podman", "image", "exists", PYTHON_IMAGE], env=env).returncode != 0:
+        require_tool(shutil.which("debootstrap") is not None and os.getuid() == 0, "debootstrap, as root")
+        proc = subprocess.run([str(REPO / "scripts" / "build-base-image.sh")], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"build-base-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return PYTHON_IMAGE
+
+
 @pytest.fixture
 def container_settings(settings: Settings, podman_url: str, busybox_image: str) -> Settings:
     runtime = {

@@ -55,6 +55,8 @@ class Engine(Protocol):
     """Engines are built with the site id, which they put on everything they start."""
 
     name: str
+    # True when workloads share the host's network: each then needs ports of its own.
+    shares_host_network: bool
 
     async def ping(self) -> None:
         """Raise EngineUnavailable when the engine cannot take work."""
@@ -77,7 +79,8 @@ class Engine(Protocol):
     async def open_terminal(self, handle: str, spec: LaunchSpec) -> Terminal: ...
 
     async def address(self, handle: str, port: int) -> str:
-        """host:port at which the appliance reaches `port` inside the workload (applications)."""
+        """host:port at which the appliance reaches 127.0.0.1:port inside the workload
+        (applications, model replicas)."""
 
     async def list_running(self) -> dict[str, str]:
         """workload id -> handle, for everything this site's labels mark as running here."""

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -32,6 +33,11 @@ CONTAINER_HOME = "/home/cdsw"
 # CML's runtime images run as user cdsw, uid/gid 8536.
 CDSW_UID = 8536
 PIDS_LIMIT = 1024
+# On a bridge network a workload's 127.0.0.1:$CDSW_APP_PORT is reached through port_relay.py on
+# this port plus the offset, at the container's address. Workloads that serve on the port:
+RELAY_PORT_OFFSET = 10000
+RELAYED_KINDS = frozenset({"application", "model_replica"})
+RELAY_SOURCE = (Path(__file__).parent / "port_relay.py").read_text()
 
 
 def _unavailable(exc: Exception) -> EngineUnavailable:
@@ -82,6 +88,11 @@ class ContainerEngine:
         self.user = user or (f"{os.getuid()}:{os.getgid()}" if os.getuid() != 0 else f"{CDSW_UID}:{CDSW_UID}")
 
     @property
+    def shares_host_network(self) -> bool:
+        """Workloads on the host's network need ports of their own; on a bridge each has its own."""
+        return self.network == "host"
+
+    @property
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
             self._docker = aiodocker.Docker(url=self.url)
@@ -130,6 +141,8 @@ class ContainerEngine:
         try:
             container = await self.docker.containers.create(config, name=f"cml-{spec.workload_id}")
             await container.start()
+            if self.network == "bridge" and spec.kind in RELAYED_KINDS and "CDSW_APP_PORT" in spec.env:
+                await self._start_relay(container, int(spec.env["CDSW_APP_PORT"]))
         except aiodocker.DockerError as exc:
             message = exc.message if isinstance(exc.message, str) else str(exc)
             if exc.status == 404 and "image" in message.lower():
@@ -138,6 +151,22 @@ class ContainerEngine:
         except (aiohttp.ClientError, OSError) as exc:
             raise _unavailable(exc) from None
         return str(container.id)
+
+    async def _start_relay(self, container: Any, port: int) -> None:
+        """Reach the workload's 127.0.0.1:port from the bridge network (port_relay.py)."""
+        try:
+            execution = await container.exec(
+                ["python3", "-c", RELAY_SOURCE, str(port + RELAY_PORT_OFFSET), str(port)], user=self.user)
+            await execution.start(detach=True)
+        except aiodocker.DockerError as exc:
+            state = (await container.show()).get("State") or {}
+            if not state.get("Running"):
+                return  # the main process has already ended: its exit code and output tell why
+            await container.delete(force=True)
+            raise EngineError(
+                f"the runtime image cannot run python3, which relays CDSW_APP_PORT to the appliance on the "
+                f"bridge network ({exc.message}); use a runtime with Python 3, or set container_network = \"host\""
+            ) from None
 
     async def output(self, handle: str) -> AsyncIterator[bytes]:
         container = self.docker.containers.container(handle)
@@ -209,7 +238,7 @@ class ContainerEngine:
         )
         if not ip:
             raise EngineError("the container has no network address")
-        return f"{ip}:{port}"
+        return f"{ip}:{port + RELAY_PORT_OFFSET}"  # the relay (port_relay.py)
 
     async def list_running(self) -> dict[str, str]:
         try:

@@ -202,6 +202,7 @@ class LocalTerminal:
 
 class LocalEngine:
     name = "local"
+    shares_host_network = True  # each workload gets free ports of its own
 
     def __init__(self, site_id: str):
         self.site_id = site_id

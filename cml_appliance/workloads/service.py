@@ -38,7 +38,8 @@ from cml_appliance.workloads.store import Workload
 log = logging.getLogger(__name__)
 
 HOST_RUNTIME_PREFIX = "host/"
-# Ports inside a workload's own network namespace (containers); the local engine picks free ones.
+# Ports inside a workload's own network namespace (containers on a bridge network); engines whose
+# workloads share the host's network (local, containers on the host network) pick free ones.
 CONTAINER_APP_PORT, CONTAINER_READONLY_PORT = 8100, 8101
 RECONCILE_LOCK_BASE = 0x434D4C10
 # A workload that is still being launched by some appliance process is left alone this long.
@@ -157,7 +158,7 @@ class WorkloadService:
         except EngineUnavailable as exc:
             raise Unavailable(str(exc)) from None
         public_id = new_engine_id()
-        local = engine_name == "local"
+        own_ports = engine.shares_host_network
         secret, key = api_keys.workload_key(user.id, project.id, f"{request.kind} {public_id}")
         try:
             row = await store.insert(
@@ -167,8 +168,8 @@ class WorkloadService:
                     "engine": engine_name, "name": request.name, "runtime_identifier": request.runtime_identifier,
                     "cpu": request.cpu, "memory": request.memory, "nvidia_gpu": request.nvidia_gpu,
                     "script": request.script, "arguments": request.arguments, "environment": request.environment,
-                    "app_port": _free_port() if local else CONTAINER_APP_PORT,
-                    "readonly_port": _free_port() if local else CONTAINER_READONLY_PORT,
+                    "app_port": _free_port() if own_ports else CONTAINER_APP_PORT,
+                    "readonly_port": _free_port() if own_ports else CONTAINER_READONLY_PORT,
                     "idle_timeout_minutes": request.idle_timeout_minutes,
                     "max_duration_minutes": request.max_duration_minutes,
                     "job_id": request.job_id,

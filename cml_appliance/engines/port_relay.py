@@ -1,0 +1,51 @@
+"""Runs inside a workload's container: relays LISTEN_PORT on all of the container's addresses to
+TARGET_PORT on 127.0.0.1.
+
+CML asks applications (and our model replica server) to listen on 127.0.0.1:$CDSW_APP_PORT. In a
+container on a bridge network, 127.0.0.1 is the container's own, out of the appliance's reach;
+the container engine starts this relay in the container (docker exec, `python3 -c <this file>`)
+so the appliance reaches the port at the container's address. Standard library only.
+
+Usage: python3 port_relay.py LISTEN_PORT TARGET_PORT
+"""
+
+import asyncio
+import sys
+
+
+async def pump(reader, writer):
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()  # half-close: the answer may still be coming the other way
+    except OSError:
+        pass
+
+
+async def relay(target_port, client_reader, client_writer):
+    try:
+        app_reader, app_writer = await asyncio.open_connection("127.0.0.1", target_port)
+    except OSError:
+        client_writer.close()  # not listening (yet): the caller sees the connection close
+        return
+    try:
+        await asyncio.gather(pump(client_reader, app_writer), pump(app_reader, client_writer))
+    finally:
+        app_writer.close()
+        client_writer.close()
+
+
+async def main(listen_port, target_port):
+    server = await asyncio.start_server(
+        lambda r, w: relay(target_port, r, w), "0.0.0.0", listen_port, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
