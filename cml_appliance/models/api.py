@@ -24,7 +24,7 @@ from cml_appliance.core.errors import AppError, InvalidArgument
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.models import serving
 from cml_appliance.models.serving import failure
-from cml_appliance.models.service import Build, Deployment, Model, deployment_status
+from cml_appliance.models.service import Build, Deployment, Model
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import MODELS, SETTINGS
 
@@ -139,7 +139,7 @@ async def get_build(request: web.Request) -> web.Response:
 
 
 async def _deployment_response(request: web.Request, deployment: Deployment) -> web.Response:
-    status = deployment_status(deployment, await request.app[MODELS].replicas(deployment))
+    status = await request.app[MODELS].status_of(deployment)
     m = request.match_info
     return web.json_response(deployment_json(deployment, status, m["project_id"], m["model_id"], m["build_id"]))
 
@@ -150,7 +150,7 @@ async def list_deployments(request: web.Request) -> web.Response:
     _, deployments = await request.app[MODELS].list_deployments(current_user(request), m["project_id"], m["model_id"], m["build_id"])
     items = []
     for d in deployments[q.offset: q.offset + q.page_size]:
-        items.append(deployment_json(d, deployment_status(d, await request.app[MODELS].replicas(d)), m["project_id"], m["model_id"], m["build_id"]))
+        items.append(deployment_json(d, await request.app[MODELS].status_of(d), m["project_id"], m["model_id"], m["build_id"]))
     return page(request, "model_deployments", items, q, len(deployments) > q.offset + q.page_size)
 
 

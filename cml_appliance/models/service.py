@@ -7,10 +7,11 @@ import ast
 import asyncio
 import collections
 import dataclasses
+import logging
 import secrets
 import shutil
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ import asyncpg
 
 from cml_appliance.auth import api_keys
 from cml_appliance.auth.permissions import Role
-from cml_appliance.auth.users import User
+from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
 from cml_appliance.core.errors import (
     AlreadyExists,
+    AppError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -42,6 +44,8 @@ from cml_appliance.workloads.checks import (
 )
 from cml_appliance.workloads.service import LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
+
+log = logging.getLogger(__name__)
 
 REPLICA_SERVER = Path(__file__).with_name("replica_server.py")
 SERVER_NAME = ".cml_model_server.py"
@@ -130,6 +134,11 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+# Replacing replicas that die: a pause of 1 s, doubling with each one lost lately, and at most
+# MAX_REPLACEMENTS within REPLACE_WINDOW (a crash loop).
+REPLACE_PAUSE_SECONDS = 1.0
+MAX_REPLACEMENTS = 5
+REPLACE_WINDOW = timedelta(minutes=5)
 CALL_CACHE_SECONDS = 2.0
 MAX_REMEMBERED = 10_000
 
@@ -146,6 +155,8 @@ class ModelService:
         self._busy: dict[int, asyncio.Lock] = {}
         # Calls waiting for a free replica, per model, longest waiting first.
         self._waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
+        # Deployments with a lost replica being replaced (see _replace).
+        self._replacing: set[int] = set()
         # Calls come many a second: what they look up is kept CALL_CACHE_SECONDS, and forgotten
         # at once when this process changes a model, a deployment or a replica ends.
         self._by_key: dict[str, tuple[float, Model | None]] = {}
@@ -306,6 +317,11 @@ class ModelService:
         rows = await self.pool.fetch("SELECT * FROM model_deployments WHERE build_id = $1 ORDER BY created_at DESC, id DESC", build.id)
         return build, [_record(Deployment, r) for r in rows]
 
+    async def status_of(self, deployment: Deployment, runs: list[Workload] | None = None) -> str:
+        """The deployment's status; "deploying", not "failed", while a lost replica is being replaced."""
+        status = deployment_status(deployment, await self.replicas(deployment) if runs is None else runs)
+        return "deploying" if status == "failed" and deployment.id in self._replacing else status
+
     async def replicas(self, deployment: Deployment) -> list[Workload]:
         return await self._runs("w.deployment_id = $1", deployment.id)
 
@@ -340,12 +356,52 @@ class ModelService:
 
     async def _start_replicas(self, user: User, project: Project, build: Build, deployment: Deployment) -> None:
         for n in range(deployment.replicas):
-            await self.workloads.launch(user, project, LaunchRequest(
-                kind="model_replica", name=f"{build.public_id} replica {n + 1}", runtime_identifier=build.runtime_identifier,
-                image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
-                command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
-                environment=deployment.environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
-            ))
+            await self._start_replica(user, project, build, deployment, f"replica {n + 1}")
+
+    async def _start_replica(self, user: User, project: Project, build: Build, deployment: Deployment, name: str) -> None:
+        await self.workloads.launch(user, project, LaunchRequest(
+            kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
+            image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
+            command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
+            environment=deployment.environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
+        ))
+
+    async def _replace(self, dead: Workload) -> None:
+        """A replica that ended by itself (crashed, killed, lost in a restart) is replaced, after a
+        pause that doubles with each replica the deployment lost lately. A deployment gets at most
+        MAX_REPLACEMENTS new replicas within REPLACE_WINDOW (a crash loop); then it shows failed."""
+        self._replacing.add(dead.deployment_id or 0)
+        try:
+            await self._replace_after_pause(dead)
+        finally:
+            self._replacing.discard(dead.deployment_id or 0)
+
+    async def _replace_after_pause(self, dead: Workload) -> None:
+        for attempt in range(2):  # look again after the pause: stopped or restarted meanwhile?
+            row = await self.pool.fetchrow("SELECT * FROM model_deployments WHERE id = $1", dead.deployment_id)
+            if row is None or row["stopped"]:
+                return
+            deployment = _record(Deployment, row)
+            runs = await self.replicas(deployment)
+            if sum(r.active for r in runs) >= deployment.replicas:
+                return
+            since = datetime.now(UTC) - REPLACE_WINDOW
+            lost = [r for r in runs if r.status in (states.FAILED, states.SUCCEEDED) and r.finished_at and r.finished_at > since]
+            if len(lost) > MAX_REPLACEMENTS:
+                log.warning("deployment %s lost %d replicas in %s: not replacing them any more",
+                            deployment.public_id, len(lost), REPLACE_WINDOW)
+                return
+            if attempt == 0:
+                await asyncio.sleep(REPLACE_PAUSE_SECONDS * 2 ** max(0, len(lost) - 1))
+        owner = await get_by_id(self.pool, dead.creator_id)
+        build_row = await self.pool.fetchrow("SELECT * FROM model_builds WHERE id = $1", deployment.build_id)
+        if owner is None or build_row is None:
+            return
+        try:
+            project = await self.projects.get(owner, dead.project_public_id, Role.READ)
+            await self._start_replica(owner, project, _record(Build, build_row), deployment, f"replica {len(runs) + 1}")
+        except AppError as exc:
+            log.warning("could not replace replica %s of deployment %s: %s", dead.public_id, deployment.public_id, exc)
 
     async def _retire_when_up(self, deployment: Deployment, previous: list[int]) -> None:
         for _ in range(600):
@@ -395,8 +451,11 @@ class ModelService:
         self._callers.clear()
 
     async def _workload_ended(self, run: Workload) -> None:
-        if run.kind == "model_replica":
-            self.forget_calls()
+        if run.kind != "model_replica":
+            return
+        self.forget_calls()
+        if run.status in (states.FAILED, states.SUCCEEDED) and run.deployment_id is not None:
+            await self._replace(run)
 
     async def model_by_key(self, access_key: str) -> Model | None:
         now = time.monotonic()

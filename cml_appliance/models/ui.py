@@ -14,7 +14,7 @@ from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import AppError, InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.models import serving
-from cml_appliance.models.service import Build, Deployment, Model, deployment_status
+from cml_appliance.models.service import Build, Deployment, Model
 from cml_appliance.runtimes import catalog
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import MODELS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
@@ -101,7 +101,7 @@ async def models_page(request: web.Request, *, error: str = "", form: dict[str, 
         deployment = latest.get(model.id)
         build = builds.get(model.id)
         if deployment is not None:
-            shown = deployment_status(deployment, await models.replicas(deployment))
+            shown = await models.status_of(deployment)
         else:
             shown = build.status if build is not None else "not built"
         rows.append({"model": model, "deployment": deployment, "build": build, "status": shown})
@@ -156,7 +156,7 @@ async def _deployments(request: web.Request, model: Model) -> list[dict[str, Any
         deployment = _deployment(row)
         replicas = await request.app[MODELS].replicas(deployment)
         found.append({"deployment": deployment, "build_id": row["build_public_id"], "replicas": replicas,
-                      "status": deployment_status(deployment, replicas)})
+                      "status": await request.app[MODELS].status_of(deployment, replicas)})
     return found
 
 

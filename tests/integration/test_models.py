@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ import aiohttp
 from cml_appliance.app import create_app
 from cml_appliance.auth import api_keys, users
 from cml_appliance.core.settings import Settings
+from cml_appliance.models import service as model_service
 from cml_appliance.web.keys import POOL
 from tests.conftest import Api, assert_error
 
@@ -234,3 +237,57 @@ async def test_limits_busy_replicas_and_timeouts(aiohttp_client: Any, settings: 
     assert status == 200
     await until({first: "deployed", second["id"]: "stopped"})
     assert (await call_until_served(alice, key, {"sleep": 0}))["success"] is True
+
+
+async def test_a_replica_that_dies_is_replaced_and_a_crash_loop_stops(alice: Api, monkeypatch: Any) -> None:
+    monkeypatch.setattr(model_service, "REPLACE_PAUSE_SECONDS", 0.05)
+    monkeypatch.setattr(model_service, "MAX_REPLACEMENTS", 3)
+    pid = await setup(alice)
+    form = aiohttp.FormData()
+    form.add_field("crashes.py", b"import sys\nsys.exit(3)\ndef predict(args):\n    return args\n", filename="crashes.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    pool = alice.client.app[POOL]
+
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
+        "name": "sturdy", "disable_authentication": True, "auto_build_model": True,
+        "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
+    })
+    first = await call_until_served(alice, model["access_key"], {"a": 1, "b": 1})
+    handle = await pool.fetchval("SELECT handle FROM workloads WHERE public_id = $1", first["ReplicaID"])
+    os.killpg(int(handle.split(":")[0]), signal.SIGKILL)  # the replica dies
+
+    deadline = time.monotonic() + 20
+    while True:
+        answer = await call(alice, model["access_key"], {"a": 2, "b": 2}, bearer=False)
+        if answer[0] == 200 and answer[1]["ReplicaID"] != first["ReplicaID"]:
+            break
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.1)
+    assert answer[1]["response"] == {"sum": 4}
+    dead = await pool.fetchrow("SELECT status, reason FROM workloads WHERE public_id = $1", first["ReplicaID"])
+    assert dead["status"] == "ENGINE_FAILED" and dead["reason"]
+
+    # A replica that cannot even start is replaced a few times, then the deployment shows failed.
+    _, looping = await alice.post(f"/api/v2/projects/{pid}/models", json={
+        "name": "looping", "disable_authentication": True, "auto_build_model": True,
+        "auto_build_config": {"file_path": "crashes.py", "function_name": "predict"},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
+    })
+    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{looping['id']}/builds")
+    build = builds["model_builds"][0]
+    base = f"/api/v2/projects/{pid}/models/{looping['id']}/builds/{build['id']}/deployments"
+    _, listed = await alice.get(base)
+    deployment_id = listed["model_deployments"][0]["id"]
+    deadline = time.monotonic() + 30
+    while True:
+        _, deployment = await alice.get(f"{base}/{deployment_id}")
+        if deployment["status"] == "failed":
+            break
+        assert time.monotonic() < deadline, deployment
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)  # no more replacements come
+    tries = await pool.fetchval(
+        "SELECT count(*) FROM workloads w JOIN model_deployments d ON d.id = w.deployment_id WHERE d.public_id = $1",
+        deployment_id)
+    assert tries == 1 + 3  # the first, then MAX_REPLACEMENTS replacements
