@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from cml_appliance.applications.service import RESERVED_SUBDOMAINS
 from cml_appliance.core.errors import NotFound, Unauthenticated, Unavailable
 from cml_appliance.core.tasks import until_first_done
 from cml_appliance.web.context import ROUTE_LABEL, SESSION_COOKIE, USER
@@ -46,7 +47,7 @@ def subdomain_of_host(request: web.Request) -> str | None:
 async def gateway(request: web.Request, handler: Any) -> web.StreamResponse:
     """Application traffic goes to the proxy; everything else on through the appliance."""
     subdomain = subdomain_of_host(request)
-    if subdomain is not None:
+    if subdomain is not None and subdomain not in RESERVED_SUBDOMAINS:
         return await proxy(request, subdomain, request.path)
     if request.match_info.route.name == "app_proxy":
         return await by_path(request)

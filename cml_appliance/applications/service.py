@@ -48,6 +48,8 @@ from cml_appliance.workloads.store import Workload
 
 log = logging.getLogger(__name__)
 SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Hosts of the appliance itself, as in CML: modelservice.<domain> serves POST /model.
+RESERVED_SUBDOMAINS = frozenset({"modelservice", "www", "api"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +231,8 @@ class ApplicationService:
             sub = (fields.get("subdomain") or "").strip().lower()
             if not SUBDOMAIN_RE.match(sub):
                 raise InvalidArgument("subdomain must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'")
+            if sub in RESERVED_SUBDOMAINS:
+                raise InvalidArgument(f"the subdomain {sub!r} is the appliance's own; choose another")
             values["subdomain"] = sub
         if "script" in fields or app is None:
             values["script"] = check_script(fields.get("script"))

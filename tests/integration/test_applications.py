@@ -135,6 +135,7 @@ async def test_bad_application_requests(alice: Api) -> None:
         ({"name": "two", "subdomain": "taken", "script": "app.py"}, 409),
         ({"name": "x", "subdomain": "Bad_Sub", "script": "app.py"}, 400),
         ({"name": "x", "subdomain": "-x", "script": "app.py"}, 400),
+        ({"name": "x", "subdomain": "modelservice", "script": "app.py"}, 400),
         ({"name": "x", "subdomain": "ok", "script": ""}, 400),
         ({"name": "x", "subdomain": "ok", "script": "app.py", "bypass_authentication": True}, 400),
         ({"name": "x", "subdomain": "ok", "script": "app.py", "runtime_identifier": "no/such"}, 400),

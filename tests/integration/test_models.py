@@ -74,6 +74,10 @@ async def test_create_build_deploy_and_call(alice: Api, bob: Api) -> None:
 
     answer = await call_until_served(alice, model["access_key"], {"a": 2, "b": 40})
     assert answer["success"] is True and answer["response"] == {"sum": 42} and answer["ReplicaID"]
+    # Also at modelservice.<domain>, where CML serves it.
+    resp = await alice.client.post("/model", json={"accessKey": model["access_key"], "request": {"a": 1, "b": 2}},
+                                   headers={"Authorization": f"Bearer {alice.key}", "Host": "modelservice.127.0.0.1:8080"})
+    assert resp.status == 200 and (await resp.json())["response"] == {"sum": 3}
     seen = {(await call_until_served(alice, model["access_key"], {"a": 1, "b": 1}))["ReplicaID"] for _ in range(4)}
     assert len(seen) == 2  # calls are spread over both replicas
     for _ in range(50):
