@@ -3,8 +3,9 @@
 Standard library only, so it runs in any runtime with Python 3. The function runs for one
 request at a time, as in CML's replicas; connections are kept alive (HTTP/1.1), each on a thread
 of its own, so an idle one never holds up the others. POST / with a JSON body calls the function with it and answers
-{"response": <return value>}, or {"error": "..."} with status 400 when the function raises or
-returns something that is not JSON.
+its return value as JSON (200), or {"error": "..."} with status 400 when the function raises or
+returns something that is not JSON. The appliance wraps the answer in CML's shape without
+parsing it again.
 
 Usage: python3 replica_server.py FILE FUNCTION
 """
@@ -64,7 +65,7 @@ def main():
                 self._answer(400, {"error": f"the model function raised {type(exc).__name__}: {exc}"})
                 return
             try:
-                body = json.dumps({"response": result})
+                body = json.dumps(result)
             except (TypeError, ValueError) as exc:
                 self._answer(400, {"error": f"the model function returned something that is not JSON: {exc}"})
                 return

@@ -9,6 +9,7 @@ or {"success": false, "error": {"message": ...}}.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -58,7 +59,7 @@ async def _forward(request: web.Request, replica: Workload, argument: Any) -> we
     while True:
         try:
             async with session.post(f"http://{address}/", json=argument, timeout=timeout) as resp:
-                answer = await resp.json(content_type=None)
+                status, answer = resp.status, await resp.read()
             break
         except aiohttp.ClientConnectorError as exc:
             if time.monotonic() - started > CONNECT_GRACE_SECONDS:
@@ -67,10 +68,16 @@ async def _forward(request: web.Request, replica: Workload, argument: Any) -> we
         except TimeoutError:
             return failure(504, "the model function did not answer within "
                                 f"{request.app[SETTINGS].model_request_timeout_seconds} s")
-        except (aiohttp.ClientError, ValueError) as exc:
+        except aiohttp.ClientError as exc:
             return failure(502, f"the replica did not answer: {exc or type(exc).__name__}")
-    if not isinstance(answer, dict):
-        return failure(502, "the replica's answer is not a JSON object")
-    if "error" in answer:
-        return failure(400, str(answer["error"]))
-    return web.json_response({"success": True, "response": answer.get("response"), "ReplicaID": replica.public_id})
+    if status == 200:
+        # The replica's body is the function's return value, already JSON (replica_server.py
+        # made it with json.dumps): it goes into CML's answer as it is, not parsed again.
+        return web.Response(
+            body=b'{"success": true, "response": ' + answer + b', "ReplicaID": "' + replica.public_id.encode() + b'"}',
+            content_type="application/json")
+    try:
+        message = json.loads(answer)["error"]
+    except (ValueError, KeyError, TypeError):
+        return failure(502, f"the replica answered {status} without an error message")
+    return failure(400, str(message))
