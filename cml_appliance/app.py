@@ -165,6 +165,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         finally:
             await hub.stop()
             await app[APP_PROXY_SESSION].close()
+            await app[MODELS].close()
 
     app.cleanup_ctx.extend([database, supervisor, services, workloads])
     app.on_shutdown.append(sessions_api.close_websockets)

@@ -4,6 +4,7 @@ responses and WebSockets.
 
 Application traffic is many small requests a second, so it takes a short path: the `gateway`
 middleware (right after observe and errors) answers it before the API and page middlewares run.
+Model calls (POST /model), which check their callers themselves, take the same short cut.
 Who is calling (cookie or Application-audience key), where the app is and whether the caller may
 open it are each remembered for ROUTE_TTL_SECONDS (applications/service.py).
 """
@@ -43,14 +44,23 @@ def subdomain_of_host(request: web.Request) -> str | None:
     return None
 
 
+# Routes that check their callers themselves and are called many times a second: the gateway
+# sends them straight to their handler, past the API and page middlewares (POST /model).
+SELF_CHECKING_ROUTES = frozenset({"model_endpoint"})
+
+
 @web.middleware
 async def gateway(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Application traffic goes to the proxy; everything else on through the appliance."""
+    """Application traffic goes to the proxy, model calls to their handler; everything else on
+    through the appliance."""
     subdomain = subdomain_of_host(request)
     if subdomain is not None and subdomain not in RESERVED_SUBDOMAINS:
         return await proxy(request, subdomain, request.path)
-    if request.match_info.route.name == "app_proxy":
+    name = request.match_info.route.name
+    if name == "app_proxy":
         return await by_path(request)
+    if name in SELF_CHECKING_ROUTES:
+        return await request.match_info.handler(request)  # the route's own handler, no middleware after this one
     return await handler(request)
 
 

@@ -7,6 +7,9 @@ its return value as JSON (200), or {"error": "..."} with status 400 when the fun
 returns something that is not JSON. The appliance wraps the answer in CML's shape without
 parsing it again.
 
+With CML_MODEL_SOCKET set (local replicas), it also serves on that Unix socket: the appliance
+calls through it, which costs both sides less than loopback TCP.
+
 Usage: python3 replica_server.py FILE FUNCTION
 """
 
@@ -14,6 +17,7 @@ import http.server
 import importlib.util
 import json
 import os
+import socketserver
 import sys
 import threading
 import traceback
@@ -77,6 +81,19 @@ def main():
     print(f"serving {name} from {path}", flush=True)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), Handler)
     server.daemon_threads = True
+    socket_path = os.environ.get("CML_MODEL_SOCKET")
+    if socket_path:
+
+        class LocalHandler(Handler):
+            disable_nagle_algorithm = False  # not a TCP socket
+
+            def address_string(self):
+                return "local"
+
+        class LocalServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        threading.Thread(target=LocalServer(socket_path, LocalHandler).serve_forever, daemon=True).start()
     server.serve_forever()
 
 

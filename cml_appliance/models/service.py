@@ -6,15 +6,19 @@ from __future__ import annotations
 import ast
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import shutil
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from cml_appliance.auth import api_keys
@@ -48,6 +52,8 @@ from cml_appliance.workloads.store import Workload
 log = logging.getLogger(__name__)
 
 REPLICA_SERVER = Path(__file__).with_name("replica_server.py")
+# Where a local replica's Unix socket is (replica_server.py).
+SOCKET_VARIABLE = "CML_MODEL_SOCKET"
 SERVER_NAME = ".cml_model_server.py"
 SNAPSHOT_IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".ipynb_checkpoints")
 
@@ -153,6 +159,10 @@ class ModelService:
         self.builds_dir = builds_dir
         self._next_replica: dict[int, int] = {}
         self._busy: dict[int, asyncio.Lock] = {}
+        # Local replicas also listen on a Unix socket in this (short: sun_path has 108 bytes)
+        # directory, and calls reach them through it; one client session per socket.
+        self._sockets_dir: Path | None = None
+        self._socket_sessions: dict[str, aiohttp.ClientSession] = {}
         # Calls waiting for a free replica, per model, longest waiting first.
         self._waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
         # Deployments with a lost replica being replaced (see _replace).
@@ -359,11 +369,16 @@ class ModelService:
             await self._start_replica(user, project, build, deployment, f"replica {n + 1}")
 
     async def _start_replica(self, user: User, project: Project, build: Build, deployment: Deployment, name: str) -> None:
+        environment = dict(deployment.environment)
+        if self.workloads.engine_name_for(build.runtime_identifier) == "local":
+            if self._sockets_dir is None:
+                self._sockets_dir = Path(tempfile.mkdtemp(prefix="cml-replicas-"))
+            environment[SOCKET_VARIABLE] = str(self._sockets_dir / f"{secrets.token_hex(6)}.sock")
         await self.workloads.launch(user, project, LaunchRequest(
             kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
             image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
             command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
-            environment=deployment.environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
+            environment=environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
         ))
 
     async def _replace(self, dead: Workload) -> None:
@@ -450,10 +465,35 @@ class ModelService:
         self._serving.clear()
         self._callers.clear()
 
+    def session_for(self, replica: Workload) -> aiohttp.ClientSession | None:
+        """The client session reaching a local replica through its Unix socket, else None."""
+        path = replica.environment.get(SOCKET_VARIABLE) if replica.engine == "local" else None
+        if path is None:
+            return None
+        session = self._socket_sessions.get(path)
+        if session is None:
+            session = self._socket_sessions[path] = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=path), cookie_jar=aiohttp.DummyCookieJar())
+        return session
+
+    async def close(self) -> None:
+        for session in self._socket_sessions.values():
+            await session.close()
+        self._socket_sessions.clear()
+        if self._sockets_dir is not None:
+            shutil.rmtree(self._sockets_dir, ignore_errors=True)
+
     async def _workload_ended(self, run: Workload) -> None:
         if run.kind != "model_replica":
             return
         self.forget_calls()
+        path = run.environment.get(SOCKET_VARIABLE)
+        if path is not None:
+            session = self._socket_sessions.pop(path, None)
+            if session is not None:
+                await session.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if run.status in (states.FAILED, states.SUCCEEDED) and run.deployment_id is not None:
             await self._replace(run)
 

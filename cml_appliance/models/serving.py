@@ -52,8 +52,12 @@ async def call(request: web.Request, model: Model, argument: Any) -> web.Respons
 
 
 async def _forward(request: web.Request, replica: Workload, argument: Any) -> web.Response:
-    address = await request.app[WORKLOADS].engine(replica.engine).address(replica.handle, replica.app_port or 0)
-    session: aiohttp.ClientSession = request.app[APP_PROXY_SESSION]
+    session = request.app[MODELS].session_for(replica)
+    if session is not None:
+        address = "replica"  # the session's Unix socket
+    else:
+        address = await request.app[WORKLOADS].engine(replica.engine).address(replica.handle, replica.app_port or 0)
+        session = request.app[APP_PROXY_SESSION]
     timeout = aiohttp.ClientTimeout(total=request.app[SETTINGS].model_request_timeout_seconds)
     started = time.monotonic()
     while True:
