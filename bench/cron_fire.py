@@ -4,7 +4,8 @@
 - Appliance: the real `python -m cml_appliance serve` (CML_LOG_LEVEL=WARNING) is running; a project
   holds ok.sh (`echo ok`, run with /bin/sh: cml_appliance/jobs/service.py command_for). --jobs rows
   (default 1,000) are inserted straight into `jobs` (schedule '* * * * *', UTC) with next_fire_at =
-  one instant a few seconds ahead (the "due" time). The scheduler loop (every 5 s) starts them.
+  one instant a few seconds ahead (the "due" time). The scheduler loop, which sleeps until the next
+  due fire, starts them.
   Measured from the due instant, on the database server's clock: until all runs exist (the last
   workloads.created_at of kind job_run), until all reached ENGINE_RUNNING (last running_at), until
   all finished (last finished_at); and how many ended ENGINE_SUCCEEDED. This process polls
