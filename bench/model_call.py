@@ -44,7 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 import asyncpg
 from api_list import Round, cpu_seconds
-from common import BenchError, Harness, install_signal_handlers, median, run_async, run_main
+from common import (
+    BenchError,
+    Harness,
+    install_signal_handlers,
+    median,
+    run_async,
+    run_main,
+)
 
 TARGET = 0.7
 FUNCTIONS = ("score", "echo")

@@ -19,10 +19,16 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     """The body as a JSON object ({} when empty); 400/413 with a clear message otherwise."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
+    # read(n) answers with what has arrived so far: read until the end (or just past the limit).
+    chunks: list[bytes] = []
+    size = 0
     try:
-        raw = await request.content.read(max_bytes + 1)
+        while size <= max_bytes and (chunk := await request.content.read(max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
     except ValueError:
         raise InvalidArgument("request body could not be read") from None
+    raw = b"".join(chunks)
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
     if not raw.strip():

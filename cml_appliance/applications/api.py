@@ -26,6 +26,7 @@ from cml_appliance.workloads import states
 from cml_appliance.workloads.store import Workload
 from cml_appliance.workloads.streams import event_stream, logs_response
 
+
 def app_json(app: Application, run: Workload | None) -> dict[str, Any]:
     data = {
         "id": app.public_id, "name": app.name, "description": app.description, "creator": app.creator,

@@ -49,6 +49,25 @@ async def _no_session_reset(conn: asyncpg.Connection) -> None:
     in `finally`, LISTEN has a connection of its own (workloads/events.py), nothing uses SET."""
 
 
+@contextlib.asynccontextmanager
+async def try_advisory_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[asyncpg.Connection | None]:
+    """Hold a session-level advisory lock for the block (on the connection yielded), or yield
+    None when another session holds it. Should the unlock fail (a second cancellation), the
+    connection is closed: that releases the lock, where the pool would otherwise keep it."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            yield None
+            return
+        try:
+            yield conn
+        finally:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            except BaseException:
+                conn.terminate()
+                raise
+
+
 async def create_pool(dsn: str, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_no_session_reset, **kwargs

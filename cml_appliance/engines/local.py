@@ -210,6 +210,7 @@ class LocalEngine:
         # Threads that fork main processes. PR_SET_PDEATHSIG fires when the forking *thread* ends,
         # so these live exactly as long as the engine (the default executor's threads might not).
         self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="local-spawn")
+        self._closing = False
         self._terminals: dict[str, set[LocalTerminal]] = {}
 
     async def ping(self) -> None:
@@ -222,6 +223,8 @@ class LocalEngine:
         }
 
     async def start(self, spec: LaunchSpec) -> str:
+        if self._closing:
+            raise EngineError("the local engine is shutting down")
         try:
             proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec), spec.memory_mb * 1024 * 1024)
         except OSError as exc:
@@ -340,6 +343,7 @@ class LocalEngine:
             for terminal in list(terminals):
                 await terminal.close()
         # Local workloads end with the appliance: the spawner threads ending sends PDEATHSIG.
+        self._closing = True
         self._spawner.shutdown(wait=False)
 
 

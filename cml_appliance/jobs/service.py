@@ -16,8 +16,16 @@ import asyncpg
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, AppError, FailedPrecondition, InvalidArgument, NotFound
+from cml_appliance.core.errors import (
+    AlreadyExists,
+    AppError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from cml_appliance.core.ids import new_public_id
+from cml_appliance.db.pool import try_advisory_lock
 from cml_appliance.jobs import notify
 from cml_appliance.jobs.schedule import SCHEDULER_LOCK, check_schedule, next_fire
 from cml_appliance.projects import files
@@ -100,6 +108,8 @@ def _job(row: asyncpg.Record) -> Job:
 FIRE_CONCURRENCY = 32
 # Due jobs claimed per transaction.
 FIRE_BATCH = 200
+# A fire that could not start because the engine or the database was away waits this long.
+FIRE_RETRY_SECONDS = 10
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
 
 
@@ -331,15 +341,18 @@ class JobService:
     async def scheduler_tick(self) -> float:
         """Fire what is due; return how long to sleep: until the next cron fire or retry, if that
         is sooner than the loop's interval (a minute's fires then start on time, not a tick late)."""
-        await self.fire_due()
+        if await self.fire_due() is None:
+            return 1.0  # another process schedules; look again in a while
         wait = await self.pool.fetchval(
             "SELECT extract(epoch FROM least("
             " (SELECT min(next_fire_at) FROM jobs WHERE schedule <> '' AND NOT paused),"
             " (SELECT min(due_at) FROM job_fires)) - now())"
         )
-        return 3600.0 if wait is None else float(wait) + 0.005
+        # Something still due (a fire that waits to be retried, a job another tick holds) is
+        # looked at again after a short pause, not at once.
+        return 3600.0 if wait is None else max(0.05, float(wait) + 0.005)
 
-    async def fire_due(self) -> int:
+    async def fire_due(self) -> int | None:
         """Start the runs jobs owe: cron jobs that are due, retries whose delay has passed, and
         fires a process that died left behind. Returns how many runs started.
 
@@ -347,28 +360,28 @@ class JobService:
         transaction, which moves each one's next fire past now and records a pending fire
         (job_fires); a run consumes its fire in the statement that inserts it. So a crash at any
         point loses no fire (the next holder starts what is still pending) and starts none twice.
-        Fires missed while the appliance was down collapse into one.
+        Fires missed while the appliance was down collapse into one. None when another process
+        holds the scheduler lock.
         """
-        async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK):
-                return 0
-            try:
-                await self._claim_due_jobs(conn)
-                return await self._start_pending_fires(conn)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK)
+        async with try_advisory_lock(self.pool, SCHEDULER_LOCK) as conn:
+            if conn is None:
+                return None
+            await self._claim_due_jobs(conn)
+            return await self._start_pending_fires(conn)
 
     async def _claim_due_jobs(self, conn: asyncpg.Connection) -> None:
         while True:
             async with conn.transaction():
                 rows = await conn.fetch(
-                    "SELECT id, creator_id, schedule, timezone, next_fire_at FROM jobs"
+                    "SELECT id, creator_id, schedule, timezone, next_fire_at, now() AS db_now FROM jobs"
                     " WHERE schedule <> '' AND NOT paused AND next_fire_at <= now()"
                     " ORDER BY next_fire_at LIMIT $1 FOR UPDATE SKIP LOCKED", FIRE_BATCH,
                 )
                 if not rows:
                     return
-                now = datetime.now(UTC)
+                # The database's clock decides what is due, so the next fire is counted from it too
+                # (an appliance clock behind it would leave the job due, and fire it again).
+                now = max(datetime.now(UTC), rows[0]["db_now"])
                 await conn.execute(
                     "UPDATE jobs SET next_fire_at = due.at FROM unnest($1::bigint[], $2::timestamptz[])"
                     " AS due(id, at) WHERE jobs.id = due.id",
@@ -422,6 +435,8 @@ class JobService:
 
     async def _start_fire(self, fire: dict[str, Any], job: Job, launcher: tuple[User, Project] | None) -> bool:
         try:
+            if job.paused:
+                raise FailedPrecondition("the job is paused")
             if launcher is None:
                 raise FailedPrecondition("its user or project is gone, or the user may no longer run it")
             await self.run(*launcher, job, environment=fire["environment"], arguments=fire["arguments"],
@@ -431,6 +446,12 @@ class JobService:
             return False  # another scheduler started it meanwhile
         except AlreadyExists:
             log.info("job %s is still running: this fire is skipped", job.public_id)
+        except (Unavailable, asyncpg.PostgresConnectionError, OSError) as exc:
+            # The engine or the database is away for now: the fire is owed still, tried again later.
+            log.warning("job %s did not start (tried again in %d s): %s", job.public_id, FIRE_RETRY_SECONDS, exc)
+            await self.pool.execute("UPDATE job_fires SET due_at = now() + make_interval(secs => $2) WHERE id = $1",
+                                    fire["id"], FIRE_RETRY_SECONDS)
+            return False
         except Exception as exc:  # one job failing to start must not stop the others
             log.warning("job %s did not start: %s", job.public_id, exc)
         # The fire is settled (skipped, or could not start): it is not tried again.

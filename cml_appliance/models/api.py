@@ -23,8 +23,8 @@ from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.core.errors import AppError, InvalidArgument
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.models import serving
-from cml_appliance.models.serving import failure
 from cml_appliance.models.service import Build, Deployment, Model
+from cml_appliance.models.serving import failure
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import MODELS, SETTINGS
 

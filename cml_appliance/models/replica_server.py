@@ -69,7 +69,7 @@ def main():
                 self._answer(400, {"error": f"the model function raised {type(exc).__name__}: {exc}"})
                 return
             try:
-                body = json.dumps(result)
+                body = json.dumps(result, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 self._answer(400, {"error": f"the model function returned something that is not JSON: {exc}"})
                 return

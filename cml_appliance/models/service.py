@@ -135,11 +135,6 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 # Replacing replicas that die: a pause of 1 s, doubling with each one lost lately, and at most
 # MAX_REPLACEMENTS within REPLACE_WINDOW (a crash loop).
 REPLACE_PAUSE_SECONDS = 1.0
@@ -477,9 +472,9 @@ class ModelService:
         return session
 
     async def close(self) -> None:
-        for session in self._socket_sessions.values():
+        sessions, self._socket_sessions = list(self._socket_sessions.values()), {}
+        for session in sessions:
             await session.close()
-        self._socket_sessions.clear()
         if self._sockets_dir is not None:
             shutil.rmtree(self._sockets_dir, ignore_errors=True)
 
@@ -560,6 +555,8 @@ class ModelService:
             await waiter
         finally:
             timer.cancel()
+            with contextlib.suppress(ValueError):  # woken by the timer (or cancelled): leave the queue
+                self._waiters[model.id].remove(waiter)
 
     def lock_for(self, replica: Workload) -> asyncio.Lock:
         """Each replica serves one request at a time, as in CML."""

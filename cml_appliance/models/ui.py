@@ -12,7 +12,12 @@ from aiohttp import web
 
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
-from cml_appliance.core.errors import AppError, InvalidArgument, NotFound, PermissionDenied
+from cml_appliance.core.errors import (
+    AppError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from cml_appliance.models import serving
 from cml_appliance.models.service import Build, Deployment, Model
 from cml_appliance.runtimes import catalog

@@ -24,6 +24,7 @@ from cml_appliance.auth import api_keys
 from cml_appliance.auth.users import User
 from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, Unavailable
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.db.pool import try_advisory_lock
 from cml_appliance.engines.base import (
     Engine,
     EngineError,
@@ -270,10 +271,10 @@ class WorkloadService:
     async def _end(self, row: Workload, target: str, **fields: Any) -> None:
         """The final status; the workload's own key dies with it (same statement), never after."""
         final = await store.transition(self.pool, row.id, target, revoke_key=row.api_key_id, **fields)
-        if final is None:  # someone else ended it meanwhile
-            final = await store.get_by_id(self.pool, row.id) or row
         self.logs.close(row.public_id)
         self._specs.pop(row.id, None)
+        if final is None:
+            return  # someone else ended it meanwhile, and told the listeners
         # Listeners get the final row (dependent jobs, retries, notifications, replicas).
         for listener in self.finish_listeners:
             self.supervisor.spawn(f"finished-{row.public_id}", listener(final))
@@ -335,13 +336,10 @@ class WorkloadService:
         engine = self.engines[engine_name]
         counts = {"failed": 0, "orphans_stopped": 0, "adopted": 0}
         lock = RECONCILE_LOCK_BASE + zlib.crc32(engine_name.encode()) % 1000
-        async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
+        async with try_advisory_lock(self.pool, lock) as held:
+            if held is None:
                 return counts
-            try:
-                await self._reconcile(engine, counts, starting_up)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+            await self._reconcile(engine, counts, starting_up)
         if any(counts.values()):
             log.info("reconciled the %s engine: %s", engine_name, counts)
         return counts
