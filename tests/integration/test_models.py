@@ -210,6 +210,9 @@ async def test_limits_busy_replicas_and_timeouts(aiohttp_client: Any, settings: 
     answer = await call_until_served(alice, key, {"sleep": 0})
     assert answer["response"] == {"slept": 0}
 
+    # A large body under the limit arrives in many pieces: it is read whole.
+    status, body = await call(alice, key, {"sleep": 0, "blob": "x" * 600_000}, bearer=False)
+    assert status == 200 and body["response"] == {"slept": 0}, body
     # A body over model_max_request_mb.
     resp = await client.post("/model", json={"accessKey": key, "request": {"blob": "x" * (1024 * 1024)}})
     assert resp.status == 413 and (await resp.json())["success"] is False
