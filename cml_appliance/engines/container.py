@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ PIDS_LIMIT = 1024
 RELAY_PORT_OFFSET = 10000
 RELAYED_KINDS = frozenset({"application", "model_replica"})
 RELAY_SOURCE = (Path(__file__).parent / "port_relay.py").read_text()
+
+
+def _source_address_towards(ip: str) -> str:
+    """The address this process's connections to `ip` come from (the host's end of the bridge,
+    or this appliance's own container address): the one peer the relay lets in."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((ip, 9))  # UDP: picks the route, sends nothing
+        return str(probe.getsockname()[0])
 
 
 def _unavailable(exc: Exception) -> EngineUnavailable:
@@ -153,10 +162,13 @@ class ContainerEngine:
         return str(container.id)
 
     async def _start_relay(self, container: Any, port: int) -> None:
-        """Reach the workload's 127.0.0.1:port from the bridge network (port_relay.py)."""
+        """Reach the workload's 127.0.0.1:port from the bridge network (port_relay.py), for this
+        appliance's connections only."""
         try:
+            ip = self._ip_of(await container.show())
             execution = await container.exec(
-                ["python3", "-c", RELAY_SOURCE, str(port + RELAY_PORT_OFFSET), str(port)], user=self.user)
+                ["python3", "-c", RELAY_SOURCE, str(port + RELAY_PORT_OFFSET), str(port), _source_address_towards(ip)],
+                user=self.user)
             await execution.start(detach=True)
         except aiodocker.DockerError as exc:
             state = (await container.show()).get("State") or {}
@@ -232,13 +244,17 @@ class ContainerEngine:
             info = await self.docker.containers.container(handle).show()
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             raise _unavailable(exc) from None
+        return f"{self._ip_of(info)}:{port + RELAY_PORT_OFFSET}"  # the relay (port_relay.py)
+
+    @staticmethod
+    def _ip_of(info: dict[str, Any]) -> str:
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         ip = (info.get("NetworkSettings") or {}).get("IPAddress") or next(
             (n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), ""
         )
         if not ip:
             raise EngineError("the container has no network address")
-        return f"{ip}:{port + RELAY_PORT_OFFSET}"  # the relay (port_relay.py)
+        return str(ip)
 
     async def list_running(self) -> dict[str, str]:
         try:

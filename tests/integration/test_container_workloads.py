@@ -88,6 +88,19 @@ async def test_application_and_model_in_containers(dana: Api, python_image: str,
         info = await docker.containers.container(f"cml-{run_id}").show()
         assert info["Config"]["Image"].endswith(python_image.split("/", 1)[1])
         assert info["HostConfig"]["NetworkMode"] == "bridge"
+        # Another container on the bridge cannot reach the app past the appliance's checks.
+        app_ip = info["NetworkSettings"]["IPAddress"] or next(
+            n["IPAddress"] for n in info["NetworkSettings"]["Networks"].values() if n.get("IPAddress"))
+        probe = await docker.containers.run({
+            "Image": python_image, "NetworkMode": "bridge", "Cmd": ["python3", "-c", (
+                "import socket; s = socket.create_connection((%r, 18100), 5); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n');"
+                " print('got', repr(s.recv(100)))" % app_ip)]})
+        try:
+            await probe.wait(timeout=30)
+            output = "".join(await probe.log(stdout=True, stderr=True))
+        finally:
+            await probe.delete(force=True)
+        assert "HTTP" not in output and ("got b''" in output or "ConnectionResetError" in output), output
     finally:
         await docker.close()
 
