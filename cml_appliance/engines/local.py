@@ -91,7 +91,7 @@ class MainProcess:
         self._output_fd: int | None = output_fd
         os.set_blocking(output_fd, False)
         self._loop.add_reader(output_fd, self._readable)
-        self._pidfd = os.pidfd_open(popen.pid)
+        self._pidfd: int | None = os.pidfd_open(popen.pid)
         self._loop.add_reader(self._pidfd, self._check_exit)
         self._check_exit()  # it may already be gone
 
@@ -125,11 +125,13 @@ class MainProcess:
             self.close()
 
     def _check_exit(self) -> None:
-        if self.exited.done() or self.popen.poll() is None:
+        if self._pidfd is None or self.popen.poll() is None:
             return
-        self._loop.remove_reader(self._pidfd)
+        self._loop.remove_reader(self._pidfd)  # reaped: the pidfd has served
         os.close(self._pidfd)
-        self.exited.set_result(self.popen.returncode)
+        self._pidfd = None
+        if not self.exited.done():
+            self.exited.set_result(self.popen.returncode)
 
     def close(self) -> None:
         """Stop reading the output (at its end, or when the workload is cleaned up)."""
@@ -251,7 +253,9 @@ class LocalEngine:
             while _alive(pid, ticks):
                 await asyncio.sleep(0.5)
             return None
-        code = await proc.exited
+        # Shielded: a waiter that is cancelled (shutdown) must not cancel the exit itself, which
+        # the process is still reaped into.
+        code = await asyncio.shield(proc.exited)
         # A signal death shows as -N; report it as a shell would (128 + N).
         return code if code >= 0 else 128 - code
 
@@ -277,7 +281,7 @@ class LocalEngine:
     async def cleanup(self, handle: str) -> None:
         proc = self._procs.pop(handle, None)
         if proc is not None:
-            await proc.exited
+            await asyncio.shield(proc.exited)
             proc.close()
         _, _, workload_id = _parse(handle)
         self._terminals.pop(workload_id, None)

@@ -35,6 +35,7 @@ from cml_appliance.core.errors import (
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.db.pool import try_advisory_lock
 from cml_appliance.projects import files
 from cml_appliance.projects import store as project_store
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
@@ -140,6 +141,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 REPLACE_PAUSE_SECONDS = 1.0
 MAX_REPLACEMENTS = 5
 REPLACE_WINDOW = timedelta(minutes=5)
+RESUME_LOCK = 0x434D4C30
 CALL_CACHE_SECONDS = 2.0
 MAX_REMEMBERED = 10_000
 
@@ -363,23 +365,52 @@ class ModelService:
         for n in range(deployment.replicas):
             await self._start_replica(user, project, build, deployment, f"replica {n + 1}")
 
-    async def _start_replica(self, user: User, project: Project, build: Build, deployment: Deployment, name: str) -> None:
+    async def _start_replica(self, user: User, project: Project, build: Build, deployment: Deployment, name: str) -> Workload:
         environment = dict(deployment.environment)
         if self.workloads.engine_name_for(build.runtime_identifier) == "local":
             if self._sockets_dir is None:
                 self._sockets_dir = Path(tempfile.mkdtemp(prefix="cml-replicas-"))
             environment[SOCKET_VARIABLE] = str(self._sockets_dir / f"{secrets.token_hex(6)}.sock")
-        await self.workloads.launch(user, project, LaunchRequest(
+        return await self.workloads.launch(user, project, LaunchRequest(
             kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
             image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
             command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
             environment=environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
         ))
 
+    async def resume_deployments(self) -> int:
+        """At start-up: deployments that are not stopped get back the replicas they miss (local
+        replicas end with the appliance, and a shutdown stops them). Returns how many started."""
+        started = 0
+        async with try_advisory_lock(self.pool, RESUME_LOCK) as held:
+            if held is None:
+                return 0  # another appliance process is doing it
+            rows = await self.pool.fetch(
+                "SELECT d.*, p.public_id AS project_public_id FROM model_deployments d"
+                " JOIN models m ON m.id = d.model_id JOIN projects p ON p.id = m.project_id WHERE NOT d.stopped")
+            for row in rows:
+                deployment = _record(Deployment, row)
+                runs = await self.replicas(deployment)
+                missing = deployment.replicas - sum(r.active for r in runs)
+                owner = await get_by_id(self.pool, deployment.deployer_id)
+                build_row = await self.pool.fetchrow("SELECT * FROM model_builds WHERE id = $1", deployment.build_id)
+                if missing <= 0 or owner is None or build_row is None:
+                    continue
+                try:
+                    project = await self.projects.get(owner, row["project_public_id"], Role.READ)
+                    for n in range(missing):
+                        await self._start_replica(owner, project, _record(Build, build_row), deployment,
+                                                  f"replica {len(runs) + n + 1}")
+                        started += 1
+                except AppError as exc:
+                    log.warning("could not resume deployment %s: %s", deployment.public_id, exc)
+        return started
+
     async def _replace(self, dead: Workload) -> None:
         """A replica that ended by itself (crashed, killed, lost in a restart) is replaced, after a
         pause that doubles with each replica the deployment lost lately. A deployment gets at most
-        MAX_REPLACEMENTS new replicas within REPLACE_WINDOW (a crash loop); then it shows failed."""
+        MAX_REPLACEMENTS new replicas per replica within REPLACE_WINDOW (a crash loop); then it
+        shows failed."""
         self._replacing.add(dead.deployment_id or 0)
         try:
             await self._replace_after_pause(dead)
@@ -397,7 +428,7 @@ class ModelService:
                 return
             since = datetime.now(UTC) - REPLACE_WINDOW
             lost = [r for r in runs if r.status in (states.FAILED, states.SUCCEEDED) and r.finished_at and r.finished_at > since]
-            if len(lost) > MAX_REPLACEMENTS:
+            if len(lost) > MAX_REPLACEMENTS * deployment.replicas:
                 log.warning("deployment %s lost %d replicas in %s: not replacing them any more",
                             deployment.public_id, len(lost), REPLACE_WINDOW)
                 return
@@ -409,9 +440,13 @@ class ModelService:
             return
         try:
             project = await self.projects.get(owner, dead.project_public_id, Role.READ)
-            await self._start_replica(owner, project, _record(Build, build_row), deployment, f"replica {len(runs) + 1}")
+            replica = await self._start_replica(owner, project, _record(Build, build_row), deployment, f"replica {len(runs) + 1}")
         except AppError as exc:
             log.warning("could not replace replica %s of deployment %s: %s", dead.public_id, deployment.public_id, exc)
+            return
+        # A stop that came while this one started would not have seen it: stop it now.
+        if await self.pool.fetchval("SELECT stopped FROM model_deployments WHERE id = $1", deployment.id) is not False:
+            await self.workloads.stop(replica, reason="its deployment was stopped")
 
     async def _retire_when_up(self, deployment: Deployment, previous: list[int]) -> None:
         for _ in range(600):

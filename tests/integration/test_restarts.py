@@ -1,5 +1,5 @@
-"""SIGKILL the appliance at a cron fire, and while a retry waits out its delay, then start it
-again: every fire owed still runs, and none runs twice."""
+"""Stop or SIGKILL the appliance and start it again: at a cron fire and while a retry waits out
+its delay every fire owed still runs, and none twice; model deployments come back."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class Appliance:
 
     def __init__(self, dsn: str, tmp_path: Path):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CML_")}
-        self.env.update({"CML_DATABASE_URL": dsn, "CML_DATA_DIR": str(tmp_path / "data"), "CML_LOG_LEVEL": "WARNING"})
+        self.env.update({"CML_DATABASE_URL": dsn, "CML_DATA_DIR": str(tmp_path / "data"), "CML_LOG_LEVEL": "WARNING",
+                         "CML_STOP_GRACE_SECONDS": "2"})
         self.port, self.log = free_port(), tmp_path / "serve.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -149,6 +150,55 @@ async def test_a_retry_waiting_out_its_delay_survives_a_restart(clean_db: str, t
             assert [(r["attempt"], r["status"], r["exit_code"]) for r in runs] == [
                 (1, "ENGINE_FAILED", 3), (2, "ENGINE_SUCCEEDED", 0)]
             assert await conn.fetchval("SELECT count(*) FROM job_fires") == 0
+        finally:
+            appliance.stop()
+            await conn.close()
+
+
+async def call_model(http: aiohttp.ClientSession, url: str, key: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.post(url + "/model", json={"accessKey": key, "request": {"a": 1, "b": 2}}) as resp:
+            body = await resp.json()
+        if resp.status == 200:
+            return dict(body)
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.1)
+
+
+async def test_model_deployments_come_back_after_a_stop_and_a_kill(clean_db: str, tmp_path: Path) -> None:
+    appliance = Appliance(clean_db, tmp_path)
+    key = appliance.key_for_new_user("kim")
+    conn = await asyncpg.connect(clean_db)
+    active = ("SELECT count(*) FROM workloads WHERE kind = 'model_replica'"
+              " AND status IN ('ENGINE_SCHEDULING', 'ENGINE_STARTING', 'ENGINE_RUNNING')")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        try:
+            await appliance.start(http)
+            url = appliance.url
+            pid = await project_with(http, url, "models survive", {
+                "predict.py": b"def predict(args):\n    return {'sum': args['a'] + args['b']}\n"})
+            async with http.post(f"{url}/api/v2/projects/{pid}/models", json={
+                    "name": "adder", "disable_authentication": True, "auto_build_model": True,
+                    "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
+                    "auto_deploy_model": True, "auto_deployment_config": {"replicas": 2}}) as resp:
+                model = await resp.json()
+            first = await call_model(http, url, model["access_key"])
+            assert first["response"] == {"sum": 3}
+
+            appliance.stop()  # a clean shutdown stops the local replicas
+            assert await conn.fetchval(active) == 0
+            await appliance.start(http)
+            second = await call_model(http, url, model["access_key"])
+            assert second["ReplicaID"] != first["ReplicaID"]
+            await until(conn, active, lambda n: n == 2)
+
+            appliance.kill()  # a crash: the replicas die with the appliance
+            await appliance.start(http)
+            third = await call_model(http, url, model["access_key"])
+            assert third["ReplicaID"] not in (first["ReplicaID"], second["ReplicaID"])
+            await asyncio.sleep(2)  # replacements and resumption both settled: exactly the replicas asked for
+            assert await conn.fetchval(active) == 2
         finally:
             appliance.stop()
             await conn.close()
