@@ -131,6 +131,13 @@ def deployment_status(deployment: Deployment, runs: list[Workload]) -> str:
     return "failed"
 
 
+async def _close_later(session: aiohttp.ClientSession, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await session.close()
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -142,6 +149,7 @@ REPLACE_PAUSE_SECONDS = 1.0
 MAX_REPLACEMENTS = 5
 REPLACE_WINDOW = timedelta(minutes=5)
 RESUME_LOCK = 0x434D4C30
+CLOSE_SESSION_AFTER_SECONDS = 15
 CALL_CACHE_SECONDS = 2.0
 MAX_REMEMBERED = 10_000
 
@@ -519,11 +527,12 @@ class ModelService:
         self.forget_calls()
         path = run.environment.get(SOCKET_VARIABLE)
         if path is not None:
-            session = self._socket_sessions.pop(path, None)
-            if session is not None:
-                await session.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            session = self._socket_sessions.pop(path, None)
+            if session is not None:
+                # A call may hold it still: it fails to connect, and moves on to another replica.
+                self.supervisor.spawn(f"close-{run.public_id}", _close_later(session, CLOSE_SESSION_AFTER_SECONDS))
         if run.status in (states.FAILED, states.SUCCEEDED) and run.deployment_id is not None:
             await self._replace(run)
 

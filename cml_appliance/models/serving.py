@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -32,8 +33,9 @@ async def call(request: web.Request, model: Model, argument: Any) -> web.Respons
     """Pass `argument` to the model's function on a free replica and answer as CML does."""
     service = request.app[MODELS]
     deadline = time.monotonic() + request.app[SETTINGS].model_busy_wait_seconds
+    gone: set[int] = set()  # replicas found dead during this call
     while True:
-        replicas = await service.serving_replicas(model)
+        replicas = [r for r in await service.serving_replicas(model) if r.id not in gone]
         if not replicas:
             return failure(503, "the model is not deployed, or its replicas are not running")
         for replica in service.order(model, replicas):
@@ -43,12 +45,20 @@ async def call(request: web.Request, model: Model, argument: Any) -> web.Respons
             try:
                 async with lock:
                     return await _forward(request, replica, argument)
+            except ReplicaGone:
+                gone.add(replica.id)  # it died and its end is not recorded yet: try another
+                service.forget_calls()
             finally:
                 service.replica_released(model)
         if time.monotonic() >= deadline:
             return failure(429, "model.busy")
         # Wake when any replica is let go (or soon anyway: new replicas may have come up).
         await service.replica_freed(model, min(0.25, max(0.0, deadline - time.monotonic())))
+
+
+class ReplicaGone(Exception):
+    """The replica has died (it has run a while but refuses connections, or a kept-alive
+    connection to it broke before the request went out): the call can go to another one."""
 
 
 async def _forward(request: web.Request, replica: Workload, argument: Any) -> web.Response:
@@ -66,9 +76,16 @@ async def _forward(request: web.Request, replica: Workload, argument: Any) -> we
                 status, answer = resp.status, await resp.read()
             break
         except aiohttp.ClientConnectorError as exc:
+            # A replica that has just started may not listen yet; one that has run a while is dead.
+            running_for = (datetime.now(UTC) - replica.running_at).total_seconds() if replica.running_at else 0.0
+            if running_for > CONNECT_GRACE_SECONDS:
+                raise ReplicaGone() from exc
             if time.monotonic() - started > CONNECT_GRACE_SECONDS:
                 return failure(502, f"the replica did not answer: {exc}")
             await asyncio.sleep(0.1)
+        except aiohttp.ClientOSError as exc:
+            # A kept-alive connection whose replica has died: the request was not sent.
+            raise ReplicaGone() from exc
         except TimeoutError:
             return failure(504, "the model function did not answer within "
                                 f"{request.app[SETTINGS].model_request_timeout_seconds} s")
