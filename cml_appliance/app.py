@@ -157,7 +157,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             tasks.loop(f"reconcile-{name}", functools.partial(service.reconcile, name), settings.reconcile_interval_seconds)
         await app[MODELS].resume_deployments()
         tasks.loop("session-time-limits", service.enforce_time_limits, 15)
-        tasks.loop("job-scheduler", app[JOBS].scheduler_tick, 1)
+        tasks.loop("job-scheduler", app[JOBS].scheduler_tick, 1, wake=app[JOBS].wake)
         yield
         try:
             await service.shutdown()

@@ -31,16 +31,21 @@ class Supervisor:
         task.add_done_callback(self._done)
         return task
 
-    def loop(self, name: str, body: Callable[[], Awaitable[object]], interval: float, max_backoff: float = 60.0) -> None:
+    def loop(self, name: str, body: Callable[[], Awaitable[object]], interval: float, max_backoff: float = 60.0,
+             wake: asyncio.Event | None = None) -> None:
         """Call body every `interval` seconds; after a failure wait longer, up to max_backoff.
 
         A body that returns a number of seconds is called again after that long instead, if sooner.
+        Setting `wake` calls it again at once (work arrived that should not wait for the interval).
         """
 
         async def run() -> None:
             delay = interval
             me = asyncio.current_task()
             while True:
+                if wake is not None:
+                    wake.clear()  # what arrives from here on is for this call or the next
+                failed = False
                 try:
                     sooner = await body()
                     delay = interval
@@ -49,12 +54,17 @@ class Supervisor:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("background loop %s failed; retrying in %.0f s", name, delay)
+                    failed = True
                     delay = min(max(delay * 2, 1.0), max_backoff)
+                    log.exception("background loop %s failed; retrying in %.0f s", name, delay)
                 # A library may swallow a cancellation (asyncpg can, on a closed pool): honour it here.
                 if me is not None and me.cancelling():
                     raise asyncio.CancelledError
-                await asyncio.sleep(delay)
+                if wake is None or failed:  # after a failure the backoff holds
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
 
         self._loops.add(self.spawn(name, run()))
 

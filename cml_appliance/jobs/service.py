@@ -110,6 +110,8 @@ FIRE_CONCURRENCY = 32
 FIRE_BATCH = 200
 # A fire that could not start because the engine or the database was away waits this long.
 FIRE_RETRY_SECONDS = 10
+# Mail taken for sending by a process that then died is sent again after this long.
+MAIL_LEASE_SECONDS = 300
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
 
 
@@ -153,6 +155,8 @@ class JobService:
         self.workloads = workloads
         self.smtp = smtp
         self.base_url = base_url
+        # Set when a run ends: the scheduler loop then follows it up at once, not a tick later.
+        self.wake = asyncio.Event()
         workloads.finish_listeners.append(self._run_ended)
 
     async def _get_row(self, project: Project, job_id: str) -> Job:
@@ -353,8 +357,9 @@ class JobService:
         return 3600.0 if wait is None else max(0.05, float(wait) + 0.005)
 
     async def fire_due(self) -> int | None:
-        """Start the runs jobs owe: cron jobs that are due, retries whose delay has passed, and
-        fires a process that died left behind. Returns how many runs started.
+        """Start the runs jobs owe: cron jobs that are due, dependents of runs that succeeded,
+        retries whose delay has passed, and fires a process that died left behind; then send the
+        mail ended runs owe. Returns how many runs started.
 
         Only the holder of the scheduler lock does this. Due cron jobs are claimed a batch per
         transaction, which moves each one's next fire past now and records a pending fire
@@ -366,8 +371,11 @@ class JobService:
         async with try_advisory_lock(self.pool, SCHEDULER_LOCK) as conn:
             if conn is None:
                 return None
+            await self._follow_up_ended_runs(conn)
             await self._claim_due_jobs(conn)
-            return await self._start_pending_fires(conn)
+            started = await self._start_pending_fires(conn)
+            await self._send_due_mail(conn)
+            return started
 
     async def _claim_due_jobs(self, conn: asyncpg.Connection) -> None:
         while True:
@@ -468,48 +476,88 @@ class JobService:
             return job.retry_for_script_failure if run.exit_code is not None else job.retry_for_system_failure
         return False
 
-    async def _retry(self, job: Job, run: Workload) -> None:
-        """Owe the job another attempt after its delay: a pending fire, which survives a restart."""
-        await self.pool.execute(
-            "INSERT INTO job_fires (job_id, creator_id, due_at, attempt, environment, arguments)"
-            " VALUES ($1, $2, now() + make_interval(secs => $3), $4, $5, $6)",
-            job.id, run.creator_id, float(job.retry_delay), run.attempt + 1, run.environment, run.arguments,
-        )
-
     async def _run_ended(self, run: Workload) -> None:
-        """After a run's final status: mail who asked, then start dependents or a retry."""
-        if run.kind != "job_run" or run.job_id is None:
-            return
-        row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id)
-        if row is None:  # the job was deleted
-            return
-        job = _job(row)
-        if job.recipients:
-            await self._notify(job, run)
-        if run.status != states.SUCCEEDED:
-            if self._should_retry(job, run):
-                await self._retry(job, run)
-            return
-        children = await self.pool.fetch(_SELECT + " WHERE j.parent_id = $1 AND NOT j.paused", run.job_id)
-        for child_row in children:
-            child = _job(child_row)
-            owner = await get_by_id(self.pool, child.creator_id)
-            project_row = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", child.project_id)
-            if owner is None or project_row is None:
-                continue
-            try:
-                project = await self.projects.get(owner, project_row["public_id"], Role.OPERATOR)
-                await self.run(owner, project, child)
-            except Exception as exc:  # one child failing to start must not stop its siblings
-                log.warning("dependent job %s did not start: %s", child.public_id, exc)
+        if run.kind == "job_run":
+            self.wake.set()
+
+    async def _follow_up_ended_runs(self, conn: asyncpg.Connection) -> None:
+        """Record what ended runs lead to: fires for the dependents of a run that succeeded, a
+        retry fire (due after its delay) for one that failed as the job allows, and mail owed.
+
+        The run's end marked it (followup_due, in the statement that ended it); marking it done
+        and recording its fires share one transaction, so a crash loses none and doubles none.
+        """
+        while True:
+            async with conn.transaction():
+                ended = [workload_store.from_row(r) for r in await conn.fetch(
+                    workload_store.SELECT + " WHERE w.followup_due ORDER BY w.id LIMIT $1 FOR UPDATE OF w SKIP LOCKED",
+                    FIRE_BATCH,
+                )]
+                if not ended:
+                    return
+                job_ids = list({run.job_id for run in ended if run.job_id is not None})
+                jobs = {r["id"]: _job(r) for r in await conn.fetch(_SELECT + " WHERE j.id = ANY($1::bigint[])", job_ids)}
+                children: dict[int, list[Job]] = {}
+                for r in await conn.fetch(_SELECT + " WHERE j.parent_id = ANY($1::bigint[]) AND NOT j.paused", job_ids):
+                    children.setdefault(r["parent_id"], []).append(_job(r))
+                fires: list[tuple[int, int, float, int, dict[str, str], str | None]] = []
+                mail: list[bool] = []
+                for run in ended:
+                    job = jobs.get(run.job_id or 0)  # None: the job was deleted
+                    if job is not None and run.status == states.SUCCEEDED:
+                        fires += [(child.id, child.creator_id, 0.0, 1, {}, None) for child in children.get(job.id, [])]
+                    elif job is not None and self._should_retry(job, run):
+                        # A retry starts as the failed run did, with its overrides.
+                        fires.append((job.id, run.creator_id, float(job.retry_delay), run.attempt + 1,
+                                      run.environment, run.arguments))
+                    mail.append(job is not None and self._wants_mail(job, run))
+                if fires:
+                    await conn.execute(
+                        "INSERT INTO job_fires (job_id, creator_id, due_at, attempt, environment, arguments)"
+                        " SELECT job_id, creator_id, now() + make_interval(secs => delay), attempt, environment, arguments"
+                        " FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::int[], $5::jsonb[], $6::text[])"
+                        " AS f(job_id, creator_id, delay, attempt, environment, arguments)",
+                        *(list(column) for column in zip(*fires, strict=True)),
+                    )
+                await conn.execute(
+                    "UPDATE workloads SET followup_due = false, mail_due_at = CASE WHEN e.mail THEN now() END"
+                    " FROM unnest($1::bigint[], $2::bool[]) AS e(id, mail) WHERE workloads.id = e.id",
+                    [run.id for run in ended], mail,
+                )
+
+    def _wants_mail(self, job: Job, run: Workload) -> bool:
+        if not notify.recipients_for(job.recipients, run.status):
+            return False
+        if self.smtp is None:
+            log.warning("job %s has recipients but no SMTP server is configured (CML_SMTP_HOST)", job.public_id)
+            return False
+        return True
+
+    async def _send_due_mail(self, conn: asyncpg.Connection) -> None:
+        """Send the mail ended runs owe, each in a task of its own (a slow SMTP server holds up no
+        fire). Taking one pushes its due time on by MAIL_LEASE_SECONDS, cleared once it is sent:
+        a process that dies meanwhile leaves it to be sent again after that, never lost."""
+        ids = await conn.fetch(
+            "UPDATE workloads SET mail_due_at = now() + make_interval(secs => $2) WHERE id IN"
+            " (SELECT id FROM workloads WHERE mail_due_at <= now() ORDER BY mail_due_at LIMIT $1"
+            " FOR UPDATE SKIP LOCKED) RETURNING id",
+            FIRE_BATCH, MAIL_LEASE_SECONDS,
+        )
+        for r in ids:
+            self.workloads.supervisor.spawn(f"mail-{r['id']}", self._mail_run_end(r["id"]))
+
+    async def _mail_run_end(self, run_id: int) -> None:
+        run = await workload_store.get_by_id(self.pool, run_id)
+        row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id) if run and run.job_id else None
+        if run is not None and row is not None:
+            await self._notify(_job(row), run)
+        # Sent, or refused by the server (logged; not tried again), or its job is gone.
+        await self.pool.execute("UPDATE workloads SET mail_due_at = NULL WHERE id = $1", run_id)
 
     async def _notify(self, job: Job, run: Workload) -> None:
         """Mail the job's recipients that asked to hear about this ending."""
         to = notify.recipients_for(job.recipients, run.status)
-        if not to:
-            return
-        if self.smtp is None:
-            log.warning("job %s has recipients but no SMTP server is configured (CML_SMTP_HOST)", job.public_id)
+        if not to or self.smtp is None:
             return
         project = await self.pool.fetchrow("SELECT public_id, name FROM projects WHERE id = $1", job.project_id)
         message = notify.build_message(

@@ -143,12 +143,15 @@ async def transition(
     """Move a workload to `target` if the state machine allows it from its current status.
 
     Returns the updated workload, or None when the move is illegal (nothing changes then). With
-    `revoke_key`, that API key is deleted by the same statement: it is gone once the status shows.
+    `revoke_key`, that API key is deleted by the same statement, if the move is made: it is gone
+    once the status shows. A job run's final status marks what its end owes (see jobs.service).
     """
     stamp = states.STAMPS.get(target)
     sets = ["status = $2", "updated_at = now()"]
     if stamp:
         sets.append(f"{stamp} = coalesce({stamp}, now())")
+    if target in states.FINISHED:
+        sets.append("followup_due = (kind = 'job_run')")
     args: list[Any] = [row_id, target, states.sources_of(target)]
     for key, value in fields.items():
         args.append(value)
@@ -156,10 +159,10 @@ async def transition(
     revoke = ""
     if revoke_key:
         args.append(revoke_key)
-        revoke = f"gone AS (DELETE FROM api_keys WHERE key_id = ${len(args)}), "
+        revoke = f", gone AS (DELETE FROM api_keys WHERE key_id = ${len(args)} AND EXISTS (SELECT FROM w))"
     row = await conn.fetchrow(
-        f"WITH {revoke}w AS (UPDATE workloads SET {', '.join(sets)} WHERE id = $1 AND status = ANY($3::text[])"
-        f" RETURNING *) {SELECT.replace('FROM workloads w', 'FROM w')}",
+        f"WITH w AS (UPDATE workloads SET {', '.join(sets)} WHERE id = $1 AND status = ANY($3::text[])"
+        f" RETURNING *){revoke} {SELECT.replace('FROM workloads w', 'FROM w')}",
         *args,
     )
     return from_row(row) if row else None

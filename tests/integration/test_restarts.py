@@ -1,5 +1,6 @@
 """Stop or SIGKILL the appliance and start it again: at a cron fire and while a retry waits out
-its delay every fire owed still runs, and none twice; model deployments come back."""
+its delay every fire owed still runs, and none twice; what a run's end owes (dependents, mail)
+is still done; model deployments come back."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from aiosmtpd.controller import Controller
 
 from tests.integration.test_cli import CLI, free_port
+from tests.integration.test_job_notifications import Inbox
 from tests.integration.test_reconcile_after_crash import serve, wait_ready
 
 JOBS = 200
@@ -152,6 +155,61 @@ async def test_a_retry_waiting_out_its_delay_survives_a_restart(clean_db: str, t
             assert await conn.fetchval("SELECT count(*) FROM job_fires") == 0
         finally:
             appliance.stop()
+            await conn.close()
+
+
+async def test_what_a_run_end_owes_is_done_after_a_crash(clean_db: str, tmp_path: Path) -> None:
+    """A crash right after a run ended, before its dependents started and its mail went out:
+    the next start does both, once."""
+    port = free_port()
+    inbox = Inbox()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=port)
+    smtp.start()
+    appliance = Appliance(clean_db, tmp_path)
+    appliance.env.update({"CML_SMTP_HOST": "127.0.0.1", "CML_SMTP_PORT": str(port), "CML_SMTP_SENDER": "cml@example.com"})
+    key = appliance.key_for_new_user("kim")
+    conn = await asyncpg.connect(clean_db)
+    child_runs = "SELECT count(*) FROM workloads w JOIN jobs j ON j.id = w.job_id WHERE j.name = 'child' AND w.status = 'ENGINE_SUCCEEDED'"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        try:
+            await appliance.start(http)
+            url = appliance.url
+            pid = await project_with(http, url, "chain", {"ok.sh": b"echo ok\n"})
+            async with http.post(f"{url}/api/v2/projects/{pid}/jobs", json={
+                    "name": "parent", "script": "ok.sh",
+                    "recipients": [{"email": "team@example.com", "notify_on_success": True}]}) as resp:
+                parent = await resp.json()
+            async with http.post(f"{url}/api/v2/projects/{pid}/jobs", json={
+                    "name": "child", "script": "ok.sh", "parent_id": parent["id"]}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{url}/api/v2/projects/{pid}/jobs/{parent['id']}/runs", json={}) as resp:
+                assert resp.status == 200
+            await until(conn, child_runs, lambda n: n == 1)
+            await until(conn, "SELECT count(*) FROM workloads WHERE mail_due_at IS NOT NULL", lambda n: n == 0)
+            assert len(inbox.messages) == 1
+            appliance.kill()
+
+            # Back to the moment the parent's run ended: its end recorded, nothing done about it.
+            await conn.execute("DELETE FROM workloads WHERE job_id = (SELECT id FROM jobs WHERE name = 'child')")
+            await conn.execute("UPDATE workloads SET followup_due = true, mail_due_at = NULL")
+            inbox.messages.clear()
+            await appliance.start(http)
+            await until(conn, child_runs, lambda n: n == 1)
+            await until(conn, "SELECT count(*) FROM workloads WHERE followup_due OR mail_due_at IS NOT NULL", lambda n: n == 0)
+            assert [m["Subject"] for m in inbox.messages] == ["[cml-appliance] Job parent succeeded (chain)"]
+            appliance.kill()
+
+            # A mail taken for sending by a process that died (its lease run out) is sent by the next.
+            await conn.execute("UPDATE workloads SET mail_due_at = now() - interval '1 second'"
+                               " WHERE job_id = (SELECT id FROM jobs WHERE name = 'parent')")
+            inbox.messages.clear()
+            await appliance.start(http)
+            await until(conn, "SELECT count(*) FROM workloads WHERE mail_due_at IS NOT NULL", lambda n: n == 0)
+            assert len(inbox.messages) == 1
+            assert await conn.fetchval("SELECT count(*) FROM workloads WHERE kind = 'job_run'") == 2  # nothing ran again
+        finally:
+            appliance.stop()
+            smtp.stop()
             await conn.close()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
+from cml_appliance.auth import api_keys
 from cml_appliance.web.keys import POOL
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.events import StatusHub
@@ -44,8 +45,16 @@ async def test_illegal_transitions_are_refused_and_change_nothing(alice: Api) ->
     assert started is not None and started.starting_at is not None
     running = await store.transition(pool, row.id, states.RUNNING)
     assert running is not None and running.running_at is not None
-    done = await store.transition(pool, row.id, states.SUCCEEDED, exit_code=0)
+    _, key = api_keys.workload_key(row.creator_id, row.project_id, "states")
+    await pool.execute("INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, scope_project_id)"
+                       " VALUES ($1, $2, $3, $4, $5, $6)", *key.values())
+    # A move that is refused revokes nothing; the one that ends the workload revokes its key.
+    assert await store.transition(pool, row.id, states.SCHEDULING, revoke_key=key["key_id"]) is None
+    assert await pool.fetchval("SELECT count(*) FROM api_keys WHERE key_id = $1", key["key_id"]) == 1
+    done = await store.transition(pool, row.id, states.SUCCEEDED, exit_code=0, revoke_key=key["key_id"])
     assert done is not None and done.finished_at is not None and done.exit_code == 0
+    assert await pool.fetchval("SELECT count(*) FROM api_keys WHERE key_id = $1", key["key_id"]) == 0
+    assert await pool.fetchval("SELECT followup_due FROM workloads WHERE id = $1", row.id)  # a job run's end is followed up
     for target in (states.RUNNING, states.FAILED, states.STOPPING, states.SCHEDULING):
         assert await store.transition(pool, row.id, target) is None
     again = await store.get_by_id(pool, row.id)
