@@ -124,6 +124,8 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
                 return response
             streamed = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             streamed.headers.extend(passed)
+            if length is not None:
+                streamed.content_length = length  # a known length is kept (downloads, HEAD), not chunked
             await streamed.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await streamed.write(chunk)

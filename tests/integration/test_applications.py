@@ -17,15 +17,20 @@ from tests.conftest import Api, assert_error
 
 APP = b'''import http.server, json, os
 class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
+    def do_GET(self, head=False):
         body = json.dumps({"path": self.path, "user": self.headers.get("X-Forwarded-User"),
                            "auth": self.headers.get("Authorization"), "cookie": self.headers.get("Cookie"),
                            "prefix": self.headers.get("X-Forwarded-Prefix")}).encode()
+        if self.path == "/big":
+            body = b"x" * 300000
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
+    def do_HEAD(self):
+        self.do_GET(head=True)
     def do_POST(self):
         data = self.rfile.read(int(self.headers["Content-Length"]))
         self.send_response(201)
@@ -77,6 +82,11 @@ async def test_application_lifecycle_and_proxy(alice: Api, bob: Api) -> None:
     assert seen == {"path": "/hello?x=1", "user": "alice", "auth": None, "cookie": None, "prefix": "/apps/dash"}
     resp = await client.post("/apps/dash/echo", data=b"stressed", headers={"Authorization": f"Bearer {alice.key}"})
     assert resp.status == 201 and await resp.read() == b"desserts"
+    # A large answer streams, and like a HEAD keeps its length (download progress, resumes).
+    for method in ("GET", "HEAD"):
+        resp = await client.request(method, "/apps/dash/big", headers={"Authorization": f"Bearer {alice.key}"})
+        assert resp.status == 200 and resp.headers.get("Content-Length") == "300000", (method, resp.headers)
+        assert len(await resp.read()) == (300000 if method == "GET" else 0)
     # By Host header, as with wildcard DNS.
     resp = await client.get("/anything", headers={"Authorization": f"Bearer {alice.key}", "Host": "dash.127.0.0.1:8080"})
     assert resp.status == 200 and (await resp.json())["path"] == "/anything"
