@@ -306,9 +306,8 @@ async def container_client(aiohttp_client: Any, container_settings: Settings) ->
     return await aiohttp_client(create_app(container_settings, allow_local_git=True))
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> Any:
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Tests run on uvloop, as `serve` does: the two loops differ (e.g. in how they spawn)."""
     import uvloop
 
-    return uvloop.EventLoopPolicy()
+    return {"uvloop": uvloop.new_event_loop}
