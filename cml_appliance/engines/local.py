@@ -32,6 +32,8 @@ from cml_appliance.engines.base import EngineError, LaunchSpec
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Pieces of output (up to 64 kB each) held for the log before the process is made to wait.
+OUTPUT_BUFFER_CHUNKS = 16
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -85,15 +87,24 @@ class MainProcess:
     def __init__(self, popen: subprocess.Popen[bytes], output_fd: int):
         self.popen = popen
         self.pid = popen.pid
-        self.output = asyncio.StreamReader()
+        # Output read but not yet taken by the log: bounded, so a log that falls behind makes
+        # the process wait on its full pipe instead of growing this process's memory.
+        self._output: asyncio.Queue[bytes] = asyncio.Queue()
+        self._output_paused = False
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = self._loop.create_future()
         self._output_fd: int | None = output_fd
         os.set_blocking(output_fd, False)
         self._loop.add_reader(output_fd, self._readable)
-        self._pidfd: int | None = os.pidfd_open(popen.pid)
-        self._loop.add_reader(self._pidfd, self._check_exit)
-        self._check_exit()  # it may already be gone
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except OSError as exc:  # an old kernel, or out of descriptors: look now and then instead
+            log.warning("no pidfd for process %d (%s): polling for its exit", popen.pid, exc)
+            self._poll_exit()
+        else:
+            self._loop.add_reader(self._pidfd, self._check_exit)
+            self._check_exit()  # it may already be gone
 
     @classmethod
     async def start(cls, spawner: ThreadPoolExecutor, command: list[str], cwd: Path, env: dict[str, str],
@@ -119,19 +130,37 @@ class MainProcess:
             return
         except OSError:
             data = b""
-        if data:
-            self.output.feed_data(data)
-        else:
+        if not data:
             self.close()
+            return
+        self._output.put_nowait(data)
+        if self._output.qsize() >= OUTPUT_BUFFER_CHUNKS:
+            self._loop.remove_reader(self._output_fd)
+            self._output_paused = True
+
+    async def read_output(self) -> bytes:
+        """The next piece of output; b"" once it has all been read."""
+        if self._output_fd is None and self._output.empty():
+            return b""
+        chunk = await self._output.get()
+        if self._output_paused and self._output_fd is not None and self._output.qsize() < OUTPUT_BUFFER_CHUNKS:
+            self._output_paused = False
+            self._loop.add_reader(self._output_fd, self._readable)
+        return chunk
 
     def _check_exit(self) -> None:
-        if self._pidfd is None or self.popen.poll() is None:
+        if self.exited.done() or self.popen.poll() is None:
             return
-        self._loop.remove_reader(self._pidfd)  # reaped: the pidfd has served
-        os.close(self._pidfd)
-        self._pidfd = None
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)  # reaped: the pidfd has served
+            os.close(self._pidfd)
+            self._pidfd = None
+        self.exited.set_result(self.popen.returncode)
+
+    def _poll_exit(self) -> None:
+        self._check_exit()
         if not self.exited.done():
-            self.exited.set_result(self.popen.returncode)
+            self._loop.call_later(0.1, self._poll_exit)
 
     def close(self) -> None:
         """Stop reading the output (at its end, or when the workload is cleaned up)."""
@@ -139,7 +168,7 @@ class MainProcess:
             self._loop.remove_reader(self._output_fd)
             os.close(self._output_fd)
             self._output_fd = None
-            self.output.feed_eof()
+            self._output.put_nowait(b"")  # wakes a reader waiting for more
 
 
 class LocalTerminal:
@@ -243,7 +272,7 @@ class LocalEngine:
         proc = self._procs.get(handle)
         if proc is None:
             return
-        while chunk := await proc.output.read(65536):
+        while chunk := await proc.read_output():
             yield chunk
 
     async def wait(self, handle: str) -> int | None:
