@@ -92,6 +92,8 @@ class ContainerEngine:
         self.url = url
         self.network = network
         self._docker: aiodocker.Docker | None = None
+        # A running container's address does not change: asked once, not on every model call.
+        self._ips: dict[str, str] = {}
         # Who the workload runs as: the appliance's own uid when it is not root (so the mounted
         # project files stay writable), else CML's cdsw user.
         self.user = user or (f"{os.getuid()}:{os.getgid()}" if os.getuid() != 0 else f"{CDSW_UID}:{CDSW_UID}")
@@ -198,9 +200,11 @@ class ContainerEngine:
             raise
         except (aiohttp.ClientError, OSError) as exc:
             raise _unavailable(exc) from None
+        self._ips.pop(handle, None)  # its address may soon be another container's
         return int(result.get("StatusCode", -1))
 
     async def stop(self, handle: str, grace: float) -> None:
+        self._ips.pop(handle, None)
         container = self.docker.containers.container(handle)
         try:
             await container.stop(t=max(1, int(grace)))
@@ -211,6 +215,7 @@ class ContainerEngine:
             raise _unavailable(exc) from None
 
     async def cleanup(self, handle: str) -> None:
+        self._ips.pop(handle, None)
         try:
             await self.docker.containers.container(handle).delete(force=True)
         except aiodocker.DockerError as exc:
@@ -240,11 +245,14 @@ class ContainerEngine:
     async def address(self, handle: str, port: int) -> str:
         if self.network == "host":
             return f"127.0.0.1:{port}"
-        try:
-            info = await self.docker.containers.container(handle).show()
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-            raise _unavailable(exc) from None
-        return f"{self._ip_of(info)}:{port + RELAY_PORT_OFFSET}"  # the relay (port_relay.py)
+        ip = self._ips.get(handle)
+        if ip is None:
+            try:
+                info = await self.docker.containers.container(handle).show()
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                raise _unavailable(exc) from None
+            ip = self._ips[handle] = self._ip_of(info)
+        return f"{ip}:{port + RELAY_PORT_OFFSET}"  # the relay (port_relay.py)
 
     @staticmethod
     def _ip_of(info: dict[str, Any]) -> str:
