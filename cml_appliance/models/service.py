@@ -154,6 +154,30 @@ CALL_CACHE_SECONDS = 2.0
 MAX_REMEMBERED = 10_000
 
 
+SOCKETS_DIR_PREFIX = "cml-replicas-"
+
+
+def _new_sockets_dir() -> Path:
+    """A directory for local replicas' sockets, named after this process; those of processes that
+    are gone (killed, so they could not remove theirs) are removed. Kept in the temporary
+    directory, not the data directory: a socket's path must stay under about 100 bytes."""
+    for old in Path(tempfile.gettempdir()).glob(f"{SOCKETS_DIR_PREFIX}*-*"):
+        pid = old.name[len(SOCKETS_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SOCKETS_DIR_PREFIX}{os.getpid()}-"))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
 class ModelService:
     def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, supervisor: Supervisor,
                  *, builds_dir: Path):
@@ -377,7 +401,7 @@ class ModelService:
         environment = dict(deployment.environment)
         if self.workloads.engine_name_for(build.runtime_identifier) == "local":
             if self._sockets_dir is None:
-                self._sockets_dir = Path(tempfile.mkdtemp(prefix="cml-replicas-"))
+                self._sockets_dir = _new_sockets_dir()
             environment[SOCKET_VARIABLE] = str(self._sockets_dir / f"{secrets.token_hex(6)}.sock")
         return await self.workloads.launch(user, project, LaunchRequest(
             kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -251,9 +252,13 @@ async def test_model_deployments_come_back_after_a_stop_and_a_kill(clean_db: str
             assert second["ReplicaID"] != first["ReplicaID"]
             await until(conn, active, lambda n: n == 2)
 
+            assert appliance.proc is not None
+            killed_sockets = list(Path(tempfile.gettempdir()).glob(f"cml-replicas-{appliance.proc.pid}-*"))
+            assert len(killed_sockets) == 1
             appliance.kill()  # a crash: the replicas die with the appliance
             await appliance.start(http)
             third = await call_model(http, url, model["access_key"])
+            assert not killed_sockets[0].exists()  # the killed process's socket directory is swept
             assert third["ReplicaID"] not in (first["ReplicaID"], second["ReplicaID"])
             await asyncio.sleep(2)  # replacements and resumption both settled: exactly the replicas asked for
             assert await conn.fetchval(active) == 2
