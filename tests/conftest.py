@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -291,14 +291,27 @@ def python_image(podman_url: str) -> str:
 
 
 @pytest.fixture
-def container_settings(settings: Settings, podman_url: str, busybox_image: str) -> Settings:
+async def container_settings(settings: Settings, podman_url: str, busybox_image: str) -> AsyncIterator[Settings]:
     runtime = {
         "image_identifier": busybox_image, "editor": "Workbench", "kernel": "Shell", "edition": "Busybox",
         "description": "busybox, for tests", "full_version": "1.0", "status": "ENABLED",
     }
-    return dataclasses.replace(
+    yield dataclasses.replace(
         settings, container_engine_url=podman_url, runtimes=(*settings.runtimes, runtime), stop_grace_seconds=3
     )
+    # Containers outlive the appliance by design (a restart adopts them); the next test's appliance
+    # is another site and would leave them running, so the test's own are removed after it.
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        site = await conn.fetchval("SELECT site_id FROM site")
+    finally:
+        await conn.close()
+    if site:
+        import aiodocker
+
+        async with aiodocker.Docker(url=podman_url) as docker:
+            for container in await docker.containers.list(all=True, filters={"label": [f"cml.site={site}"]}):
+                await container.delete(force=True)
 
 
 @pytest.fixture
