@@ -56,6 +56,23 @@ def _child_setup(memory_bytes: int, tty_fd: int | None = None) -> Callable[[], N
     return setup
 
 
+def _find_launcher() -> tuple[str, str] | None:
+    """util-linux's setpriv and prlimit, if they work here.
+
+    Started through them (`setpriv --pdeathsig KILL -- prlimit --data=N -- command`), a main
+    process gets its parent-death signal and memory cap without a preexec_fn, and so without
+    fork(): Popen then uses vfork, which does not copy this process's page tables. For an
+    appliance of some 150 MB that is ~0.6 ms a start instead of ~20 ms (a thousand cron runs due at
+    once feel it). Without them, _child_setup does the same between fork and exec.
+    """
+    setpriv, prlimit, true = shutil.which("setpriv"), shutil.which("prlimit"), shutil.which("true")
+    if not (setpriv and prlimit and true):
+        return None
+    probe = subprocess.run([setpriv, "--pdeathsig", "KILL", "--", prlimit, "--data=1073741824", "--", true],
+                           capture_output=True, check=False)
+    return (setpriv, prlimit) if probe.returncode == 0 else None
+
+
 def _start_ticks(pid: int) -> str:
     """The process's start time in clock ticks: with the pid, it names one process for good."""
     with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -108,12 +125,23 @@ class MainProcess:
 
     @classmethod
     async def start(cls, spawner: ThreadPoolExecutor, command: list[str], cwd: Path, env: dict[str, str],
-                    memory_bytes: int) -> MainProcess:
+                    memory_bytes: int, launcher: tuple[str, str] | None) -> MainProcess:
+        preexec: Callable[[], None] | None = None
+        if launcher is None:
+            preexec = _child_setup(memory_bytes)
+        else:
+            # A missing program is an error here, as it is when Popen runs it itself.
+            program = command[0] if "/" in command[0] else shutil.which(command[0], path=env.get("PATH"))
+            if program is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
+            setpriv, prlimit = launcher
+            cap = [prlimit, f"--data={memory_bytes}", "--"] if memory_bytes > 0 else []
+            command = [setpriv, "--pdeathsig", "KILL", "--", *cap, program, *command[1:]]
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             popen = await asyncio.get_running_loop().run_in_executor(spawner, functools.partial(
                 subprocess.Popen, command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=write_fd,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_child_setup(memory_bytes),
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec,
             ))
         except BaseException:
             os.close(read_fd)
@@ -241,6 +269,7 @@ class LocalEngine:
         # Threads that fork main processes. PR_SET_PDEATHSIG fires when the forking *thread* ends,
         # so these live exactly as long as the engine (the default executor's threads might not).
         self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="local-spawn")
+        self._launcher = _find_launcher()
         self._closing = False
         self._terminals: dict[str, set[LocalTerminal]] = {}
 
@@ -257,7 +286,8 @@ class LocalEngine:
         if self._closing:
             raise EngineError("the local engine is shutting down")
         try:
-            proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec), spec.memory_mb * 1024 * 1024)
+            proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec),
+                                           spec.memory_mb * 1024 * 1024, self._launcher)
         except OSError as exc:
             raise EngineError(f"cannot start {spec.command[0]!r}: {exc.strerror}") from None
         try:
