@@ -29,6 +29,11 @@ class ListQuery:
     sort: list[tuple[str, bool]]  # (key, descending)
     fingerprint: str
 
+    @classmethod
+    def first(cls, count: int) -> ListQuery:
+        """The first `count` items in the default order, unfiltered (for pages of the UI)."""
+        return cls(count, 0, {}, [], "")
+
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

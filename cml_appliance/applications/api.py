@@ -9,7 +9,12 @@ from aiohttp import web
 
 from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, STR, STR_LIST, STR_MAP
 from cml_appliance.api.common import json_body, list_query, page
-from cml_appliance.applications.service import Application, app_status
+from cml_appliance.applications.service import (
+    APP_FILTER_KEYS,
+    APP_SORT_KEYS,
+    Application,
+    app_status,
+)
 from cml_appliance.core.errors import (
     InvalidArgument,
     NotFound,
@@ -50,19 +55,23 @@ CREATE_SPEC = {
 UPDATE_SPEC = CREATE_SPEC | {"environment": ANY}
 UPDATE_IGNORED = frozenset({"id", "creator", "status", "created_at", "updated_at", "starting_at", "running_at",
                             "stopped_at", "runtime_addon_identifiers", "kernel"})
-IGNORED_INPUTS = ("project_id", "kernel", "runtime_addon_identifiers", "run_as", "cdv_app", "accelerator_label_id",
-                  "resource_group_id")
+IGNORED_INPUTS = ("project_id", "kernel", "runtime_addon_identifiers", "accelerator_label_id", "resource_group_id")
 
 
 def _strip(body: dict[str, Any]) -> dict[str, Any]:
+    """Fields that mean nothing here are dropped; ones that would change what runs are refused."""
+    if body.pop("run_as", 0):
+        raise InvalidArgument("run_as is not supported: an application runs as its creator")
+    if body.pop("cdv_app", False):
+        raise InvalidArgument("cdv_app (Cloudera Data Visualization) is not available on this appliance")
     for key in IGNORED_INPUTS:
         body.pop(key, None)
     return body
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    q = list_query(request, {}, {})
-    _, pairs, more = await request.app[APPLICATIONS].list_for_project(current_user(request), request.match_info["project_id"], q.page_size, q.offset)
+    q = list_query(request, APP_FILTER_KEYS, APP_SORT_KEYS)
+    _, pairs, more = await request.app[APPLICATIONS].list_for_project(current_user(request), request.match_info["project_id"], q)
     return page(request, "applications", [app_json(a, r) for a, r in pairs], q, more)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from cml_appliance.api.listing import ListQuery, sql_where_and_order
 from cml_appliance.auth import api_keys, login_sessions
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
@@ -84,6 +85,24 @@ def _app(row: asyncpg.Record) -> Application:
     fields = {f.name for f in dataclasses.fields(Application)} - {"creator"}
     return Application(**{k: row[k] for k in fields},
                        creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]})
+
+
+# app_status in SQL (a: the application, w: its current workload), for search_filter and sort.
+# The two must agree: tests/integration/test_applications.py filters by each status.
+STATUS_SQL = """CASE
+ WHEN w.id IS NULL THEN 'APPLICATION_STOPPED'
+ WHEN w.status IN ('ENGINE_SCHEDULING', 'ENGINE_STARTING') THEN 'APPLICATION_STARTING'
+ WHEN w.status = 'ENGINE_RUNNING' THEN CASE WHEN a.ready_at IS NULL THEN 'APPLICATION_STARTING' ELSE 'APPLICATION_RUNNING' END
+ WHEN w.status = 'ENGINE_STOPPING' THEN 'APPLICATION_STOPPING'
+ WHEN w.status = 'ENGINE_STOPPED' THEN 'APPLICATION_STOPPED'
+ ELSE 'APPLICATION_FAILED' END"""
+APP_FILTER_KEYS = {
+    "name": "a.name", "description": "a.description", "script": "a.script", "subdomain": "a.subdomain",
+    "bypass_authentication": "a.bypass_authentication", "status": STATUS_SQL,
+    "kernel": "(SELECT r.kernel FROM runtimes r WHERE r.image_identifier = a.runtime_identifier)",
+    "creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email",
+}
+APP_SORT_KEYS = APP_FILTER_KEYS | {"created_at": "a.created_at", "updated_at": "a.updated_at"}
 
 
 def app_status(app: Application, run: Workload | None) -> str:
@@ -216,12 +235,15 @@ class ApplicationService:
     async def current_run(self, app: Application) -> Workload | None:
         return await workload_store.get_by_id(self.pool, app.workload_id) if app.workload_id else None
 
-    async def list_for_project(self, user: User, project_id: str, limit: int, offset: int) -> tuple[Project, list[tuple[Application, Workload | None]], bool]:
+    async def list_for_project(self, user: User, project_id: str, q: ListQuery) -> tuple[Project, list[tuple[Application, Workload | None]], bool]:
         project = await self.projects.get(user, project_id, Role.READ)
-        rows = await self.pool.fetch(_SELECT + " WHERE a.project_id = $1 ORDER BY a.created_at DESC, a.id DESC LIMIT $2 OFFSET $3",
-                                     project.id, limit + 1, offset)
-        apps = [_app(r) for r in rows[:limit]]
-        return project, [(a, await self.current_run(a)) for a in apps], len(rows) > limit
+        args: list[Any] = [project.id, q.page_size + 1, q.offset]
+        where, order = sql_where_and_order(q, APP_FILTER_KEYS, APP_SORT_KEYS, "a.created_at DESC, a.id DESC", args)
+        rows = await self.pool.fetch(
+            _SELECT + f" LEFT JOIN workloads w ON w.id = a.workload_id WHERE a.project_id = $1 AND {where}"
+            f" ORDER BY {order} LIMIT $2 OFFSET $3", *args)
+        apps = [_app(r) for r in rows[:q.page_size]]
+        return project, [(a, await self.current_run(a)) for a in apps], len(rows) > q.page_size
 
     async def _check(self, fields: dict[str, Any], app: Application | None = None) -> dict[str, Any]:
         values: dict[str, Any] = {}

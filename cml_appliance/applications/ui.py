@@ -16,7 +16,7 @@ from cml_appliance.web.templating import redirect
 
 
 async def apps_page(request: web.Request, *, error: str = "", form: dict[str, str] | None = None, status: int = 200) -> web.StreamResponse:
-    project, pairs, _ = await request.app[APPLICATIONS].list_for_project(current_user(request), request.match_info["project_id"], 200, 0)
+    project, pairs, _ = await request.app[APPLICATIONS].list_for_project(current_user(request), request.match_info["project_id"], ListQuery.first(200))
     everything = ListQuery(1000, 0, {}, [], "")
     runtimes, _ = await catalog.list_runtimes(request.app[POOL], everything)
     profiles, _ = await catalog.list_profiles(request.app[POOL], everything)

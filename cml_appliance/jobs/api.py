@@ -16,7 +16,13 @@ from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import InvalidArgument, NotFound, Unauthenticated
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.jobs.schedule import english
-from cml_appliance.jobs.service import Job
+from cml_appliance.jobs.service import (
+    JOB_FILTER_KEYS,
+    JOB_SORT_KEYS,
+    RUN_FILTER_KEYS,
+    RUN_SORT_KEYS,
+    Job,
+)
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import JOBS, POOL, STATUS_HUB, WORKLOADS
@@ -61,11 +67,31 @@ def job_json(job: Job, project_public_id: str, project_name: str = "", slug: str
         "retry_for_skipped_runs": job.retry_for_skipped_runs,
         "recipients": job.recipients,
         "attachments": job.attachments,
-        "success_recipients": "",
-        "failure_recipients": "",
-        "timeout_recipients": "",
-        "stopped_recipients": "",
+        **{legacy: ", ".join(r["email"] for r in job.recipients if r[flag]) for legacy, flag in LEGACY_RECIPIENTS.items()},
     }
+
+
+# CML's older recipient fields: comma-separated addresses per ending, the same as `recipients`
+# with one flag set. Both are accepted, and merged by address.
+LEGACY_RECIPIENTS = {"success_recipients": "notify_on_success", "failure_recipients": "notify_on_failure",
+                     "timeout_recipients": "notify_on_timeout", "stopped_recipients": "notify_on_stop"}
+
+
+def _merge_legacy_recipients(body: dict[str, Any]) -> None:
+    given = {legacy: body.pop(legacy) for legacy in LEGACY_RECIPIENTS if legacy in body}
+    if not any(value.strip() for value in given.values()):
+        return
+    recipients = body.get("recipients", [])
+    if not isinstance(recipients, list):
+        return  # the service says what is wrong with it
+    by_email: dict[str, dict[str, Any]] = {}
+    for item in recipients:
+        if isinstance(item, dict) and isinstance(item.get("email"), str):
+            by_email[item["email"]] = dict(item)
+    for legacy, addresses in given.items():
+        for email in filter(None, (a.strip() for a in addresses.split(","))):
+            by_email.setdefault(email, {"email": email})[LEGACY_RECIPIENTS[legacy]] = True
+    body["recipients"] = list(by_email.values())
 
 
 TIME_FIELDS = ("scheduling_at", "starting_at", "running_at", "finished_at")
@@ -102,7 +128,7 @@ def run_json(run: Workload, job_public_id: str) -> dict[str, Any]:
 RECIPIENTS = ANY
 JOB_SPEC = {
     "project_id": STR, "name": STR, "script": STR, "cpu": FLOAT, "memory": FLOAT, "nvidia_gpu": INT,
-    "parent_job_id": STR, "parent_id": STR, "environment": STR_MAP, "arguments": STR, "timeout": INT, "schedule": STR,
+    "parent_job_id": STR, "parent_id": STR, "environment": STR_MAP, "arguments": STR, "timeout": ANY, "schedule": STR,
     "kernel": STR, "recipients": RECIPIENTS, "attachments": STR_LIST, "runtime_identifier": STR,
     "runtime_addon_identifiers": STR_LIST, "kill_on_timeout": BOOL, "timezone": STR, "paused": BOOL,
     "success_recipients": STR, "failure_recipients": STR, "timeout_recipients": STR, "stopped_recipients": STR,
@@ -111,16 +137,24 @@ JOB_SPEC = {
     "retry_for_skipped_runs": BOOL, "resource_group_id": INT, "resource_profile_id": INT,
 }
 # PATCH takes a Job: its output-only fields are dropped, and environment may be a JSON string.
-UPDATE_SPEC = JOB_SPEC | {"environment": ANY, "timeout": ANY}
+UPDATE_SPEC = JOB_SPEC | {"environment": ANY}
 UPDATE_IGNORED = frozenset({"id", "type", "english_schedule", "created_at", "updated_at", "creator", "owner", "project",
                             "engine_image_id", "runtime_addon_identifiers", "kernel"})
-NAME_FILTER = {"name": "name", "script": "script"}
-STATUS_FILTER = {"status": "status"}
 
 
 def _unused(body: dict[str, Any]) -> None:
-    for key in ("run_as", "accelerator_label_id", "resource_group_id", "kernel", "runtime_addon_identifiers",
-                "success_recipients", "failure_recipients", "timeout_recipients", "stopped_recipients", "project_id"):
+    """Fields CML takes that mean nothing here (the kernel follows from the runtime; one resource
+    group) are dropped; running as another user is refused rather than ignored. `timeout` is an
+    int64, which JSON clients may send quoted."""
+    if "timeout" in body:
+        try:
+            body["timeout"] = int(body["timeout"])
+        except (TypeError, ValueError):
+            raise InvalidArgument("timeout must be a whole number of seconds") from None
+    if body.pop("run_as", 0):
+        raise InvalidArgument("run_as is not supported: a job runs as its creator")
+    _merge_legacy_recipients(body)
+    for key in ("accelerator_label_id", "resource_group_id", "kernel", "runtime_addon_identifiers", "project_id"):
         body.pop(key, None)
 
 
@@ -130,16 +164,14 @@ async def _project_names(request: web.Request, project_public_id: str) -> tuple[
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    q = list_query(request, NAME_FILTER, {})
-    project, jobs, more = await request.app[JOBS].list_for_project(
-        current_user(request), request.match_info["project_id"], q.page_size, q.offset, q.filters.get("name", "")
-    )
+    q = list_query(request, JOB_FILTER_KEYS, JOB_SORT_KEYS)
+    project, jobs, more = await request.app[JOBS].list_for_project(current_user(request), request.match_info["project_id"], q)
     return page(request, "jobs", [job_json(j, project.public_id, project.name, project.slug) for j in jobs], q, more)
 
 
 async def list_all_jobs(request: web.Request) -> web.Response:
-    q = list_query(request, NAME_FILTER, {})
-    pairs, more = await request.app[JOBS].list_all(current_user(request), q.page_size, q.offset, q.filters.get("name", ""))
+    q = list_query(request, JOB_FILTER_KEYS, JOB_SORT_KEYS)
+    pairs, more = await request.app[JOBS].list_all(current_user(request), q)
     items = [job_json(job, pid, *(await _project_names(request, pid))) for pid, job in pairs]
     return page(request, "jobs", items, q, more)
 
@@ -163,11 +195,6 @@ async def update_job(request: web.Request) -> web.Response:
     body = await json_body(request, UPDATE_SPEC, UPDATE_IGNORED)
     if body.pop("id", request.match_info["job_id"]) != request.match_info["job_id"]:
         raise InvalidArgument("id in the body must match the path")
-    if "timeout" in body:
-        try:
-            body["timeout"] = int(body["timeout"])
-        except (TypeError, ValueError):
-            raise InvalidArgument("timeout must be a whole number of seconds") from None
     _unused(body)
     job = await request.app[JOBS].update(current_user(request), request.match_info["project_id"], request.match_info["job_id"], body)
     project_id = request.match_info["project_id"]
@@ -186,11 +213,9 @@ async def create_run(request: web.Request) -> web.Response:
 
 
 async def list_runs(request: web.Request) -> web.Response:
-    q = list_query(request, STATUS_FILTER, {})
+    q = list_query(request, RUN_FILTER_KEYS, RUN_SORT_KEYS)
     job, runs, more = await request.app[JOBS].list_runs(
-        current_user(request), request.match_info["project_id"], request.match_info["job_id"], q.page_size, q.offset,
-        q.filters.get("status", ""),
-    )
+        current_user(request), request.match_info["project_id"], request.match_info["job_id"], q)
     return page(request, "job_runs", [run_json(r, job.public_id) for r in runs], q, more)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from cml_appliance.api.listing import ListQuery, sql_where_and_order
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
@@ -104,6 +105,20 @@ def _job(row: asyncpg.Record) -> Job:
                creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]})
 
 
+# search_filter and sort keys of the job lists (CML's), as SQL over _SELECT (j, and u its creator).
+_CREATOR_KEYS = {"creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email"}
+JOB_FILTER_KEYS = {
+    "name": "j.name", "script": "j.script", "paused": "j.paused",
+    "type": "CASE WHEN j.parent_id IS NOT NULL THEN 'dependent' WHEN j.schedule <> '' THEN 'cron' ELSE 'manual' END",
+    "kernel": "(SELECT r.kernel FROM runtimes r WHERE r.image_identifier = j.runtime_identifier)",
+} | _CREATOR_KEYS
+JOB_SORT_KEYS = JOB_FILTER_KEYS | {"created_at": "j.created_at", "updated_at": "j.updated_at"}
+# ... and of a job's runs, over workloads (w, and u who started the run).
+RUN_FILTER_KEYS = {"id": "w.public_id", "status": "w.status", "name": "w.name", "script": "w.script"} | _CREATOR_KEYS
+RUN_SORT_KEYS = RUN_FILTER_KEYS | {"created_at": "w.created_at", "updated_at": "w.updated_at",
+                                   "scheduling_at": "w.scheduling_at", "running_at": "w.running_at",
+                                   "finished_at": "w.finished_at"}
+
 # Cron runs started at once by one scheduler tick.
 FIRE_CONCURRENCY = 32
 # Due jobs claimed per transaction.
@@ -169,27 +184,27 @@ class JobService:
         project = await self.projects.get(user, project_id, needed)
         return project, await self._get_row(project, job_id)
 
-    async def list_for_project(self, user: User, project_id: str, limit: int, offset: int, name: str = "") -> tuple[Project, list[Job], bool]:
+    async def list_for_project(self, user: User, project_id: str, q: ListQuery) -> tuple[Project, list[Job], bool]:
         project = await self.projects.get(user, project_id, Role.READ)
+        args: list[Any] = [project.id, q.page_size + 1, q.offset]
+        where, order = sql_where_and_order(q, JOB_FILTER_KEYS, JOB_SORT_KEYS, "j.created_at DESC, j.id DESC", args)
         rows = await self.pool.fetch(
-            _SELECT + " WHERE j.project_id = $1 AND ($4 = '' OR j.name ILIKE '%' || $4 || '%')"
-            " ORDER BY j.created_at DESC, j.id DESC LIMIT $2 OFFSET $3",
-            project.id, limit + 1, offset, name,
-        )
-        return project, [_job(r) for r in rows[:limit]], len(rows) > limit
+            _SELECT + f" WHERE j.project_id = $1 AND {where} ORDER BY {order} LIMIT $2 OFFSET $3", *args)
+        return project, [_job(r) for r in rows[:q.page_size]], len(rows) > q.page_size
 
-    async def list_all(self, user: User, limit: int, offset: int, name: str = "") -> tuple[list[tuple[str, Job]], bool]:
+    async def list_all(self, user: User, q: ListQuery) -> tuple[list[tuple[str, Job]], bool]:
         """Every job in every project the user can read (GET /api/v2/jobs)."""
+        args: list[Any] = [user.id, user.is_admin, q.page_size + 1, q.offset, user.scope_project_id]
+        where, order = sql_where_and_order(q, JOB_FILTER_KEYS, JOB_SORT_KEYS, "j.created_at DESC, j.id DESC", args)
         rows = await self.pool.fetch(
             _SELECT.replace("FROM jobs j", "FROM jobs j JOIN projects p ON p.id = j.project_id")
             + " LEFT JOIN project_collaborators c ON c.project_id = p.id AND c.user_id = $1"
             " WHERE (p.owner_id = $1 OR c.user_id IS NOT NULL OR p.visibility = 'public' OR $2)"
-            " AND ($5::bigint IS NULL OR p.id = $5) AND ($6 = '' OR j.name ILIKE '%' || $6 || '%')"
-            " ORDER BY j.created_at DESC, j.id DESC LIMIT $3 OFFSET $4",
-            user.id, user.is_admin, limit + 1, offset, user.scope_project_id, name,
+            f" AND ($5::bigint IS NULL OR p.id = $5) AND {where} ORDER BY {order} LIMIT $3 OFFSET $4",
+            *args,
         )
         projects = {r["project_id"]: await self.pool.fetchval("SELECT public_id FROM projects WHERE id = $1", r["project_id"]) for r in rows}
-        return [(projects[r["project_id"]], _job(r)) for r in rows[:limit]], len(rows) > limit
+        return [(projects[r["project_id"]], _job(r)) for r in rows[:q.page_size]], len(rows) > q.page_size
 
     async def _check(self, project: Project, fields: dict[str, Any], job: Job | None = None) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -327,15 +342,13 @@ class JobService:
             raise NotFound(f"run {run_id!r} not found")
         return project, job, run
 
-    async def list_runs(self, user: User, project_id: str, job_id: str, limit: int, offset: int, status: str = "") -> tuple[Job, list[Workload], bool]:
+    async def list_runs(self, user: User, project_id: str, job_id: str, q: ListQuery) -> tuple[Job, list[Workload], bool]:
         project, job = await self.get(user, project_id, job_id)
+        args: list[Any] = [job.id, q.page_size + 1, q.offset]
+        where, order = sql_where_and_order(q, RUN_FILTER_KEYS, RUN_SORT_KEYS, "w.created_at DESC, w.id DESC", args)
         rows = await self.pool.fetch(
-            "SELECT id FROM workloads WHERE job_id = $1 AND ($4 = '' OR lower(status) LIKE '%' || $4 || '%')"
-            " ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
-            job.id, limit + 1, offset, status.lower(),
-        )
-        runs = [w for r in rows[:limit] if (w := await workload_store.get_by_id(self.pool, r["id"])) is not None]
-        return job, runs, len(rows) > limit
+            workload_store.SELECT + f" WHERE w.job_id = $1 AND {where} ORDER BY {order} LIMIT $2 OFFSET $3", *args)
+        return job, [workload_store.from_row(r) for r in rows[:q.page_size]], len(rows) > q.page_size
 
     async def stop_run(self, user: User, project_id: str, job_id: str, run_id: str) -> Workload:
         _, _, run = await self.get_run(user, project_id, job_id, run_id)

@@ -41,7 +41,7 @@ def _fields(form: Any) -> dict[str, Any]:
 
 
 async def jobs_page(request: web.Request, *, error: str = "", form: dict[str, Any] | None = None, status: int = 200) -> web.StreamResponse:
-    project, jobs, _ = await request.app[JOBS].list_for_project(current_user(request), request.match_info["project_id"], 200, 0)
+    project, jobs, _ = await request.app[JOBS].list_for_project(current_user(request), request.match_info["project_id"], ListQuery.first(200))
     last_runs = {
         r["job_id"]: r["status"]
         for r in await request.app[POOL].fetch(
@@ -72,8 +72,8 @@ async def job_page(request: web.Request, *, error: str = "", status: int = 200) 
     user = current_user(request)
     jobs = request.app[JOBS]
     project, job = await jobs.get(user, request.match_info["project_id"], request.match_info["job_id"])
-    _, runs, _ = await jobs.list_runs(user, project.public_id, job.public_id, 50, 0)
-    _, siblings, _ = await jobs.list_for_project(user, project.public_id, 200, 0)
+    _, runs, _ = await jobs.list_runs(user, project.public_id, job.public_id, ListQuery.first(50))
+    _, siblings, _ = await jobs.list_for_project(user, project.public_id, ListQuery.first(200))
     context = {
         "project": project, "job": job, "runs": runs, "error": error, "active": states.ACTIVE,
         "parents": [j for j in siblings if j.id != job.id], "can_write": project.role >= Role.WRITE,

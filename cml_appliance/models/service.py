@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from cml_appliance.api.listing import ListQuery, sql_where_and_order
 from cml_appliance.auth import api_keys
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
@@ -68,6 +69,15 @@ def new_access_key() -> str:
 def _record(cls: Any, row: asyncpg.Record, **extra: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)} - set(extra)
     return cls(**{k: row[k] for k in names}, **extra)
+
+
+_CREATOR_KEYS = {"creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email"}
+# search_filter and sort keys of the model lists (CML's), as SQL over models m (u: its creator)...
+MODEL_FILTER_KEYS = {"name": "m.name", "description": "m.description", "auth_enabled": "m.auth_enabled"} | _CREATOR_KEYS
+MODEL_SORT_KEYS = MODEL_FILTER_KEYS | {"created_at": "m.created_at", "updated_at": "m.updated_at"}
+# ... and over model_builds b (u: who made it). Builds have no CRN here: it is always "".
+BUILD_FILTER_KEYS = {"comment": "b.comment", "status": "b.status", "crn": "''"} | _CREATOR_KEYS
+BUILD_SORT_KEYS = BUILD_FILTER_KEYS | {"created_at": "b.created_at", "updated_at": "b.updated_at", "built_at": "b.built_at"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,26 +222,32 @@ class ModelService:
             raise NotFound(f"model {model_id!r} not found")
         return project, _record(Model, row)
 
-    async def list_models(self, user: User, project_id: str | None, limit: int, offset: int) -> tuple[list[tuple[str, Model]], bool]:
+    async def list_models(self, user: User, project_id: str | None, q: ListQuery) -> tuple[list[tuple[str, Model]], bool]:
+        select = ("SELECT m.*, p.public_id AS project_public_id FROM models m JOIN projects p ON p.id = m.project_id"
+                  " JOIN users u ON u.id = m.creator_id")
         if project_id is not None:
             project = await self.projects.get(user, project_id, Role.READ)
-            rows = await self.pool.fetch(
-                "SELECT m.*, p.public_id AS project_public_id FROM models m JOIN projects p ON p.id = m.project_id"
-                " WHERE m.project_id = $1 ORDER BY m.created_at DESC, m.id DESC LIMIT $2 OFFSET $3",
-                project.id, limit + 1, offset)
+            args: list[Any] = [project.id, q.page_size + 1, q.offset]
+            where, order = sql_where_and_order(q, MODEL_FILTER_KEYS, MODEL_SORT_KEYS, "m.created_at DESC, m.id DESC", args)
+            rows = await self.pool.fetch(select + f" WHERE m.project_id = $1 AND {where} ORDER BY {order} LIMIT $2 OFFSET $3", *args)
         else:
+            args = [user.id, user.is_admin, q.page_size + 1, q.offset, user.scope_project_id]
+            where, order = sql_where_and_order(q, MODEL_FILTER_KEYS, MODEL_SORT_KEYS, "m.created_at DESC, m.id DESC", args)
             rows = await self.pool.fetch(
-                "SELECT m.*, p.public_id AS project_public_id FROM models m JOIN projects p ON p.id = m.project_id"
-                " LEFT JOIN project_collaborators c ON c.project_id = p.id AND c.user_id = $1"
+                select + " LEFT JOIN project_collaborators c ON c.project_id = p.id AND c.user_id = $1"
                 " WHERE (p.owner_id = $1 OR c.user_id IS NOT NULL OR p.visibility = 'public' OR $2)"
-                " AND ($5::bigint IS NULL OR p.id = $5)"
-                " ORDER BY m.created_at DESC, m.id DESC LIMIT $3 OFFSET $4",
-                user.id, user.is_admin, limit + 1, offset, user.scope_project_id)
-        return [(r["project_public_id"], _record(Model, r)) for r in rows[:limit]], len(rows) > limit
+                f" AND ($5::bigint IS NULL OR p.id = $5) AND {where} ORDER BY {order} LIMIT $3 OFFSET $4", *args)
+        return [(r["project_public_id"], _record(Model, r)) for r in rows[:q.page_size]], len(rows) > q.page_size
 
     async def create_model(self, user: User, project_id: str, fields: dict[str, Any]) -> tuple[Model, Build | None, Deployment | None]:
         project = await self.projects.get(user, project_id, Role.WRITE)
         name = check_name(fields.get("name", ""))
+        if fields.get("auto_build_model"):
+            # Bad build or deployment settings are refused before the model exists (a retry
+            # would otherwise find its name taken).
+            await self._check_build_fields(fields.get("auto_build_config") or {})
+            if fields.get("auto_deploy_model"):
+                await self._check_deployment_fields(fields.get("auto_deployment_config") or {})
         public_id = new_public_id()
         async with self.pool.acquire() as conn, conn.transaction():
             try:
@@ -291,18 +307,32 @@ class ModelService:
             raise NotFound(f"build {build_id!r} not found")
         return project, model, _record(Build, row)
 
-    async def list_builds(self, user: User, project_id: str, model_id: str) -> tuple[Model, list[Build]]:
+    async def list_builds(self, user: User, project_id: str, model_id: str, q: ListQuery) -> tuple[Model, list[Build], bool]:
         _, model = await self.get_model(user, project_id, model_id)
-        rows = await self.pool.fetch("SELECT * FROM model_builds WHERE model_id = $1 ORDER BY created_at DESC, id DESC", model.id)
-        return model, [_record(Build, r) for r in rows]
+        args: list[Any] = [model.id, q.page_size + 1, q.offset]
+        where, order = sql_where_and_order(q, BUILD_FILTER_KEYS, BUILD_SORT_KEYS, "b.created_at DESC, b.id DESC", args)
+        rows = await self.pool.fetch(
+            "SELECT b.* FROM model_builds b JOIN users u ON u.id = b.creator_id"
+            f" WHERE b.model_id = $1 AND {where} ORDER BY {order} LIMIT $2 OFFSET $3", *args)
+        return model, [_record(Build, r) for r in rows[:q.page_size]], len(rows) > q.page_size
+
+    async def delete_build(self, user: User, project_id: str, model_id: str, build_id: str) -> None:
+        """A build and its deployments go; one still serving must be stopped first."""
+        _, model, build = await self.get_build(user, project_id, model_id, build_id)
+        await self.projects.get(user, project_id, Role.WRITE)
+        if any(run.active for run in await self._runs("d.build_id = $1", build.id)):
+            raise FailedPrecondition(f"build {build.public_id} has replicas running: stop its deployments first")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM model_builds WHERE id = $1", build.id)
+            await audit.record(conn, user.id, "model_build.delete", "model_build", build.public_id, {"model": model.public_id})
+        self.forget_calls()
+        await asyncio.to_thread(shutil.rmtree, self.builds_dir / build.public_id, True)
 
     async def create_build(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Build:
         project, model = await self.get_model(user, project_id, model_id, Role.WRITE)
-        file_path = files.clean_relative(fields.get("file_path", ""))
-        function_name = (fields.get("function_name") or "").strip()
-        if not file_path or not function_name.isidentifier():
-            raise InvalidArgument("file_path (a .py file in the project) and function_name (a Python name) are required")
-        runtime_id = await check_runtime(self.pool, fields.get("runtime_identifier"))
+        file_path, function_name, runtime_id = await self._check_build_fields(fields)
+        if fields.get("auto_deploy_model"):
+            await self._check_deployment_fields(fields.get("auto_deployment_config") or {})
         public_id = new_public_id()
         await self.pool.execute(
             "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier, status)"
@@ -314,6 +344,29 @@ class ModelService:
         if deploy is not None and build.status == "built":
             await self.create_deployment(user, project_id, model_id, public_id, dict(deploy))
         return build
+
+    async def _check_build_fields(self, fields: dict[str, Any]) -> tuple[str, str, str]:
+        """(file_path, function_name, runtime) of a build to be made, or a 400 saying what is wrong."""
+        for unsupported in ("model_root_dir", "build_script_path"):
+            if fields.get(unsupported):
+                raise InvalidArgument(f"{unsupported} is not supported: builds snapshot the project as it is, "
+                                      "and file_path is relative to the project's root")
+        file_path = files.clean_relative(fields.get("file_path", ""))
+        function_name = (fields.get("function_name") or "").strip()
+        if not file_path or not function_name.isidentifier():
+            raise InvalidArgument("file_path (a .py file in the project) and function_name (a Python name) are required")
+        return file_path, function_name, await check_runtime(self.pool, fields.get("runtime_identifier"))
+
+    async def _check_deployment_fields(self, fields: dict[str, Any]) -> tuple[float, float, int, dict[str, str]]:
+        """(cpu, memory, replicas, environment) of a deployment to be made, or a 400."""
+        check_no_gpus(fields.get("nvidia_gpus", 0))
+        if fields.get("deployment_secrets"):
+            raise InvalidArgument("deployment_secrets are not supported yet: pass them in environment")
+        replicas = fields.get("replicas", 1)
+        if not 1 <= replicas <= 32:
+            raise InvalidArgument("replicas must be between 1 and 32")
+        cpu, memory = await resources_within_profiles(self.pool, fields)
+        return cpu, memory, replicas, check_environment(fields.get("environment", {}))
 
     async def _build(self, project: Project, build_id: str, file_path: str, function_name: str) -> None:
         """Snapshot the project's files and check the function is there; the build then never changes."""
@@ -374,12 +427,7 @@ class ModelService:
         await self.projects.get(user, project_id, Role.WRITE)
         if build.status != "built":
             raise FailedPrecondition(f"build {build.public_id} cannot be deployed: {build.status} {build.failure}".strip())
-        check_no_gpus(fields.get("nvidia_gpus", 0))
-        replicas = fields.get("replicas", 1)
-        if not 1 <= replicas <= 32:
-            raise InvalidArgument("replicas must be between 1 and 32")
-        cpu, memory = await resources_within_profiles(self.pool, fields)
-        environment = check_environment(fields.get("environment", {}))
+        cpu, memory, replicas, environment = await self._check_deployment_fields(fields)
         public_id = new_public_id()
         # A new deployment replaces the model's running ones once it is up (no downtime gap).
         previous = await self.pool.fetch("SELECT id FROM model_deployments WHERE model_id = $1 AND NOT stopped", model.id)

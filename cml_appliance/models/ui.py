@@ -92,7 +92,7 @@ async def models_page(request: web.Request, *, error: str = "", form: dict[str, 
     models = request.app[MODELS]
     pid = request.match_info["project_id"]
     project = await models.projects.get(user, pid, Role.READ)
-    pairs, _ = await models.list_models(user, pid, 500, 0)
+    pairs, _ = await models.list_models(user, pid, ListQuery.first(500))
     ids = [m.id for _, m in pairs]
     pool = request.app[POOL]
     latest = {r["model_id"]: _deployment(r) for r in await pool.fetch(
@@ -170,7 +170,7 @@ async def model_page(request: web.Request) -> web.StreamResponse:
     models = request.app[MODELS]
     pid, mid = request.match_info["project_id"], request.match_info["model_id"]
     project, model = await models.get_model(user, pid, mid)
-    _, builds = await models.list_builds(user, pid, mid)
+    _, builds, _ = await models.list_builds(user, pid, mid, ListQuery.first(500))
     deployments = await _deployments(request, model)
     # The active deployment: the newest that was not stopped (a failed one too, to read why).
     active = next((d for d in deployments if not d["deployment"].stopped), None)
