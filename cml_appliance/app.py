@@ -173,6 +173,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
 
     app.router.add_routes(health.routes())
     app.router.add_routes(auth_api.routes())
+    app.router.add_routes(jobs_api.legacy_routes())
     app.router.add_routes(projects_api.routes())
     app.router.add_routes(runtimes_api.routes())
     app.router.add_routes(sessions_api.routes())

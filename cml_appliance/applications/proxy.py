@@ -46,7 +46,7 @@ def subdomain_of_host(request: web.Request) -> str | None:
 
 # Routes that check their callers themselves and are called many times a second: the gateway
 # sends them straight to their handler, past the API and page middlewares (POST /model).
-SELF_CHECKING_ROUTES = frozenset({"model_endpoint"})
+SELF_CHECKING_ROUTES = frozenset({"model_endpoint", "model_endpoint_altus"})
 
 
 @web.middleware

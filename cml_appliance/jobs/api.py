@@ -244,11 +244,15 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 
 
 async def legacy_start(request: web.Request) -> web.Response:
-    """CDSW's v1 job start: HTTP Basic with the API key as user name and an empty password."""
+    """CDSW's v1 job start: HTTP Basic with the API key as user name and an empty password (a
+    Bearer key is taken too)."""
     header = request.headers.get("Authorization", "")
     scheme, _, encoded = header.partition(" ")
     try:
-        key = base64.b64decode(encoded).decode().split(":", 1)[0] if scheme.lower() == "basic" else ""
+        if scheme.lower() == "basic":
+            key = base64.b64decode(encoded).decode().split(":", 1)[0]
+        else:
+            key = encoded.strip() if scheme.lower() == "bearer" else ""
     except (ValueError, UnicodeDecodeError):
         key = ""
     if not key:
@@ -264,6 +268,16 @@ async def legacy_start(request: web.Request) -> web.Response:
     body = await json_body(request, {"environment": STR_MAP, "arguments": STR})
     run = await request.app[JOBS].start_run(user, project.public_id, request.match_info["job_id"], body)
     return web.json_response({"engine_id": run.public_id})
+
+
+def legacy_routes() -> list[web.RouteDef]:
+    """The v1 start, and the same under /api/v2 as CDSW 1.10's documentation prints it. Added
+    before the project routes: a project whose slug is "files" would otherwise send the v2 form
+    to the file routes."""
+    return [
+        web.post("/api/v1/projects/{owner}/{slug}/jobs/{job_id}/start", legacy_start, name="api_v1_start_job"),
+        web.post("/api/v2/projects/{owner}/{slug}/jobs/{job_id}/start", legacy_start, name="api_v1_start_job_v2_path"),
+    ]
 
 
 def routes() -> list[web.RouteDef]:
@@ -283,5 +297,4 @@ def routes() -> list[web.RouteDef]:
         web.post(run + ":stop", stop_run, name="api_stop_job_run"),
         web.get(run + "/logs", run_logs, name="api_job_run_logs"),
         web.get(run + "/events", run_events, name="api_job_run_events"),
-        web.post("/api/v1/projects/{owner}/{slug}/jobs/{job_id}/start", legacy_start, name="api_v1_start_job"),
     ]

@@ -293,4 +293,6 @@ def routes() -> list[web.RouteDef]:
         web.post(deployment + ":stop", stop_deployment, name="api_stop_model_deployment"),
         web.post(deployment + ":restart", restart_deployment, name="api_restart_model_deployment"),
         web.post("/model", call_model, name="model_endpoint"),
+        # CDSW's older path, which the in-session `cdsw.call_model` still calls.
+        web.post("/api/altus-ds-1/models/call-model", call_model, name="model_endpoint_altus"),
     ]

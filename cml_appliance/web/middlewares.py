@@ -41,9 +41,9 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 PUBLIC_ROUTES = frozenset(
     {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "api_validate_key", "index",
      # Authenticates itself with HTTP Basic (CDSW's v1 API).
-     "api_v1_start_job",
+     "api_v1_start_job", "api_v1_start_job_v2_path",
      # The model endpoint checks the model's access key, and the caller's key when the model asks.
-     "model_endpoint",
+     "model_endpoint", "model_endpoint_altus",
      # Never reached through here: applications/proxy.py's gateway answers it, and checks itself.
      "app_proxy"}
 )

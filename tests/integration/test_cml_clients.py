@@ -82,3 +82,7 @@ async def test_model_chain_then_curl_as_the_docs_show(alice: Api) -> None:
             break
         await asyncio.sleep(0.2)
     assert answer["success"] is True and answer["response"] == {"result": 42} and answer["ReplicaID"]
+    # The in-session `cdsw.call_model` posts the same body to CDSW's older path.
+    status, again = await alice.post("/api/altus-ds-1/models/call-model",
+                                     json={"accessKey": model["access_key"], "request": {"feature": 4}})
+    assert status == 200 and again["response"] == {"result": 8}, again

@@ -140,6 +140,26 @@ async def test_legacy_v1_start_with_basic_auth(alice: Api) -> None:
     assert_error(resp.status, await resp.json(), 401)
     resp = await alice.client.post(f"/api/v1/projects/alice/nope/jobs/{job['id']}/start", headers={"Authorization": basic})
     assert_error(resp.status, await resp.json(), 404)
+    # The same under /api/v2, as CDSW 1.10's documentation prints it; a Bearer key is taken too.
+    resp = await alice.client.post(f"/api/v2/projects/alice/jobs/jobs/{job['id']}/start", headers={"Authorization": basic})
+    assert resp.status == 200, await resp.text()
+    await wait_run(alice, pid, job["id"], (await resp.json())["engine_id"], "ENGINE_SUCCEEDED")
+    resp = await alice.client.post(f"/api/v2/projects/alice/jobs/jobs/{job['id']}/start",
+                                   headers={"Authorization": f"Bearer {alice.key}"})
+    assert resp.status == 200, await resp.text()
+    await wait_run(alice, pid, job["id"], (await resp.json())["engine_id"], "ENGINE_SUCCEEDED")
+
+
+async def test_legacy_start_in_a_project_whose_slug_is_files(alice: Api) -> None:
+    _, project = await alice.post("/api/v2/projects", json={"name": "files"})
+    form = aiohttp.FormData()
+    form.add_field("train.py", b"print('trained')\n", filename="train.py")
+    await alice.post(f"/api/v2/projects/{project['id']}/files", data=form)
+    _, job = await alice.post(f"/api/v2/projects/{project['id']}/jobs", json={"name": "j", "script": "train.py"})
+    basic = "Basic " + base64.b64encode(f"{alice.key}:".encode()).decode()
+    resp = await alice.client.post(f"/api/v2/projects/alice/files/jobs/{job['id']}/start", headers={"Authorization": basic})
+    assert resp.status == 200, await resp.text()
+    await wait_run(alice, project["id"], job["id"], (await resp.json())["engine_id"], "ENGINE_SUCCEEDED")
 
 
 async def test_job_permissions_and_bad_input(alice: Api, make_user: Any) -> None:
