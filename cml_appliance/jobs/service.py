@@ -40,7 +40,12 @@ from cml_appliance.workloads.checks import (
     check_script,
     resources_within_profiles,
 )
-from cml_appliance.workloads.service import FireTaken, LaunchRequest, WorkloadService
+from cml_appliance.workloads.service import (
+    FireTaken,
+    LaunchRequest,
+    WorkloadService,
+    new_engine_id,
+)
 from cml_appliance.workloads.store import Workload
 
 log = logging.getLogger(__name__)
@@ -466,7 +471,9 @@ class JobService:
         except FireTaken:
             return False  # another scheduler started it meanwhile
         except AlreadyExists:
-            log.info("job %s is still running: this fire is skipped", job.public_id)
+            # As CML does: the fire is recorded as a run that was skipped (and may be retried).
+            if launcher is not None and await self._record_skipped(launcher[0], job, fire):
+                return False
         except (Unavailable, asyncpg.PostgresConnectionError, OSError) as exc:
             # The engine or the database is away for now: the fire is owed still, tried again later.
             log.warning("job %s did not start (tried again in %d s): %s", job.public_id, FIRE_RETRY_SECONDS, exc)
@@ -479,11 +486,38 @@ class JobService:
         await self.pool.execute("DELETE FROM job_fires WHERE id = $1", fire["id"])
         return False
 
+    async def _record_skipped(self, user: User, job: Job, fire: dict[str, Any]) -> bool:
+        """Record a fire that found the job still running as an ENGINE_SKIPPED run; the same
+        statement consumes the fire. False when another scheduler took the fire meanwhile, or
+        the record could not be made (the fire is then settled all the same)."""
+        try:
+            row = await self._insert_skipped(user, job, fire)
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("job %s: could not record its skipped run: %s", job.public_id, exc)
+            return False
+        if row is not None:
+            log.info("job %s is still running: this fire is recorded as skipped (%s)", job.public_id, row.public_id)
+            self.wake.set()
+        return row is not None
+
+    async def _insert_skipped(self, user: User, job: Job, fire: dict[str, Any]) -> Workload | None:
+        return await workload_store.insert(self.pool, {
+            "public_id": new_engine_id(), "kind": "job_run", "project_id": job.project_id, "creator_id": user.id,
+            "engine": self.workloads.engine_name_for(job.runtime_identifier), "status": states.SKIPPED,
+            "name": job.name, "runtime_identifier": job.runtime_identifier, "cpu": job.cpu, "memory": job.memory,
+            "script": job.script, "arguments": job.arguments if fire["arguments"] is None else fire["arguments"],
+            "environment": job.environment | (fire["environment"] or {}), "job_id": job.id, "attempt": fire["attempt"],
+            "reason": "skipped: the job's previous run was still running", "finished_at": datetime.now(UTC),
+            "followup_due": True,  # a retry, if the job retries skipped runs
+        }, consume_fire=fire["id"])
+
     def _should_retry(self, job: Job, run: Workload) -> bool:
         if not job.retry_enabled or run.attempt > job.max_retry:
             return False
         if run.status == states.TIMEDOUT:
             return job.retry_for_timedout_runs
+        if run.status == states.SKIPPED:
+            return job.retry_for_skipped_runs
         if run.status == states.FAILED:
             # An exit code means the script failed; none means the platform did (start, engine).
             return job.retry_for_script_failure if run.exit_code is not None else job.retry_for_system_failure

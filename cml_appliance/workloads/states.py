@@ -10,9 +10,12 @@ STOPPED = "ENGINE_STOPPED"
 SUCCEEDED = "ENGINE_SUCCEEDED"
 FAILED = "ENGINE_FAILED"
 TIMEDOUT = "ENGINE_TIMEDOUT"
+# A job run that never ran: its cron fire found the job's previous run still going. It is
+# recorded with this status from the start (no transitions lead here).
+SKIPPED = "ENGINE_SKIPPED"
 
 ACTIVE = (SCHEDULING, STARTING, RUNNING, STOPPING)
-FINISHED = (STOPPED, SUCCEEDED, FAILED, TIMEDOUT)
+FINISHED = (STOPPED, SUCCEEDED, FAILED, TIMEDOUT, SKIPPED)
 
 # status -> the statuses it may move to. Finished states are final.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -24,6 +27,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     SUCCEEDED: frozenset(),
     FAILED: frozenset(),
     TIMEDOUT: frozenset(),
+    SKIPPED: frozenset(),
 }
 
 # The timestamp column each status sets when entered.

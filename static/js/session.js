@@ -8,7 +8,7 @@ function startSessionPage(options) {
   const consoleEl = document.getElementById("console");
   const stopButton = document.getElementById("stop-button");
   const stateEl = document.getElementById("terminal-state");
-  const finished = ["ENGINE_STOPPED", "ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT"];
+  const finished = ["ENGINE_STOPPED", "ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT", "ENGINE_SKIPPED"];
   let status = statusEl.textContent.trim();
   let socket = null;
   let term = null;

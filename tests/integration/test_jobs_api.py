@@ -262,3 +262,34 @@ async def test_failed_runs_are_retried_as_configured(alice: Api) -> None:
     await asyncio.sleep(0.5)
     _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{other['id']}/runs")
     assert len(runs["job_runs"]) == 1
+
+
+async def test_a_fire_during_a_run_is_recorded_as_skipped_and_retried_as_configured(alice: Api) -> None:
+    from cml_appliance.web.keys import POOL
+
+    pid = await project_with_script(alice)
+    form = aiohttp.FormData()
+    form.add_field("nap.py", b"import time\ntime.sleep(2)\nprint('rested')\n", filename="nap.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    _, job = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": "hourly", "script": "nap.py", "schedule": "0 * * * *", "retry_enabled": True, "max_retry": 1,
+        "retry_delay": 3, "retry_for_skipped_runs": True})
+    runs_path = f"/api/v2/projects/{pid}/jobs/{job['id']}/runs"
+    _, manual = await alice.post(runs_path, json={})
+    await wait_run(alice, pid, job["id"], manual["id"], "ENGINE_RUNNING")
+    await alice.client.app[POOL].execute("UPDATE jobs SET next_fire_at = now() WHERE public_id = $1", job["id"])
+
+    deadline = time.monotonic() + 20
+    while True:
+        _, runs = await alice.get(runs_path, params={"sort": "created_at"})
+        if len(runs["job_runs"]) == 3 and runs["job_runs"][2]["status"] == "ENGINE_SUCCEEDED":
+            break
+        assert time.monotonic() < deadline, runs
+        await asyncio.sleep(0.1)
+    first, skipped, retry = runs["job_runs"]
+    assert first["id"] == manual["id"] and first["status"] == "ENGINE_SUCCEEDED"
+    assert skipped["status"] == "ENGINE_SKIPPED" and skipped["attempt"] == 1 and "still running" in skipped["reason"]
+    assert skipped["finished_at"] and "running_at" not in skipped
+    assert retry["attempt"] == 2  # the retry came after its delay, once the manual run had ended
+    _, listed = await alice.get(runs_path, params={"search_filter": '{"status": "skipped"}'})
+    assert [r["id"] for r in listed["job_runs"]] == [skipped["id"]]
