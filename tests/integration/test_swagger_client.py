@@ -516,6 +516,9 @@ async def test_jobs_and_runs(cml: Cml, make_user: Any) -> None:
     assert run["status"] == "ENGINE_FAILED" and run["exit_code"] == 2
     runs = await cml("ListJobRuns", alice, project_id=pid, job_id=job["id"])
     assert [r["id"] for r in runs["job_runs"]] == [run["id"]]
+    latest = await cml("ListJobRuns", alice, project_id=pid, job_id=job["id"], sort="-created_at", page_size=1,
+                       search_filter=json.dumps({"status": "failed"}))
+    assert [r["id"] for r in latest["job_runs"]] == [run["id"]]
     await cml("DeleteJob", alice, project_id=pid, job_id=job["id"])
     await cml.error(HTTPNotFound, "GetJob", alice, project_id=pid, job_id=job["id"])
 
@@ -544,4 +547,12 @@ async def test_models_builds_and_deployments(cml: Cml, make_user: Any) -> None:
     stopped = await cml("StopModelDeployment", alice, project_id=pid, model_id=model["id"], build_id=build["id"],
                         deployment_id=deployment["id"])
     assert stopped["status"] in ("stopping", "stopped")
+    spare = await cml("CreateModelBuild", alice, project_id=pid, model_id=model["id"], body={
+        "project_id": pid, "model_id": model["id"], "file_path": "predict.py", "function_name": "predict",
+        "comment": "spare", "runtime_identifier": "host/python3"})
+    assert spare["creator"]["username"] == "alice"
+    found = await cml("ListModelBuilds", alice, project_id=pid, model_id=model["id"], search_filter=json.dumps({"comment": "spare"}))
+    assert [b["id"] for b in found["model_builds"]] == [spare["id"]]
+    await cml("DeleteModelBuild", alice, project_id=pid, model_id=model["id"], build_id=spare["id"])
+    await cml.error(HTTPNotFound, "GetModelBuild", alice, project_id=pid, model_id=model["id"], build_id=spare["id"])
     await cml("DeleteModel", alice, project_id=pid, model_id=model["id"])
