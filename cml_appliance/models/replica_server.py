@@ -7,8 +7,11 @@ its return value as JSON (200), or {"error": "..."} with status 400 when the fun
 returns something that is not JSON. The appliance wraps the answer in CML's shape without
 parsing it again.
 
-With CML_MODEL_SOCKET set (local replicas), it also serves on that Unix socket: the appliance
-calls through it, which costs both sides less than loopback TCP.
+With CML_MODEL_SOCKET set (local replicas), it also serves the appliance on that Unix socket,
+in frames rather than HTTP, which costs both sides a fraction of an HTTP request: a call is a
+4-byte big-endian length and the JSON argument; the answer is a status byte (0: the body is the
+function's return value as JSON; 1: the body is an error message in UTF-8), a 4-byte length and
+the body. One connection carries one call at a time, as many calls in turn as the appliance likes.
 
 Usage: python3 replica_server.py FILE FUNCTION
 """
@@ -18,9 +21,12 @@ import importlib.util
 import json
 import os
 import socketserver
+import struct
 import sys
 import threading
 import traceback
+
+FRAME_OK, FRAME_ERROR = 0, 1
 
 
 def load(path, name):
@@ -35,6 +41,23 @@ def main():
     path, name = sys.argv[1], sys.argv[2]
     function = load(path, name)
     one_at_a_time = threading.Lock()
+
+    def call(data):
+        """(True, the return value as JSON) or (False, why not), for a JSON argument."""
+        try:
+            argument = json.loads(data or b"null")
+        except ValueError as exc:
+            return False, f"the request is not JSON: {exc}"
+        try:
+            with one_at_a_time:
+                result = function(argument)
+        except Exception as exc:
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            return False, f"the model function raised {type(exc).__name__}: {exc}"
+        try:
+            return True, json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return False, f"the model function returned something that is not JSON: {exc}"
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -56,24 +79,11 @@ def main():
             self._answer(200, {"ready": True})
 
         def do_POST(self):
-            try:
-                argument = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"null")
-            except ValueError as exc:
-                self._answer(400, {"error": f"the request is not JSON: {exc}"})
-                return
-            try:
-                with one_at_a_time:
-                    result = function(argument)
-            except Exception as exc:
-                print(traceback.format_exc(), file=sys.stderr, flush=True)
-                self._answer(400, {"error": f"the model function raised {type(exc).__name__}: {exc}"})
-                return
-            try:
-                body = json.dumps(result, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                self._answer(400, {"error": f"the model function returned something that is not JSON: {exc}"})
-                return
-            self._send(200, body.encode())
+            ok, answer = call(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            if ok:
+                self._send(200, answer.encode())
+            else:
+                self._answer(400, {"error": answer})
 
         def log_message(self, *args):
             pass
@@ -84,16 +94,24 @@ def main():
     socket_path = os.environ.get("CML_MODEL_SOCKET")
     if socket_path:
 
-        class LocalHandler(Handler):
-            disable_nagle_algorithm = False  # not a TCP socket
-
-            def address_string(self):
-                return "local"
+        class FrameHandler(socketserver.StreamRequestHandler):
+            def handle(self):
+                while True:
+                    head = self.rfile.read(4)
+                    if len(head) < 4:
+                        return  # the appliance closed the connection
+                    (size,) = struct.unpack(">I", head)
+                    data = self.rfile.read(size)
+                    if len(data) < size:
+                        return
+                    ok, answer = call(data)
+                    body = answer.encode("utf-8", "replace")
+                    self.wfile.write(struct.pack(">BI", FRAME_OK if ok else FRAME_ERROR, len(body)) + body)
 
         class LocalServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
 
-        threading.Thread(target=LocalServer(socket_path, LocalHandler).serve_forever, daemon=True).start()
+        threading.Thread(target=LocalServer(socket_path, FrameHandler).serve_forever, daemon=True).start()
     server.serve_forever()
 
 

@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from cml_appliance.api.listing import ListQuery, sql_where_and_order
@@ -37,6 +36,7 @@ from cml_appliance.core.ids import new_public_id
 from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.db.pool import try_advisory_lock
+from cml_appliance.models.replica_link import ReplicaLink
 from cml_appliance.projects import files
 from cml_appliance.projects import store as project_store
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
@@ -141,13 +141,6 @@ def deployment_status(deployment: Deployment, runs: list[Workload]) -> str:
     return "failed"
 
 
-async def _close_later(session: aiohttp.ClientSession, delay: float) -> None:
-    try:
-        await asyncio.sleep(delay)
-    finally:
-        await session.close()
-
-
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -159,7 +152,6 @@ REPLACE_PAUSE_SECONDS = 1.0
 MAX_REPLACEMENTS = 5
 REPLACE_WINDOW = timedelta(minutes=5)
 RESUME_LOCK = 0x434D4C30
-CLOSE_SESSION_AFTER_SECONDS = 15
 CALL_CACHE_SECONDS = 2.0
 MAX_REMEMBERED = 10_000
 
@@ -199,9 +191,9 @@ class ModelService:
         self._next_replica: dict[int, int] = {}
         self._busy: dict[int, asyncio.Lock] = {}
         # Local replicas also listen on a Unix socket in this (short: sun_path has 108 bytes)
-        # directory, and calls reach them through it; one client session per socket.
+        # directory, and calls reach them through it, in frames; one connection per socket.
         self._sockets_dir: Path | None = None
-        self._socket_sessions: dict[str, aiohttp.ClientSession] = {}
+        self._links: dict[str, ReplicaLink] = {}
         # Calls waiting for a free replica, per model, longest waiting first.
         self._waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
         # Deployments with a lost replica being replaced (see _replace).
@@ -575,21 +567,20 @@ class ModelService:
         self._serving.clear()
         self._callers.clear()
 
-    def session_for(self, replica: Workload) -> aiohttp.ClientSession | None:
-        """The client session reaching a local replica through its Unix socket, else None."""
+    def link_for(self, replica: Workload) -> ReplicaLink | None:
+        """The connection to a local replica through its Unix socket, else None (call it over HTTP)."""
         path = replica.environment.get(SOCKET_VARIABLE) if replica.engine == "local" else None
         if path is None:
             return None
-        session = self._socket_sessions.get(path)
-        if session is None:
-            session = self._socket_sessions[path] = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=path), cookie_jar=aiohttp.DummyCookieJar())
-        return session
+        link = self._links.get(path)
+        if link is None:
+            link = self._links[path] = ReplicaLink(path)
+        return link
 
     async def close(self) -> None:
-        sessions, self._socket_sessions = list(self._socket_sessions.values()), {}
-        for session in sessions:
-            await session.close()
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
         if self._sockets_dir is not None:
             shutil.rmtree(self._sockets_dir, ignore_errors=True)
 
@@ -601,10 +592,9 @@ class ModelService:
         if path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            session = self._socket_sessions.pop(path, None)
-            if session is not None:
-                # A call may hold it still: it fails to connect, and moves on to another replica.
-                self.supervisor.spawn(f"close-{run.public_id}", _close_later(session, CLOSE_SESSION_AFTER_SECONDS))
+            link = self._links.pop(path, None)
+            if link is not None:
+                link.close()  # a call on it now sees the connection lost, and moves on to another replica
         if run.status in (states.FAILED, states.SUCCEEDED) and run.deployment_id is not None:
             await self._replace(run)
 

@@ -304,3 +304,32 @@ async def test_a_replica_that_dies_is_replaced_and_a_crash_loop_stops(alice: Api
         "SELECT count(*) FROM workloads w JOIN model_deployments d ON d.id = w.deployment_id WHERE d.public_id = $1",
         deployment_id)
     assert tries == 1 + 3  # the first, then MAX_REPLACEMENTS replacements
+
+
+async def test_a_request_that_kills_its_replica_kills_no_more_than_two(alice: Api) -> None:
+    pid = await setup(alice)
+    form = aiohttp.FormData()
+    form.add_field("poison.py", b"import os\ndef predict(args):\n    if args.get('die'):\n        os._exit(1)\n    return 'ok'\n",
+                   filename="poison.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
+        "name": "poisoned", "disable_authentication": True, "auto_build_model": True,
+        "auto_build_config": {"file_path": "poison.py", "function_name": "predict"},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 3},
+    })
+    key = model["access_key"]
+    seen: set[str] = set()
+    while len(seen) < 3:  # all three serve, and each has an open connection from the appliance
+        seen.add((await call_until_served(alice, key, {}))["ReplicaID"])
+    status, body = await call(alice, key, {"die": True}, bearer=False)
+    assert status == 502 and "died while answering" in body["error"]["message"], body
+    status, body = await call(alice, key, {}, bearer=False)
+    assert status == 200 and body["response"] == "ok", body  # the third still serves
+    pool = alice.client.app[POOL]
+    query = "SELECT count(*) FROM workloads WHERE public_id = ANY($1::text[]) AND status = 'ENGINE_FAILED'"
+    deadline = time.monotonic() + 10
+    while (died := await pool.fetchval(query, list(seen))) < 2:
+        assert time.monotonic() < deadline, died
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert await pool.fetchval(query, list(seen)) == 2
