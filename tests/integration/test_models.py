@@ -166,13 +166,19 @@ def predict(args):
 '''
 
 
-async def deployed_model(api: Api, pid: str, name: str, file_path: str) -> tuple[dict[str, Any], str, str]:
-    """(model, build id, deployment id) of a model deployed with one replica and no authentication."""
+async def auto_deployed(api: Api, pid: str, name: str, file_path: str, replicas: int = 1) -> dict[str, Any]:
+    """A model of `file_path`'s predict, built and deployed by its create call, with no authentication."""
     _, model = await api.post(f"/api/v2/projects/{pid}/models", json={
         "name": name, "disable_authentication": True, "auto_build_model": True,
         "auto_build_config": {"file_path": file_path, "function_name": "predict"},
-        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": replicas},
     })
+    return dict(model)
+
+
+async def deployed_model(api: Api, pid: str, name: str, file_path: str) -> tuple[dict[str, Any], str, str]:
+    """(model, build id, deployment id) of a model deployed with one replica and no authentication."""
+    model = await auto_deployed(api, pid, name, file_path)
     _, builds = await api.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds")
     build = builds["model_builds"][0]
     _, deployments = await api.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build['id']}/deployments")
@@ -255,12 +261,7 @@ async def test_a_replica_that_dies_is_replaced_and_a_crash_loop_stops(alice: Api
     await alice.post(f"/api/v2/projects/{pid}/files", data=form)
     pool = alice.client.app[POOL]
 
-    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
-        "name": "sturdy", "disable_authentication": True, "auto_build_model": True,
-        "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
-        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 2},
-    })
-    key = model["access_key"]
+    key = (await auto_deployed(alice, pid, "sturdy", "predict.py", replicas=2))["access_key"]
     seen: set[str] = set()
     while len(seen) < 2:
         seen.add((await call_until_served(alice, key, {"a": 1, "b": 1}))["ReplicaID"])
@@ -282,11 +283,7 @@ async def test_a_replica_that_dies_is_replaced_and_a_crash_loop_stops(alice: Api
     assert dead["status"] == "ENGINE_FAILED" and dead["reason"]
 
     # A replica that cannot even start is replaced a few times, then the deployment shows failed.
-    _, looping = await alice.post(f"/api/v2/projects/{pid}/models", json={
-        "name": "looping", "disable_authentication": True, "auto_build_model": True,
-        "auto_build_config": {"file_path": "crashes.py", "function_name": "predict"},
-        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
-    })
+    looping = await auto_deployed(alice, pid, "looping", "crashes.py")
     _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{looping['id']}/builds")
     build = builds["model_builds"][0]
     base = f"/api/v2/projects/{pid}/models/{looping['id']}/builds/{build['id']}/deployments"
@@ -312,12 +309,7 @@ async def test_a_request_that_kills_its_replica_kills_no_more_than_two(alice: Ap
     form.add_field("poison.py", b"import os\ndef predict(args):\n    if args.get('die'):\n        os._exit(1)\n    return 'ok'\n",
                    filename="poison.py")
     await alice.post(f"/api/v2/projects/{pid}/files", data=form)
-    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
-        "name": "poisoned", "disable_authentication": True, "auto_build_model": True,
-        "auto_build_config": {"file_path": "poison.py", "function_name": "predict"},
-        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 3},
-    })
-    key = model["access_key"]
+    key = (await auto_deployed(alice, pid, "poisoned", "poison.py", replicas=3))["access_key"]
     seen: set[str] = set()
     while len(seen) < 3:  # all three serve, and each has an open connection from the appliance
         seen.add((await call_until_served(alice, key, {}))["ReplicaID"])
