@@ -130,10 +130,16 @@ class MainProcess:
         if launcher is None:
             preexec = _child_setup(memory_bytes)
         else:
-            # A missing program is an error here, as it is when Popen runs it itself.
+            # A missing program is an error here, as it is when Popen runs it itself (which()
+            # finds only files we may execute).
             program = command[0] if "/" in command[0] else shutil.which(command[0], path=env.get("PATH"))
             if program is None:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
+            resolved = Path(cwd) / program
+            if not resolved.is_file():
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
+            if not os.access(resolved, os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), command[0])
             setpriv, prlimit = launcher
             cap = [prlimit, f"--data={memory_bytes}", "--"] if memory_bytes > 0 else []
             command = [setpriv, "--pdeathsig", "KILL", "--", *cap, program, *command[1:]]

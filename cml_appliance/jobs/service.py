@@ -130,8 +130,13 @@ FIRE_CONCURRENCY = 32
 FIRE_BATCH = 200
 # A fire that could not start because the engine or the database was away waits this long.
 FIRE_RETRY_SECONDS = 10
-# Mail taken for sending by a process that then died is sent again after this long.
+# A retry that finds the job still running waits at least this long before it looks again.
+BUSY_RETRY_SECONDS = 10.0
+# Mail taken for sending by a process that then died is sent again after this long; at most
+# MAIL_CONCURRENCY mails are taken at a time (each send is bounded by SMTP's 30 s timeout), so
+# none waits past its lease behind the others.
 MAIL_LEASE_SECONDS = 300
+MAIL_CONCURRENCY = 4
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
 
 
@@ -177,6 +182,7 @@ class JobService:
         self.base_url = base_url
         # Set when a run ends: the scheduler loop then follows it up at once, not a tick later.
         self.wake = asyncio.Event()
+        self._mailing: set[int] = set()  # runs whose mail this process is sending
         workloads.finish_listeners.append(self._run_ended)
 
     async def _get_row(self, project: Project, job_id: str) -> Job:
@@ -471,14 +477,17 @@ class JobService:
         except FireTaken:
             return False  # another scheduler started it meanwhile
         except AlreadyExists:
-            # As CML does: the fire is recorded as a run that was skipped (and may be retried).
-            if launcher is not None and await self._record_skipped(launcher[0], job, fire):
+            try:
+                if await self._job_busy(fire, job, launcher):
+                    return False
+            except (asyncpg.PostgresConnectionError, OSError) as exc:
+                log.warning("job %s: its fire is tried again in %d s: %s", job.public_id, FIRE_RETRY_SECONDS, exc)
+                await self._postpone(fire, FIRE_RETRY_SECONDS)
                 return False
         except (Unavailable, asyncpg.PostgresConnectionError, OSError) as exc:
             # The engine or the database is away for now: the fire is owed still, tried again later.
             log.warning("job %s did not start (tried again in %d s): %s", job.public_id, FIRE_RETRY_SECONDS, exc)
-            await self.pool.execute("UPDATE job_fires SET due_at = now() + make_interval(secs => $2) WHERE id = $1",
-                                    fire["id"], FIRE_RETRY_SECONDS)
+            await self._postpone(fire, FIRE_RETRY_SECONDS)
             return False
         except Exception as exc:  # one job failing to start must not stop the others
             log.warning("job %s did not start: %s", job.public_id, exc)
@@ -486,19 +495,31 @@ class JobService:
         await self.pool.execute("DELETE FROM job_fires WHERE id = $1", fire["id"])
         return False
 
-    async def _record_skipped(self, user: User, job: Job, fire: dict[str, Any]) -> bool:
-        """Record a fire that found the job still running as an ENGINE_SKIPPED run; the same
-        statement consumes the fire. False when another scheduler took the fire meanwhile, or
-        the record could not be made (the fire is then settled all the same)."""
+    async def _postpone(self, fire: dict[str, Any], seconds: float) -> None:
+        await self.pool.execute("UPDATE job_fires SET due_at = now() + make_interval(secs => $2) WHERE id = $1",
+                                fire["id"], float(seconds))
+
+    async def _job_busy(self, fire: dict[str, Any], job: Job, launcher: tuple[User, Project] | None) -> bool:
+        """A fire found the job's previous run still going. A retry waits for it to end (it is
+        owed a run, and skipping it would only owe another); a cron or dependent fire is recorded
+        as an ENGINE_SKIPPED run, as CML does, in the statement that consumes the fire. True when
+        the fire is dealt with; False when it is to be settled (dropped) by the caller."""
+        if fire["attempt"] > 1:
+            await self._postpone(fire, max(float(job.retry_delay), BUSY_RETRY_SECONDS))
+            return True
+        if launcher is None:
+            return False
         try:
-            row = await self._insert_skipped(user, job, fire)
-        except (asyncpg.PostgresError, OSError) as exc:
+            row = await self._insert_skipped(launcher[0], job, fire)
+        except asyncpg.PostgresConnectionError:
+            raise
+        except asyncpg.PostgresError as exc:
             log.warning("job %s: could not record its skipped run: %s", job.public_id, exc)
             return False
         if row is not None:
             log.info("job %s is still running: this fire is recorded as skipped (%s)", job.public_id, row.public_id)
-            self.wake.set()
-        return row is not None
+            self.wake.set()  # its follow-up (a retry) is due
+        return True  # recorded, or another scheduler took the fire meanwhile
 
     async def _insert_skipped(self, user: User, job: Job, fire: dict[str, Any]) -> Workload | None:
         return await workload_store.insert(self.pool, {
@@ -582,24 +603,35 @@ class JobService:
 
     async def _send_due_mail(self, conn: asyncpg.Connection) -> None:
         """Send the mail ended runs owe, each in a task of its own (a slow SMTP server holds up no
-        fire). Taking one pushes its due time on by MAIL_LEASE_SECONDS, cleared once it is sent:
-        a process that dies meanwhile leaves it to be sent again after that, never lost."""
-        ids = await conn.fetch(
+        fire), MAIL_CONCURRENCY at a time. Taking one pushes its due time on by MAIL_LEASE_SECONDS,
+        cleared once it is sent: a process that dies meanwhile leaves it to be sent again after
+        that, never lost."""
+        free = MAIL_CONCURRENCY - len(self._mailing)
+        if free <= 0:
+            return
+        taken = await conn.fetch(
             "UPDATE workloads SET mail_due_at = now() + make_interval(secs => $2) WHERE id IN"
-            " (SELECT id FROM workloads WHERE mail_due_at <= now() ORDER BY mail_due_at LIMIT $1"
-            " FOR UPDATE SKIP LOCKED) RETURNING id",
-            FIRE_BATCH, MAIL_LEASE_SECONDS,
+            " (SELECT id FROM workloads WHERE mail_due_at <= now() AND NOT (id = ANY($3::bigint[]))"
+            " ORDER BY mail_due_at LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING id, mail_due_at",
+            free, MAIL_LEASE_SECONDS, list(self._mailing),
         )
-        for r in ids:
-            self.workloads.supervisor.spawn(f"mail-{r['id']}", self._mail_run_end(r["id"]))
+        for r in taken:
+            self._mailing.add(r["id"])
+            self.workloads.supervisor.spawn(f"mail-{r['id']}", self._mail_run_end(r["id"], r["mail_due_at"]))
 
-    async def _mail_run_end(self, run_id: int) -> None:
-        run = await workload_store.get_by_id(self.pool, run_id)
-        row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id) if run and run.job_id else None
-        if run is not None and row is not None:
-            await self._notify(_job(row), run)
-        # Sent, or refused by the server (logged; not tried again), or its job is gone.
-        await self.pool.execute("UPDATE workloads SET mail_due_at = NULL WHERE id = $1", run_id)
+    async def _mail_run_end(self, run_id: int, lease: datetime) -> None:
+        try:
+            run = await workload_store.get_by_id(self.pool, run_id)
+            row = await self.pool.fetchrow(_SELECT + " WHERE j.id = $1", run.job_id) if run and run.job_id else None
+            if run is not None and row is not None:
+                await self._notify(_job(row), run)
+            # Sent, or refused by the server (logged; not tried again), or its job is gone. Only
+            # this lease is cleared: one that ran out meanwhile belongs to whoever took it next.
+            await self.pool.execute("UPDATE workloads SET mail_due_at = NULL WHERE id = $1 AND mail_due_at = $2",
+                                    run_id, lease)
+        finally:
+            self._mailing.discard(run_id)
+            self.wake.set()  # more mail may be waiting for a free slot
 
     async def _notify(self, job: Job, run: Workload) -> None:
         """Mail the job's recipients that asked to hear about this ending."""

@@ -77,7 +77,8 @@ MODEL_FILTER_KEYS = {"name": "m.name", "description": "m.description", "auth_ena
 MODEL_SORT_KEYS = MODEL_FILTER_KEYS | {"created_at": "m.created_at", "updated_at": "m.updated_at"}
 # ... and over model_builds b (u: who made it). Builds have no CRN here: it is always "".
 BUILD_FILTER_KEYS = {"comment": "b.comment", "status": "b.status", "crn": "''"} | _CREATOR_KEYS
-BUILD_SORT_KEYS = BUILD_FILTER_KEYS | {"created_at": "b.created_at", "updated_at": "b.updated_at", "built_at": "b.built_at"}
+BUILD_SORT_KEYS = {k: v for k, v in BUILD_FILTER_KEYS.items() if k != "crn"} | {
+    "created_at": "b.created_at", "updated_at": "b.updated_at", "built_at": "b.built_at"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,12 +310,23 @@ class ModelService:
         return model, [_record(Build, r) for r in rows[:q.page_size]], len(rows) > q.page_size
 
     async def delete_build(self, user: User, project_id: str, model_id: str, build_id: str) -> None:
-        """A build and its deployments go; one still serving must be stopped first."""
+        """A build and its deployments go; one still building, or with a deployment not stopped
+        or a replica not ended, stays. The build's row is locked while that is checked: a
+        deployment made meanwhile waits, then finds the build gone."""
         _, model, build = await self.get_build(user, project_id, model_id, build_id)
         await self.projects.get(user, project_id, Role.WRITE)
-        if any(run.active for run in await self._runs("d.build_id = $1", build.id)):
-            raise FailedPrecondition(f"build {build.public_id} has replicas running: stop its deployments first")
         async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval("SELECT status FROM model_builds WHERE id = $1 FOR UPDATE", build.id)
+            if status is None:
+                raise NotFound(f"build {build_id!r} not found")
+            if status == "building":
+                raise FailedPrecondition(f"build {build.public_id} is still being made: delete it once it is done")
+            serving = await conn.fetchval(
+                "SELECT count(*) FROM model_deployments d LEFT JOIN workloads w ON w.deployment_id = d.id"
+                " AND w.status = ANY($2::text[]) WHERE d.build_id = $1 AND (NOT d.stopped OR w.id IS NOT NULL)",
+                build.id, list(states.ACTIVE))
+            if serving:
+                raise FailedPrecondition(f"build {build.public_id} is deployed: stop its deployments first")
             await conn.execute("DELETE FROM model_builds WHERE id = $1", build.id)
             await audit.record(conn, user.id, "model_build.delete", "model_build", build.public_id, {"model": model.public_id})
         self.forget_calls()
@@ -423,10 +435,13 @@ class ModelService:
         public_id = new_public_id()
         # A new deployment replaces the model's running ones once it is up (no downtime gap).
         previous = await self.pool.fetch("SELECT id FROM model_deployments WHERE model_id = $1 AND NOT stopped", model.id)
-        row = await self.pool.fetchrow(
-            "INSERT INTO model_deployments (public_id, model_id, build_id, deployer_id, cpu, memory, replicas, environment)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
-            public_id, model.id, build.id, user.id, cpu, memory, replicas, environment)
+        try:
+            row = await self.pool.fetchrow(
+                "INSERT INTO model_deployments (public_id, model_id, build_id, deployer_id, cpu, memory, replicas, environment)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+                public_id, model.id, build.id, user.id, cpu, memory, replicas, environment)
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"build {build_id!r} was deleted") from None
         deployment = _record(Deployment, row)
         await self._start_replicas(user, project, build, deployment)
         if previous:

@@ -264,16 +264,20 @@ async def test_failed_runs_are_retried_as_configured(alice: Api) -> None:
     assert len(runs["job_runs"]) == 1
 
 
-async def test_a_fire_during_a_run_is_recorded_as_skipped_and_retried_as_configured(alice: Api) -> None:
+async def test_a_fire_during_a_run_is_recorded_as_skipped_and_retried_as_configured(alice: Api, monkeypatch: Any) -> None:
+    from cml_appliance.jobs import service as job_service
     from cml_appliance.web.keys import POOL
 
+    # A retry that finds the job busy waits for it, looking again this often (not skipped again,
+    # which with retry_delay 0 would owe another retry at once, and so on).
+    monkeypatch.setattr(job_service, "BUSY_RETRY_SECONDS", 0.3)
     pid = await project_with_script(alice)
     form = aiohttp.FormData()
     form.add_field("nap.py", b"import time\ntime.sleep(2)\nprint('rested')\n", filename="nap.py")
     await alice.post(f"/api/v2/projects/{pid}/files", data=form)
     _, job = await alice.post(f"/api/v2/projects/{pid}/jobs", json={
-        "name": "hourly", "script": "nap.py", "schedule": "0 * * * *", "retry_enabled": True, "max_retry": 1,
-        "retry_delay": 3, "retry_for_skipped_runs": True})
+        "name": "hourly", "script": "nap.py", "schedule": "0 * * * *", "retry_enabled": True, "max_retry": 5,
+        "retry_delay": 0, "retry_for_skipped_runs": True})
     runs_path = f"/api/v2/projects/{pid}/jobs/{job['id']}/runs"
     _, manual = await alice.post(runs_path, json={})
     await wait_run(alice, pid, job["id"], manual["id"], "ENGINE_RUNNING")
@@ -290,6 +294,9 @@ async def test_a_fire_during_a_run_is_recorded_as_skipped_and_retried_as_configu
     assert first["id"] == manual["id"] and first["status"] == "ENGINE_SUCCEEDED"
     assert skipped["status"] == "ENGINE_SKIPPED" and skipped["attempt"] == 1 and "still running" in skipped["reason"]
     assert skipped["finished_at"] and "running_at" not in skipped
-    assert retry["attempt"] == 2  # the retry came after its delay, once the manual run had ended
+    assert retry["attempt"] == 2  # the retry waited for the manual run to end
+    await asyncio.sleep(1)
+    _, runs = await alice.get(runs_path)
+    assert len(runs["job_runs"]) == 3  # and nothing more
     _, listed = await alice.get(runs_path, params={"search_filter": '{"status": "skipped"}'})
     assert [r["id"] for r in listed["job_runs"]] == [skipped["id"]]

@@ -3,6 +3,7 @@ documents; and the fields CML clients send that this appliance refuses or maps r
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -137,6 +138,18 @@ async def test_models_and_builds_filter_sort_creators_and_delete(alice: Api) -> 
     assert [b["id"] for b in await listing(alice, builds, "model_builds")] == [good["id"]]
     status, body = await alice.get(f"{builds}/{broken['id']}")
     assert_error(status, body, 404)
+    # Once its deployment is stopped and its replica gone, the deployed build may go too.
+    deployment_path = f"{builds}/{good['id']}/deployments/{deployment['id']}"
+    await alice.post(f"{deployment_path}:stop")
+    for _ in range(200):
+        _, stopped = await alice.get(deployment_path)
+        if stopped["status"] == "stopped":
+            break
+        await asyncio.sleep(0.05)
+    status, body = await alice.call("DELETE", f"{builds}/{good['id']}")
+    assert status == 200, body
+    status, body = await alice.get(deployment_path)
+    assert_error(status, body, 404)
 
 
 async def test_model_create_refuses_bad_auto_settings_before_storing_anything(alice: Api) -> None:
@@ -175,3 +188,40 @@ async def test_applications_filter_by_status_and_sort(alice: Api) -> None:
     assert [a["name"] for a in await listing(alice, apps, "applications", filters={"subdomain": "zeta"})] == ["zeta"]
     status, body = await alice.post(apps, json={"name": "viz", "subdomain": "viz", "script": "app.py", "cdv_app": True})
     assert_error(status, body, 400)
+
+
+async def test_every_documented_key_filters_and_sorts_without_error(alice: Api) -> None:
+    """Each list answers 200 for each of its filter keys and each of its sort keys, both ways."""
+    from cml_appliance.applications.service import APP_FILTER_KEYS, APP_SORT_KEYS
+    from cml_appliance.jobs.service import (
+        JOB_FILTER_KEYS,
+        JOB_SORT_KEYS,
+        RUN_FILTER_KEYS,
+        RUN_SORT_KEYS,
+    )
+    from cml_appliance.models.service import (
+        BUILD_FILTER_KEYS,
+        BUILD_SORT_KEYS,
+        MODEL_FILTER_KEYS,
+        MODEL_SORT_KEYS,
+    )
+
+    pid = await project_with(alice, "every key", {"a.py": b"print('a')\n", "predict.py": PREDICT})
+    _, job = await alice.post(f"/api/v2/projects/{pid}/jobs", json={"name": "j", "script": "a.py"})
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={
+        "name": "m", "auto_build_model": True, "auto_build_config": {"file_path": "predict.py", "function_name": "predict"}})
+    lists = [
+        (f"/api/v2/projects/{pid}/jobs", "jobs", JOB_FILTER_KEYS, JOB_SORT_KEYS),
+        ("/api/v2/jobs", "jobs", JOB_FILTER_KEYS, JOB_SORT_KEYS),
+        (f"/api/v2/projects/{pid}/jobs/{job['id']}/runs", "job_runs", RUN_FILTER_KEYS, RUN_SORT_KEYS),
+        (f"/api/v2/projects/{pid}/models", "models", MODEL_FILTER_KEYS, MODEL_SORT_KEYS),
+        ("/api/v2/models", "models", MODEL_FILTER_KEYS, MODEL_SORT_KEYS),
+        (f"/api/v2/projects/{pid}/models/{model['id']}/builds", "model_builds", BUILD_FILTER_KEYS, BUILD_SORT_KEYS),
+        (f"/api/v2/projects/{pid}/applications", "applications", APP_FILTER_KEYS, APP_SORT_KEYS),
+    ]
+    for path, key, filter_keys, sort_keys in lists:
+        for name in filter_keys:
+            await listing(alice, path, key, filters={name: "x"})
+        for name in sort_keys:
+            await listing(alice, path, key, sort=name)
+            await listing(alice, path, key, sort=f"-{name}")

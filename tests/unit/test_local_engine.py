@@ -79,12 +79,15 @@ async def test_memory_is_capped(engine: LocalEngine, tmp_path: Path) -> None:
         await engine.close()
 
 
-async def test_a_missing_program_fails_the_start(engine: LocalEngine, tmp_path: Path) -> None:
+async def test_a_missing_or_unrunnable_program_fails_the_start(engine: LocalEngine, tmp_path: Path) -> None:
     from cml_appliance.engines.base import EngineError
 
-    with pytest.raises(EngineError, match="no-such-program"):
-        await engine.start(LaunchSpec(workload_id="missingprogram01", kind="job_run", command=["no-such-program"],
-                                      env={}, project_dir=tmp_path, image="", cpu=1, memory_mb=128))
+    (tmp_path / "plain.sh").write_text("echo not executable\n")
+    for command, why in ((["no-such-program"], "No such file"), (["./missing.sh"], "No such file"),
+                         (["./plain.sh"], "Permission denied")):
+        with pytest.raises(EngineError, match=why):
+            await engine.start(LaunchSpec(workload_id="missingprogram01", kind="job_run", command=command,
+                                          env={}, project_dir=tmp_path, image="", cpu=1, memory_mb=128))
     await engine.close()
 
 
