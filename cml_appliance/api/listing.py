@@ -17,6 +17,9 @@ from typing import Any
 from cml_appliance.core.errors import InvalidArgument
 from cml_appliance.core.security import sign
 
+# CML's creator.* filter and sort keys, for lists whose SQL joins the creator as `u`.
+CREATOR_KEYS = {"creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email"}
+
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 1000
 

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import CREATOR_KEYS, ListQuery, sql_where_and_order
 from cml_appliance.auth import api_keys, login_sessions
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
@@ -100,8 +100,7 @@ APP_FILTER_KEYS = {
     "name": "a.name", "description": "a.description", "script": "a.script", "subdomain": "a.subdomain",
     "bypass_authentication": "a.bypass_authentication", "status": STATUS_SQL,
     "kernel": "(SELECT r.kernel FROM runtimes r WHERE r.image_identifier = a.runtime_identifier)",
-    "creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email",
-}
+} | CREATOR_KEYS
 APP_SORT_KEYS = APP_FILTER_KEYS | {"created_at": "a.created_at", "updated_at": "a.updated_at"}
 
 

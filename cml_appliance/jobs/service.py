@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import CREATOR_KEYS, ListQuery, sql_where_and_order
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
 from cml_appliance.core import audit
@@ -40,12 +40,7 @@ from cml_appliance.workloads.checks import (
     check_script,
     resources_within_profiles,
 )
-from cml_appliance.workloads.service import (
-    FireTaken,
-    LaunchRequest,
-    WorkloadService,
-    new_engine_id,
-)
+from cml_appliance.workloads.service import FireTaken, LaunchRequest, WorkloadService
 from cml_appliance.workloads.store import Workload
 
 log = logging.getLogger(__name__)
@@ -111,15 +106,14 @@ def _job(row: asyncpg.Record) -> Job:
 
 
 # search_filter and sort keys of the job lists (CML's), as SQL over _SELECT (j, and u its creator).
-_CREATOR_KEYS = {"creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email"}
 JOB_FILTER_KEYS = {
     "name": "j.name", "script": "j.script", "paused": "j.paused",
     "type": "CASE WHEN j.parent_id IS NOT NULL THEN 'dependent' WHEN j.schedule <> '' THEN 'cron' ELSE 'manual' END",
     "kernel": "(SELECT r.kernel FROM runtimes r WHERE r.image_identifier = j.runtime_identifier)",
-} | _CREATOR_KEYS
+} | CREATOR_KEYS
 JOB_SORT_KEYS = JOB_FILTER_KEYS | {"created_at": "j.created_at", "updated_at": "j.updated_at"}
 # ... and of a job's runs, over workloads (w, and u who started the run).
-RUN_FILTER_KEYS = {"id": "w.public_id", "status": "w.status", "name": "w.name", "script": "w.script"} | _CREATOR_KEYS
+RUN_FILTER_KEYS = {"id": "w.public_id", "status": "w.status", "name": "w.name", "script": "w.script"} | CREATOR_KEYS
 RUN_SORT_KEYS = RUN_FILTER_KEYS | {"created_at": "w.created_at", "updated_at": "w.updated_at",
                                    "scheduling_at": "w.scheduling_at", "running_at": "w.running_at",
                                    "finished_at": "w.finished_at"}
@@ -160,6 +154,20 @@ def check_recipients(raw: Any) -> list[dict[str, Any]]:
             raise InvalidArgument("notify_on_* must be true or false")
         out.append({"email": item["email"], **{f: bool(item.get(f, False)) for f in RECIPIENT_FLAGS}})
     return out
+
+
+def _run_request(job: Job, environment: dict[str, str] | None, arguments: str | None, attempt: int,
+                 fire_id: int | None) -> LaunchRequest:
+    """A run of `job`: a snapshot of its settings, with the run's own overrides."""
+    env = job.environment | check_environment(environment or {})
+    args = job.arguments if arguments is None else arguments
+    timeout = job.timeout_seconds if job.kill_on_timeout and job.timeout_seconds else None
+    return LaunchRequest(
+        kind="job_run", name=job.name, runtime_identifier=job.runtime_identifier, image=job.runtime_identifier,
+        cpu=job.cpu, memory=job.memory, nvidia_gpu=0, command=command_for(job.script, args), environment=env,
+        script=job.script, arguments=args, max_duration_minutes=timeout / 60 if timeout else None, job_id=job.id,
+        attempt=attempt, fire_id=fire_id,
+    )
 
 
 def command_for(script: str, arguments: str) -> list[str]:
@@ -330,16 +338,7 @@ class JobService:
                   arguments: str | None = None, attempt: int = 1, fire_id: int | None = None) -> Workload:
         """Start a run with a snapshot of the job's settings (and per-run overrides); with
         fire_id, the run consumes that pending fire (see fire_due)."""
-        env = job.environment | check_environment(environment or {})
-        args = job.arguments if arguments is None else arguments
-        timeout = job.timeout_seconds if job.kill_on_timeout and job.timeout_seconds else None
-        request = LaunchRequest(
-            kind="job_run", name=job.name, runtime_identifier=job.runtime_identifier, image=job.runtime_identifier,
-            cpu=job.cpu, memory=job.memory, nvidia_gpu=0, command=command_for(job.script, args), environment=env,
-            script=job.script, arguments=args, max_duration_minutes=timeout / 60 if timeout else None, job_id=job.id,
-            attempt=attempt, fire_id=fire_id,
-        )
-        return await self.workloads.launch(user, project, request)
+        return await self.workloads.launch(user, project, _run_request(job, environment, arguments, attempt, fire_id))
 
     async def start_run(self, user: User, project_id: str, job_id: str, fields: dict[str, Any]) -> Workload:
         # Operators may start existing jobs (CML's operator role).
@@ -509,8 +508,10 @@ class JobService:
             return True
         if launcher is None:
             return False
+        request = _run_request(job, fire["environment"], fire["arguments"], fire["attempt"], fire["id"])
         try:
-            row = await self._insert_skipped(launcher[0], job, fire)
+            row = await self.workloads.record_unlaunched(
+                *launcher, request, states.SKIPPED, "skipped: the job's previous run was still running")
         except asyncpg.PostgresConnectionError:
             raise
         except asyncpg.PostgresError as exc:
@@ -520,17 +521,6 @@ class JobService:
             log.info("job %s is still running: this fire is recorded as skipped (%s)", job.public_id, row.public_id)
             self.wake.set()  # its follow-up (a retry) is due
         return True  # recorded, or another scheduler took the fire meanwhile
-
-    async def _insert_skipped(self, user: User, job: Job, fire: dict[str, Any]) -> Workload | None:
-        return await workload_store.insert(self.pool, {
-            "public_id": new_engine_id(), "kind": "job_run", "project_id": job.project_id, "creator_id": user.id,
-            "engine": self.workloads.engine_name_for(job.runtime_identifier), "status": states.SKIPPED,
-            "name": job.name, "runtime_identifier": job.runtime_identifier, "cpu": job.cpu, "memory": job.memory,
-            "script": job.script, "arguments": job.arguments if fire["arguments"] is None else fire["arguments"],
-            "environment": job.environment | (fire["environment"] or {}), "job_id": job.id, "attempt": fire["attempt"],
-            "reason": "skipped: the job's previous run was still running", "finished_at": datetime.now(UTC),
-            "followup_due": True,  # a retry, if the job retries skipped runs
-        }, consume_fire=fire["id"])
 
     def _should_retry(self, job: Job, run: Workload) -> bool:
         if not job.retry_enabled or run.attempt > job.max_retry:

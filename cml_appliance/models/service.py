@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import CREATOR_KEYS, ListQuery, sql_where_and_order
 from cml_appliance.auth import api_keys
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User, get_by_id
@@ -71,12 +71,11 @@ def _record(cls: Any, row: asyncpg.Record, **extra: Any) -> Any:
     return cls(**{k: row[k] for k in names}, **extra)
 
 
-_CREATOR_KEYS = {"creator.username": "u.username", "creator.name": "u.name", "creator.email": "u.email"}
 # search_filter and sort keys of the model lists (CML's), as SQL over models m (u: its creator)...
-MODEL_FILTER_KEYS = {"name": "m.name", "description": "m.description", "auth_enabled": "m.auth_enabled"} | _CREATOR_KEYS
+MODEL_FILTER_KEYS = {"name": "m.name", "description": "m.description", "auth_enabled": "m.auth_enabled"} | CREATOR_KEYS
 MODEL_SORT_KEYS = MODEL_FILTER_KEYS | {"created_at": "m.created_at", "updated_at": "m.updated_at"}
 # ... and over model_builds b (u: who made it). Builds have no CRN here: it is always "".
-BUILD_FILTER_KEYS = {"comment": "b.comment", "status": "b.status", "crn": "''"} | _CREATOR_KEYS
+BUILD_FILTER_KEYS = {"comment": "b.comment", "status": "b.status", "crn": "''"} | CREATOR_KEYS
 BUILD_SORT_KEYS = {k: v for k, v in BUILD_FILTER_KEYS.items() if k != "crn"} | {
     "created_at": "b.created_at", "updated_at": "b.updated_at", "built_at": "b.built_at"}
 

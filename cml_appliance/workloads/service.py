@@ -15,6 +15,7 @@ import socket
 import zlib
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,30 @@ class WorkloadService:
             "HOME": str(self.projects_dir / project.public_id),
         }
 
+    def _row_values(self, user: User, project: Project, request: LaunchRequest) -> dict[str, Any]:
+        """The columns of a new workload row for `request` (a snapshot of what it runs)."""
+        return {
+            "public_id": new_engine_id(), "kind": request.kind, "project_id": project.id, "creator_id": user.id,
+            "engine": self.engine_name_for(request.runtime_identifier), "name": request.name,
+            "runtime_identifier": request.runtime_identifier, "cpu": request.cpu, "memory": request.memory,
+            "nvidia_gpu": request.nvidia_gpu, "script": request.script, "arguments": request.arguments,
+            "environment": request.environment, "idle_timeout_minutes": request.idle_timeout_minutes,
+            "max_duration_minutes": request.max_duration_minutes, "job_id": request.job_id,
+            "attempt": request.attempt, "deployment_id": request.deployment_id,
+        }
+
+    async def record_unlaunched(self, user: User, project: Project, request: LaunchRequest, status: str,
+                                reason: str) -> Workload | None:
+        """Record a workload that ends before it starts (a job run skipped while another runs),
+        final from the first; a job run is followed up as transition() marks one that ended.
+        Consumes the request's fire in the same statement: None when another process took it."""
+        assert status in states.FINISHED
+        values = self._row_values(user, project, request) | {
+            "status": status, "reason": reason, "finished_at": datetime.now(UTC),
+            "followup_due": request.kind == "job_run",
+        }
+        return await store.insert(self.pool, values, consume_fire=request.fire_id)
+
     async def launch(self, user: User, project: Project, request: LaunchRequest) -> Workload:
         engine_name = self.engine_name_for(request.runtime_identifier)
         engine = self.engine(engine_name)
@@ -158,28 +183,15 @@ class WorkloadService:
             await engine.ping()
         except EngineUnavailable as exc:
             raise Unavailable(str(exc)) from None
-        public_id = new_engine_id()
         own_ports = engine.shares_host_network
+        values = self._row_values(user, project, request) | {
+            "app_port": _free_port() if own_ports else CONTAINER_APP_PORT,
+            "readonly_port": _free_port() if own_ports else CONTAINER_READONLY_PORT,
+        }
+        public_id = values["public_id"]
         secret, key = api_keys.workload_key(user.id, project.id, f"{request.kind} {public_id}")
         try:
-            row = await store.insert(
-                self.pool,
-                {
-                    "public_id": public_id, "kind": request.kind, "project_id": project.id, "creator_id": user.id,
-                    "engine": engine_name, "name": request.name, "runtime_identifier": request.runtime_identifier,
-                    "cpu": request.cpu, "memory": request.memory, "nvidia_gpu": request.nvidia_gpu,
-                    "script": request.script, "arguments": request.arguments, "environment": request.environment,
-                    "app_port": _free_port() if own_ports else CONTAINER_APP_PORT,
-                    "readonly_port": _free_port() if own_ports else CONTAINER_READONLY_PORT,
-                    "idle_timeout_minutes": request.idle_timeout_minutes,
-                    "max_duration_minutes": request.max_duration_minutes,
-                    "job_id": request.job_id,
-                    "attempt": request.attempt,
-                    "deployment_id": request.deployment_id,
-                },
-                api_key=key,
-                consume_fire=request.fire_id,
-            )
+            row = await store.insert(self.pool, values, api_key=key, consume_fire=request.fire_id)
         except asyncpg.UniqueViolationError:
             raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
         if row is None:
