@@ -3,6 +3,7 @@ opened in dependency order and closed in reverse."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -43,8 +44,9 @@ from cml_appliance.runtimes import ui as runtimes_ui
 from cml_appliance.sessions import api as sessions_api
 from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
-from cml_appliance.web import health, middlewares, templating
+from cml_appliance.web import health, live, middlewares, templating
 from cml_appliance.web.keys import (
+    CLOSING,
     APP_PROXY_SESSION,
     APPLICATIONS,
     JOBS,
@@ -82,6 +84,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[CLOSING] = asyncio.Event()
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.PackageLoader("cml_appliance.web", "templates"),
@@ -170,6 +173,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
 
     app.cleanup_ctx.extend([database, supervisor, services, workloads])
     app.on_shutdown.append(sessions_api.close_websockets)
+    app.on_shutdown.append(live.end_streams)
 
     app.router.add_routes(health.routes())
     app.router.add_routes(auth_api.routes())
@@ -188,5 +192,6 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(jobs_ui.routes())
     app.router.add_routes(applications_ui.routes())
     app.router.add_routes(models_ui.routes())
+    app.router.add_routes(live.routes())
     app.router.add_static("/static", static_dir(), name="static", append_version=True)
     return app

@@ -9,22 +9,18 @@ from cml_appliance.api.listing import ListQuery
 from cml_appliance.applications.service import app_status
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import AppError
-from cml_appliance.runtimes import catalog
+from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import APPLICATIONS, POOL
+from cml_appliance.web.keys import APPLICATIONS
 from cml_appliance.web.templating import redirect
 
 
 async def apps_page(request: web.Request, *, error: str = "", form: dict[str, str] | None = None, status: int = 200) -> web.StreamResponse:
     project, pairs, _ = await request.app[APPLICATIONS].list_for_project(current_user(request), request.match_info["project_id"], ListQuery.first(200))
-    everything = ListQuery(1000, 0, {}, [], "")
-    runtimes, _ = await catalog.list_runtimes(request.app[POOL], everything)
-    profiles, _ = await catalog.list_profiles(request.app[POOL], everything)
     context = {
         "project": project, "apps": [(a, r, app_status(a, r)) for a, r in pairs], "error": error, "form": form or {},
-        "can_write": project.role >= Role.WRITE, "runtimes": [r for r in runtimes if r["status"] != "DISABLED"],
-        "profiles": profiles,
-    }
+        "can_write": project.role >= Role.WRITE,
+    } | await workload_choices(request)
     return aiohttp_jinja2.render_template("applications.html", request, context, status=status)
 
 
@@ -44,6 +40,8 @@ async def act(request: web.Request) -> web.StreamResponse:
     pid, aid, action = request.match_info["project_id"], request.match_info["app_id"], request.match_info["action"]
     apps = request.app[APPLICATIONS]
     back = f"/projects/{pid}/applications"
+    if action != "delete" and (await request.post()).get("back") == "application":
+        back = f"/projects/{pid}/applications/{aid}"  # the application's own page asked
     try:
         if action == "restart":
             await apps.restart(current_user(request), pid, aid)
@@ -58,8 +56,8 @@ async def act(request: web.Request) -> web.StreamResponse:
 
 async def app_page(request: web.Request) -> web.StreamResponse:
     project, app, run = await request.app[APPLICATIONS].get(current_user(request), request.match_info["project_id"], request.match_info["app_id"])
-    return aiohttp_jinja2.render_template("application.html", request, {"project": project, "app": app, "run": run,
-                                                                          "status": app_status(app, run)})
+    return aiohttp_jinja2.render_template("application.html", request, {
+        "project": project, "app": app, "run": run, "status": app_status(app, run), "can_write": project.role >= Role.WRITE})
 
 
 def routes() -> list[web.RouteDef]:

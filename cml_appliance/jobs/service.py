@@ -352,6 +352,13 @@ class JobService:
             raise NotFound(f"run {run_id!r} not found")
         return project, job, run
 
+    async def last_runs(self, job_ids: list[int]) -> dict[int, Workload]:
+        """The newest run of each of these jobs (the caller has read their project)."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT ON (w.job_id) " + workload_store.SELECT.strip().removeprefix("SELECT ")
+            + " WHERE w.job_id = ANY($1::bigint[]) ORDER BY w.job_id, w.created_at DESC, w.id DESC", job_ids)
+        return {r["job_id"]: workload_store.from_row(r) for r in rows}
+
     async def list_runs(self, user: User, project_id: str, job_id: str, q: ListQuery) -> tuple[Job, list[Workload], bool]:
         project, job = await self.get(user, project_id, job_id)
         args: list[Any] = [job.id, q.page_size + 1, q.offset]

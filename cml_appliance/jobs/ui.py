@@ -10,18 +10,11 @@ from aiohttp import web
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import AppError
-from cml_appliance.runtimes import catalog
+from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import JOBS, POOL
+from cml_appliance.web.keys import JOBS
 from cml_appliance.web.templating import redirect
 from cml_appliance.workloads import states
-
-
-async def _choices(request: web.Request) -> dict[str, Any]:
-    everything = ListQuery(1000, 0, {}, [], "")
-    runtimes, _ = await catalog.list_runtimes(request.app[POOL], everything)
-    profiles, _ = await catalog.list_profiles(request.app[POOL], everything)
-    return {"runtimes": [r for r in runtimes if r["status"] != "DISABLED"], "profiles": profiles}
 
 
 def _fields(form: Any) -> dict[str, Any]:
@@ -42,15 +35,10 @@ def _fields(form: Any) -> dict[str, Any]:
 
 async def jobs_page(request: web.Request, *, error: str = "", form: dict[str, Any] | None = None, status: int = 200) -> web.StreamResponse:
     project, jobs, _ = await request.app[JOBS].list_for_project(current_user(request), request.match_info["project_id"], ListQuery.first(200))
-    last_runs = {
-        r["job_id"]: r["status"]
-        for r in await request.app[POOL].fetch(
-            "SELECT DISTINCT ON (job_id) job_id, status FROM workloads WHERE job_id = ANY($1::bigint[])"
-            " ORDER BY job_id, created_at DESC", [j.id for j in jobs],
-        )
-    }
+    last_runs = await request.app[JOBS].last_runs([j.id for j in jobs])
     context = {"project": project, "jobs": jobs, "last_runs": last_runs, "error": error, "form": form or {},
-               "can_write": project.role >= Role.WRITE} | await _choices(request)
+               "parents": jobs, "parent_names": {j.id: j.name for j in jobs},
+               "can_write": project.role >= Role.WRITE} | await workload_choices(request)
     return aiohttp_jinja2.render_template("jobs.html", request, context, status=status)
 
 
@@ -78,7 +66,7 @@ async def job_page(request: web.Request, *, error: str = "", status: int = 200) 
         "project": project, "job": job, "runs": runs, "error": error, "active": states.ACTIVE,
         "parents": [j for j in siblings if j.id != job.id], "can_write": project.role >= Role.WRITE,
         "can_run": project.role >= Role.OPERATOR,
-    } | await _choices(request)
+    } | await workload_choices(request)
     return aiohttp_jinja2.render_template("job.html", request, context, status=status)
 
 

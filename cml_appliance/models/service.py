@@ -261,6 +261,26 @@ class ModelService:
             build = await self.create_build(user, project_id, model.public_id, build_fields)
         return model, build, deployment
 
+    async def summaries(self, user: User, project_id: str) -> list[dict[str, Any]]:
+        """Each model of a project with its newest build and deployment and the status to show."""
+        pairs, _ = await self.list_models(user, project_id, ListQuery.first(500))
+        ids = [m.id for _, m in pairs]
+        latest = {r["model_id"]: _record(Deployment, r) for r in await self.pool.fetch(
+            "SELECT DISTINCT ON (model_id) * FROM model_deployments WHERE model_id = ANY($1::bigint[])"
+            " ORDER BY model_id, created_at DESC, id DESC", ids)}
+        builds = {r["model_id"]: _record(Build, r) for r in await self.pool.fetch(
+            "SELECT DISTINCT ON (model_id) * FROM model_builds WHERE model_id = ANY($1::bigint[])"
+            " ORDER BY model_id, created_at DESC, id DESC", ids)}
+        rows = []
+        for _, model in pairs:
+            deployment, build = latest.get(model.id), builds.get(model.id)
+            if deployment is not None:
+                shown = await self.status_of(deployment)
+            else:
+                shown = build.status if build is not None else "not built"
+            rows.append({"model": model, "deployment": deployment, "build": build, "status": shown})
+        return rows
+
     async def update_model(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Model:
         _, model = await self.get_model(user, project_id, model_id, Role.WRITE)
         name = check_name(fields["name"]) if "name" in fields else model.name

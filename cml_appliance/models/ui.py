@@ -18,9 +18,9 @@ from cml_appliance.core.errors import (
     NotFound,
     PermissionDenied,
 )
-from cml_appliance.models import serving
+from cml_appliance.models import example_request, serving
 from cml_appliance.models.service import Build, Deployment, Model
-from cml_appliance.runtimes import catalog
+from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import MODELS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
 from cml_appliance.web.templating import redirect
@@ -31,12 +31,7 @@ from cml_appliance.workloads.streams import event_stream, logs_response
 # Refusals are answered as the error page (403, or 404 so existence is not leaked), never as a
 # form message: a viewer's POST must read as refused.
 REFUSED = (PermissionDenied, NotFound)
-# Status words -> the colour classes the stylesheet already has.
-STATUS_CLASS = {
-    "deployed": "status-engine_running", "deploying": "status-engine_starting", "stopping": "status-engine_stopping",
-    "failed": "status-engine_failed", "built": "status-engine_succeeded", "building": "status-engine_starting",
-    "build failed": "status-engine_failed",
-}
+# When a function's code says nothing of the keys it reads.
 EXAMPLE_REQUEST = '{\n  "feature": 1\n}'
 MAX_DEPLOYMENTS_SHOWN = 50
 
@@ -47,13 +42,6 @@ def _deployment(row: Any) -> Deployment:
 
 def _build(row: Any) -> Build:
     return Build(**{f.name: row[f.name] for f in dataclasses.fields(Build)})
-
-
-async def _choices(request: web.Request) -> dict[str, Any]:
-    everything = ListQuery(1000, 0, {}, [], "")
-    runtimes, _ = await catalog.list_runtimes(request.app[POOL], everything)
-    profiles, _ = await catalog.list_profiles(request.app[POOL], everything)
-    return {"runtimes": [r for r in runtimes if r["status"] != "DISABLED"], "profiles": profiles, "status_class": STATUS_CLASS}
 
 
 def _build_fields(form: Any) -> dict[str, Any]:
@@ -92,26 +80,9 @@ async def models_page(request: web.Request, *, error: str = "", form: dict[str, 
     models = request.app[MODELS]
     pid = request.match_info["project_id"]
     project = await models.projects.get(user, pid, Role.READ)
-    pairs, _ = await models.list_models(user, pid, ListQuery.first(500))
-    ids = [m.id for _, m in pairs]
-    pool = request.app[POOL]
-    latest = {r["model_id"]: _deployment(r) for r in await pool.fetch(
-        "SELECT DISTINCT ON (model_id) * FROM model_deployments WHERE model_id = ANY($1::bigint[])"
-        " ORDER BY model_id, created_at DESC, id DESC", ids)}
-    builds = {r["model_id"]: _build(r) for r in await pool.fetch(
-        "SELECT DISTINCT ON (model_id) * FROM model_builds WHERE model_id = ANY($1::bigint[])"
-        " ORDER BY model_id, created_at DESC, id DESC", ids)}
-    rows = []
-    for _, model in pairs:
-        deployment = latest.get(model.id)
-        build = builds.get(model.id)
-        if deployment is not None:
-            shown = await models.status_of(deployment)
-        else:
-            shown = build.status if build is not None else "not built"
-        rows.append({"model": model, "deployment": deployment, "build": build, "status": shown})
+    rows = await models.summaries(user, pid)
     context = {"project": project, "rows": rows, "error": error, "form": form,
-               "can_write": project.role >= Role.WRITE} | await _choices(request)
+               "can_write": project.role >= Role.WRITE} | await workload_choices(request)
     return aiohttp_jinja2.render_template("models.html", request, context, status=status)
 
 
@@ -179,11 +150,17 @@ async def model_page(request: web.Request) -> web.StreamResponse:
     replica = next((r for r in everyone if r.public_id == wanted), None)
     if replica is None and active and active["replicas"]:
         replica = active["replicas"][0]
+    # The test box starts from the keys the newest built function reads (the browser puts back
+    # the last request that worked, when it has one).
+    built = next((b for b in builds if b.status == "built"), None)
+    example = example_request.for_build(models.builds_dir / built.public_id, built.file_path, built.function_name) if built else None
+    shown = example or EXAMPLE_REQUEST
     context = {
         "project": project, "model": model, "builds": builds, "deployments": deployments, "active": active,
-        "replica": replica, "can_write": project.role >= Role.WRITE, "example_request": EXAMPLE_REQUEST,
+        "replica": replica, "can_write": project.role >= Role.WRITE, "example_request": shown,
+        "example_from_code": example is not None, "example_function": built.function_name if built else "", "example_compact": json.dumps(json.loads(shown)),
         "base_url": request.app[SETTINGS].base_url,
-    } | await _choices(request)
+    } | await workload_choices(request)
     return aiohttp_jinja2.render_template("model.html", request, context)
 
 

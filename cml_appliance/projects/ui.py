@@ -13,15 +13,19 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import PERMISSION_NAMES, Role
 from cml_appliance.core.errors import AppError, InvalidArgument
-from cml_appliance.projects import files
+from cml_appliance.applications.service import app_status
+from cml_appliance.projects import files, readme
 from cml_appliance.projects.service import VISIBILITIES
 from cml_appliance.projects.store import Project
 from cml_appliance.web.context import check_csrf, current_user
-from cml_appliance.web.keys import PROJECTS, SETTINGS
+from cml_appliance.web.keys import APPLICATIONS, MODELS, POOL, PROJECTS, SETTINGS
+from cml_appliance.workloads import store as workload_store
 from cml_appliance.web.templating import redirect
 
 PAGE_SIZE = 20
 MAX_VIEW_BYTES = 512 * 1024
+OVERVIEW_FILES = 24
+INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
 
 
 async def project_list(request: web.Request) -> web.StreamResponse:
@@ -140,20 +144,49 @@ def _crumbs(path: str) -> list[tuple[str, str]]:
     return [(name, "/".join(parts[: i + 1])) for i, name in enumerate(parts)]
 
 
+def _files_url(project: Project, folder: str) -> str:
+    return f"/projects/{project.public_id}/files" + (f"/{quote(folder)}" if folder else "")
+
+
+def _base_context(project: Project) -> dict[str, Any]:
+    return {"project": project, "can_write": project.role >= Role.WRITE, "can_admin": project.role >= Role.ADMIN, "quote": quote}
+
+
 async def project_page(request: web.Request) -> web.StreamResponse:
+    """The overview: what runs now, recent sessions and runs, and the README."""
+    user = current_user(request)
     project = await _project(request)
-    service = request.app[PROJECTS]
+    pool = request.app[POOL]
+    active = await workload_store.project_activity(pool, project.id, active=True, limit=50)
+    recent = await workload_store.project_activity(pool, project.id, active=False, limit=10)
+    _, app_pairs, _ = await request.app[APPLICATIONS].list_for_project(user, project.public_id, ListQuery.first(100))
+    models = await request.app[MODELS].summaries(user, project.public_id)
+    root = request.app[PROJECTS].directory(project)
+    ready = root.exists() and project.creation_status != "creating"
+    readme_name = readme.find(root) if ready else None
+    entries = files.list_dir(root, "") if ready else []
+    context = _base_context(project) | {
+        "active_sessions": [a.workload for a in active if a.workload.kind == "session"],
+        "active_runs": [{"run": a.workload, "job_public_id": a.job_public_id, "job_name": a.job_name}
+                        for a in active if a.workload.kind == "job_run"],
+        "recent": recent,
+        "apps": [(a, run, app_status(a, run)) for a, run in app_pairs if app_status(a, run) != "APPLICATION_STOPPED"],
+        "models": [m for m in models if m["deployment"] is not None and not m["deployment"].stopped],
+        "top_files": entries[:OVERVIEW_FILES], "more_files": max(0, len(entries) - OVERVIEW_FILES),
+        "readme_name": readme_name,
+        "readme_html": readme.render(root, readme_name, project.public_id) if readme_name else "",
+    }
+    return aiohttp_jinja2.render_template("project.html", request, context)
+
+
+async def files_page(request: web.Request) -> web.StreamResponse:
+    project = await _project(request)
     path = files.clean_relative(request.match_info.get("path", ""))
-    root = service.directory(project)
-    context: dict[str, Any] = {
-        "project": project,
-        "path": path,
-        "crumbs": _crumbs(path),
-        "can_write": project.role >= Role.WRITE,
-        "can_admin": project.role >= Role.ADMIN,
-        "permissions": PERMISSION_NAMES,
-        "visibilities": VISIBILITIES,
-        "quote": quote,
+    root = request.app[PROJECTS].directory(project)
+    crumbs = _crumbs(path)
+    context = _base_context(project) | {
+        "path": path, "crumbs": crumbs,
+        "file_crumbs": [(name, f"/projects/{project.public_id}/files/{quote(sub)}") for name, sub in crumbs],
     }
     if root.exists():
         target = files.resolve(root, path)
@@ -161,25 +194,48 @@ async def project_page(request: web.Request) -> web.StreamResponse:
             context["entries"] = files.list_dir(root, path)
         else:
             context["file"] = files.file_info(root, path)
-            raw = target.read_bytes()[:MAX_VIEW_BYTES]
-            try:
-                context["text"] = raw.decode("utf-8")
-                context["truncated"] = target.stat().st_size > MAX_VIEW_BYTES
-            except UnicodeDecodeError:
-                context["text"] = None
+            with open(target, "rb") as fh:
+                raw = fh.read(MAX_VIEW_BYTES + 4)
+            size = target.stat().st_size
+            text = _as_text(raw[:MAX_VIEW_BYTES] if size > MAX_VIEW_BYTES else raw)
+            context["text"] = text
+            context["truncated"] = text is not None and size > MAX_VIEW_BYTES
     else:
         context["entries"] = []
-    if not path:
-        rows, _ = await service.list_collaborators(current_user(request), project.public_id, ListQuery(200, 0, {}, [], ""))
-        context["collaborators"] = rows
-        context["env_text"] = "\n".join(f"{k}={v}" for k, v in sorted(project.environment.items()))
-    return aiohttp_jinja2.render_template("project.html", request, context)
+    return aiohttp_jinja2.render_template("project_files.html", request, context)
+
+
+def _as_text(raw: bytes) -> str | None:
+    """The bytes as text, or None for a binary file (NUL bytes, or not UTF-8 apart from a cut end)."""
+    if b"\x00" in raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(raw) - 3:  # a character cut by the view's limit
+            return raw[: exc.start].decode("utf-8")
+        return None
+
+
+async def collaborators_page(request: web.Request) -> web.StreamResponse:
+    project = await _project(request)
+    rows, _ = await request.app[PROJECTS].list_collaborators(current_user(request), project.public_id, ListQuery(200, 0, {}, [], ""))
+    context = _base_context(project) | {"collaborators": rows, "permissions": PERMISSION_NAMES}
+    return aiohttp_jinja2.render_template("project_collaborators.html", request, context)
+
+
+async def settings_page(request: web.Request) -> web.StreamResponse:
+    project = await _project(request)
+    context = _base_context(project) | {
+        "visibilities": VISIBILITIES, "env_text": "\n".join(f"{k}={v}" for k, v in sorted(project.environment.items())),
+    }
+    return aiohttp_jinja2.render_template("project_settings.html", request, context)
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.WRITE)
     folder = files.clean_relative(request.query.get("path", ""))
-    back = f"/projects/{project.public_id}/files/{quote(folder)}" if folder else f"/projects/{project.public_id}"
+    back = _files_url(project, folder)
     if request.content_type != "multipart/form-data":
         raise InvalidArgument("the form must be sent as multipart/form-data")
     reader = await request.multipart()
@@ -200,9 +256,9 @@ async def _form(request: web.Request) -> dict[str, str]:
 async def delete_file(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.WRITE)
     form = await _form(request)
-    path = files.clean_relative(form.get("path", ""))
+    path = files.clean_relative(form.get("path") or request.query.get("path", ""))
     parent = str(PurePosixPath(path).parent) if "/" in path else ""
-    back = f"/projects/{project.public_id}/files/{quote(parent)}" if parent else f"/projects/{project.public_id}"
+    back = _files_url(project, parent)
     try:
         files.delete(request.app[PROJECTS].directory(project), path)
     except AppError as exc:
@@ -214,7 +270,7 @@ async def make_dir(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.WRITE)
     form = await _form(request)
     folder = files.clean_relative(form.get("folder", ""))
-    back = f"/projects/{project.public_id}/files/{quote(folder)}" if folder else f"/projects/{project.public_id}"
+    back = _files_url(project, folder)
     try:
         files.make_dir(request.app[PROJECTS].directory(project), str(PurePosixPath(folder) / form.get("name", "").strip()))
     except AppError as exc:
@@ -227,7 +283,20 @@ async def download(request: web.Request) -> web.StreamResponse:
     target = files.resolve(request.app[PROJECTS].directory(project), request.match_info["path"])
     if target.is_dir():
         raise InvalidArgument("only files can be downloaded")
-    return web.FileResponse(target, headers={"Content-Disposition": f'attachment; filename="{target.name}"'})
+    # Only raster images open in the page (a README's pictures); everything else, HTML and SVG
+    # above all, is a download, so a project's content never runs on the UI's origin.
+    inline = request.query.get("inline") == "1" and target.suffix.lower() in INLINE_IMAGES
+    headers = {"Content-Disposition": content_disposition("inline" if inline else "attachment", target.name),
+               "X-Content-Type-Options": "nosniff"}
+    if inline:
+        headers["Content-Type"] = INLINE_IMAGES[target.suffix.lower()]
+    return web.FileResponse(target, headers=headers)
+
+
+def content_disposition(kind: str, name: str) -> str:
+    """RFC 6266: an ASCII fallback name and the real one (RFC 5987), whatever characters it has."""
+    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\%;' else "_" for ch in name) or "download"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 async def put_collaborator(request: web.Request) -> web.StreamResponse:
@@ -237,15 +306,15 @@ async def put_collaborator(request: web.Request) -> web.StreamResponse:
     try:
         await request.app[PROJECTS].put_collaborator(current_user(request), project.public_id, username, form.get("permission", ""))
     except AppError as exc:
-        raise redirect(request, f"/projects/{project.public_id}#collaborators", "error", exc.message) from None
-    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"{username} is now a collaborator.") from None
+        raise redirect(request, f"/projects/{project.public_id}/collaborators", "error", exc.message) from None
+    raise redirect(request, f"/projects/{project.public_id}/collaborators", "ok", f"{username} is now a collaborator.") from None
 
 
 async def delete_collaborator(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.ADMIN)
     username = request.match_info["username"]
     await request.app[PROJECTS].delete_collaborator(current_user(request), project.public_id, username)
-    raise redirect(request, f"/projects/{project.public_id}#collaborators", "ok", f"Removed {username}.") from None
+    raise redirect(request, f"/projects/{project.public_id}/collaborators", "ok", f"Removed {username}.") from None
 
 
 def parse_env_text(text: str) -> dict[str, str]:
@@ -264,7 +333,7 @@ def parse_env_text(text: str) -> dict[str, str]:
 async def save_environment(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.WRITE)
     form = await _form(request)
-    back = f"/projects/{project.public_id}#environment"
+    back = f"/projects/{project.public_id}/settings"
     try:
         await request.app[PROJECTS].set_environment(current_user(request), project.public_id, parse_env_text(form.get("environment", "")))
     except AppError as exc:
@@ -275,7 +344,7 @@ async def save_environment(request: web.Request) -> web.StreamResponse:
 async def save_settings(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.WRITE)
     form = await _form(request)
-    back = f"/projects/{project.public_id}#settings"
+    back = f"/projects/{project.public_id}/settings"
     fields: dict[str, Any] = {k: form[k] for k in ("name", "description", "visibility") if k in form}
     try:
         await request.app[PROJECTS].update(current_user(request), project.public_id, fields)
@@ -288,7 +357,7 @@ async def delete_project(request: web.Request) -> web.StreamResponse:
     project = await _project(request, Role.ADMIN)
     form = await _form(request)
     if form.get("confirm_name", "") != project.name:
-        raise redirect(request, f"/projects/{project.public_id}#settings", "error", "Type the project's name to confirm deletion.") from None
+        raise redirect(request, f"/projects/{project.public_id}/settings", "error", "Type the project's name to confirm deletion.") from None
     await request.app[PROJECTS].delete(current_user(request), project.public_id)
     raise redirect(request, "/projects", "ok", f"Deleted project {project.name}.") from None
 
@@ -300,7 +369,10 @@ def routes() -> list[web.RouteDef]:
         web.get("/projects/new", new_project_page, name="ui_project_new"),
         web.post("/projects/new", create_project, name="ui_project_create"),
         web.get(base, project_page, name="ui_project"),
-        web.get(base + "/files/{path:.*}", project_page, name="ui_project_files"),
+        web.get(base + "/files", files_page, name="ui_project_files_root"),
+        web.get(base + "/files/{path:.*}", files_page, name="ui_project_files"),
+        web.get(base + "/collaborators", collaborators_page, name="ui_project_collaborators"),
+        web.get(base + "/settings", settings_page, name="ui_project_settings_page"),
         web.get(base + "/download/{path:.+}", download, name="ui_project_download"),
         web.post(base + "/upload", upload, name="ui_project_upload"),
         web.post(base + "/delete-file", delete_file, name="ui_project_delete_file"),

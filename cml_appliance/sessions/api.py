@@ -153,9 +153,24 @@ async def terminal(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def terminal_transcript(request: web.Request) -> web.Response:
+    """GET .../sessions/{id}/terminal/transcript: the last bytes the terminal showed (raw, for a
+    terminal emulator to replay), to whoever may use the terminal."""
+    user = current_user(request)
+    sessions = request.app[SESSIONS]
+    project, row = await sessions.get(user, request.match_info["project_id"], request.match_info["session_id"])
+    if not sessions.may_control(user, project, row):
+        raise PermissionDenied("only the session's owner or a project admin may read its terminal")
+    data = request.app[WORKLOADS].logs.read_transcript(row.public_id)
+    return web.Response(body=data, content_type="application/octet-stream", headers={"Cache-Control": "no-store"})
+
+
 async def _relay(ws: web.WebSocketResponse, shell: Terminal, workloads: object, row: store.Workload) -> None:
+    logs = workloads.logs  # type: ignore[attr-defined]
+
     async def to_browser() -> None:
         while data := await shell.read():
+            logs.append_transcript(row.public_id, data)
             await ws.send_bytes(data)
 
     async def from_browser() -> None:
@@ -207,4 +222,5 @@ def routes() -> list[web.RouteDef]:
         web.get(one + "/logs", session_logs, name="api_session_logs"),
         web.get(one + "/events", session_events, name="api_session_events"),
         web.get(one + "/terminal", terminal, name="api_session_terminal"),
+        web.get(one + "/terminal/transcript", terminal_transcript, name="api_session_terminal_transcript"),
     ]

@@ -5,30 +5,19 @@ from __future__ import annotations
 import aiohttp_jinja2
 from aiohttp import web
 
-from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import AppError
-from cml_appliance.runtimes import catalog
+from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import POOL, SESSIONS
+from cml_appliance.web.keys import SESSIONS
 from cml_appliance.web.templating import redirect
 
 
 async def sessions_page(request: web.Request, *, error: str = "", status: int = 200) -> web.StreamResponse:
     user = current_user(request)
     project, rows, _ = await request.app[SESSIONS].list_for_project(user, request.match_info["project_id"], 50, 0)
-    everything = ListQuery(1000, 0, {}, [], "")
-    runtimes, _ = await catalog.list_runtimes(request.app[POOL], everything)
-    profiles, _ = await catalog.list_profiles(request.app[POOL], everything)
-    return aiohttp_jinja2.render_template(
-        "sessions.html",
-        request,
-        {
-            "project": project, "sessions": rows, "error": error, "can_start": project.role >= Role.WRITE,
-            "runtimes": [r for r in runtimes if r["status"] != "DISABLED"], "profiles": profiles,
-        },
-        status=status,
-    )
+    context = {"project": project, "sessions": rows, "error": error, "can_start": project.role >= Role.WRITE}
+    return aiohttp_jinja2.render_template("sessions.html", request, context | await workload_choices(request), status=status)
 
 
 async def my_sessions_page(request: web.Request) -> web.StreamResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import asyncpg
 from aiohttp import web
@@ -30,3 +32,5 @@ JOBS = web.AppKey("jobs", JobService)
 APPLICATIONS = web.AppKey("applications", ApplicationService)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
+# Set when the appliance shuts down: the open /live streams end instead of holding it up.
+CLOSING = web.AppKey("closing", asyncio.Event)

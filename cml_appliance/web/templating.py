@@ -8,12 +8,15 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp_jinja2
+import jinja2
 from aiohttp import hdrs, web
 
 from cml_appliance import __version__
 from cml_appliance.core.security import sign, verify_signature
-from cml_appliance.web.context import USER, csrf_token
+from cml_appliance.web.context import ROUTE_LABEL, USER, csrf_token
+from cml_appliance.web import status_words
 from cml_appliance.web.keys import SETTINGS
+from cml_appliance.workloads import states
 
 FLASH_COOKIE = "cml_flash"
 FLASH_SHOWN = web.RequestKey("flash_shown", bool)
@@ -78,10 +81,14 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
 
 
-def _size(value: str | int | None) -> str:
-    if value in (None, ""):
+def _size(value: Any) -> str:
+    """Bytes in words; empty for what has no size (a folder's FileInfo has no file_size)."""
+    if isinstance(value, jinja2.Undefined) or value in (None, ""):
         return ""
-    n = float(value)  # type: ignore[arg-type]
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        return ""
     for unit in ("B", "KB", "MB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -89,9 +96,43 @@ def _size(value: str | int | None) -> str:
     return f"{n:.1f} GB"
 
 
+# What every page of the UI is allowed to do: its own scripts only (no inline script, no eval),
+# inline styles (xterm.js sets them), images from anywhere over HTTPS (README badges), no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: https:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+UI_SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response of the UI and the API carries them; an application's own answers do not
+    (the proxy passes those through as the application made them)."""
+    if request.get(ROUTE_LABEL) == "app_proxy":
+        return
+    for name, value in UI_SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+async def favicon(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMovedPermanently(str(request.app.router["static"].url_for(filename="favicon.svg")))
+
+
 def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.get_env(app)
     env.filters["when"] = _when
     env.filters["size"] = _size
+    env.globals["status_word"] = status_words.status_word
+    env.globals["ended_summary"] = status_words.ended_summary
+    env.globals["status_words_json"] = status_words.words_json()
+    env.globals["finished_statuses"] = states.FINISHED
+    env.filters["duration"] = status_words.duration
     env.globals["static_url"] = lambda filename: str(app.router["static"].url_for(filename=filename))
     app.on_response_prepare.append(clear_shown_flash)
+    app.on_response_prepare.append(security_headers)
+    app.router.add_get("/favicon.ico", favicon, name="favicon")

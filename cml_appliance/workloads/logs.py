@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+TRANSCRIPT_KEEP = 256 * 1024
 TRUNCATION_NOTICE = "\n[cml-appliance: the log reached its cap of {cap} MB; later output was dropped]\n"
 
 
@@ -85,7 +86,36 @@ class LogStore:
                 yield offset, b""  # lets the caller check the status and send keepalives
 
     def delete(self, workload_id: str) -> None:
+        for path in (self.path(workload_id), self.transcript_path(workload_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # A session's terminal: what the shell last printed, so a stopped session still shows its
+    # last screen. Only the newest TRANSCRIPT_KEEP bytes matter (the screen and some scrollback).
+
+    def transcript_path(self, workload_id: str) -> Path:
+        return self.directory / f"{workload_id}.terminal"
+
+    def append_transcript(self, workload_id: str, data: bytes) -> None:
+        path = self.transcript_path(workload_id)
+        with open(path, "ab") as fh:
+            fh.write(data)
+            size = fh.tell()
+        if size > 2 * TRANSCRIPT_KEEP:
+            with open(path, "rb") as fh:
+                fh.seek(size - TRANSCRIPT_KEEP)
+                tail = fh.read()
+            tmp = path.with_suffix(".terminal-tmp")
+            tmp.write_bytes(tail)
+            os.replace(tmp, path)
+
+    def read_transcript(self, workload_id: str) -> bytes:
         try:
-            os.unlink(self.path(workload_id))
+            with open(self.transcript_path(workload_id), "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - TRANSCRIPT_KEEP))
+                return fh.read()
         except FileNotFoundError:
-            pass
+            return b""

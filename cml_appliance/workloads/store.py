@@ -50,6 +50,7 @@ class Workload:
     stopping_at: datetime | None
     finished_at: datetime | None
     last_activity_at: datetime
+    project_name: str = ""
 
     @property
     def active(self) -> bool:
@@ -57,10 +58,10 @@ class Workload:
 
 
 SELECT = """
-SELECT w.*, p.public_id AS project_public_id, u.username AS cr_username, u.name AS cr_name, u.email AS cr_email
+SELECT w.*, p.public_id AS project_public_id, p.name AS project_name, u.username AS cr_username, u.name AS cr_name, u.email AS cr_email
 FROM workloads w JOIN projects p ON p.id = w.project_id JOIN users u ON u.id = w.creator_id
 """
-_FIELDS = {f.name for f in dataclasses.fields(Workload)} - {"creator", "project_public_id"}
+_FIELDS = {f.name for f in dataclasses.fields(Workload)} - {"creator", "project_public_id", "project_name"}
 
 
 def from_row(row: asyncpg.Record) -> Workload:
@@ -68,6 +69,7 @@ def from_row(row: asyncpg.Record) -> Workload:
     return Workload(
         **values,
         project_public_id=row["project_public_id"],
+        project_name=row["project_name"],
         creator={"username": row["cr_username"], "name": row["cr_name"], "email": row["cr_email"]},
     )
 
@@ -120,6 +122,27 @@ async def list_for_project(
         project_id, kind, limit + 1, offset, status_like.lower(),
     )
     return [from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectActivity:
+    """A session or job run of a project, with its job's id and name (runs), for overviews."""
+
+    workload: Workload
+    job_public_id: str | None
+    job_name: str | None
+
+
+async def project_activity(conn: asyncpg.Pool, project_id: int, *, active: bool, limit: int) -> list[ProjectActivity]:
+    """The project's sessions and job runs, newest first: those still active, or those that ended."""
+    rows = await conn.fetch(
+        SELECT.replace("FROM workloads w", "FROM workloads w LEFT JOIN jobs j ON j.id = w.job_id").replace(
+            "SELECT w.*", "SELECT w.*, j.public_id AS job_public_id, j.name AS job_name")
+        + " WHERE w.project_id = $1 AND w.kind IN ('session', 'job_run') AND (w.status = ANY($2::text[])) = $3"
+        " ORDER BY w.created_at DESC, w.id DESC LIMIT $4",
+        project_id, list(states.ACTIVE), active, limit,
+    )
+    return [ProjectActivity(from_row(r), r["job_public_id"], r["job_name"]) for r in rows]
 
 
 async def list_for_user(conn: asyncpg.Pool, user_id: int, kind: str, limit: int, offset: int) -> tuple[list[Workload], bool]:

@@ -1,19 +1,26 @@
 // The model page's test request: the JSON in the text box goes to the page's own test route
 // (the signed-in user's cookie and the form's CSRF token), which calls the model as POST /model
-// does; the answer, or the error's message, is shown under the box.
+// does; the answer, or the error's message, is shown under the box. The last request that
+// worked is remembered in this browser and put back in the box next time.
 "use strict";
 
-function startModelPage() {
+(() => {
   const form = document.getElementById("test-form");
   if (!form) return;
   const input = document.getElementById("test-input");
   const button = document.getElementById("test-send");
   const state = document.getElementById("test-state");
   const output = document.getElementById("test-output");
+  const memoryKey = "cml-model-request:" + form.dataset.model;
+
+  try {
+    const remembered = window.localStorage.getItem(memoryKey);
+    if (remembered) input.value = remembered;
+  } catch (err) { /* storage may be off: the example stays */ }
 
   function show(ok, summary, text) {
     state.textContent = summary;
-    state.className = ok ? "status status-engine_running" : "status status-engine_failed";
+    state.className = ok ? "status tone-ok" : "status tone-bad";
     output.hidden = text === "";
     output.textContent = text;
   }
@@ -41,6 +48,7 @@ function startModelPage() {
       const body = await resp.json();
       if (body.success) {
         show(true, `${resp.status} OK · replica ${body.ReplicaID}`, JSON.stringify(body.response, null, 2));
+        try { window.localStorage.setItem(memoryKey, input.value); } catch (err) { /* not remembered */ }
       } else {
         const message = (body.error && body.error.message) || "the model did not answer";
         show(false, `${resp.status}: ${message}`, JSON.stringify(body, null, 2));
@@ -51,4 +59,4 @@ function startModelPage() {
       button.disabled = false;
     }
   });
-}
+})();

@@ -8,110 +8,16 @@ $CML_ARTIFACTS_DIR/screenshots (default: <repo>/artifacts/screenshots).
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import require_tool
+from tests.e2e.conftest import PASSWORD, TIMEOUT_MS, Browser
 
-REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]
-PASSWORD = "correct horse"
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
-TIMEOUT_MS = 5_000
-
-
-def screenshots_dir() -> Path:
-    path = Path(os.environ.get("CML_ARTIFACTS_DIR", REPO / "artifacts")) / "screenshots"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-class Browser:
-    """One page plus what went wrong on it: uncaught JS errors and unexpected HTTP errors."""
-
-    def __init__(self, page: Any, base: str):
-        self.page = page
-        self.base = base
-        self.page_errors: list[str] = []
-        self.bad_responses: list[str] = []
-        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
-        page.on("response", self._response)
-        # Answers that a step expects to be errors (e.g. 401 for a wrong password), by path.
-        self.expected_errors: set[tuple[int, str]] = set()
-
-    def _response(self, response: Any) -> None:
-        if response.status >= 400:
-            path = response.url.removeprefix(self.base)
-            if (response.status, path.split("?")[0]) not in self.expected_errors:
-                self.bad_responses.append(f"{response.status} {response.request.method} {path}")
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    async def shot(self, name: str) -> Path:
-        target = screenshots_dir() / f"{name}.png"
-        await self.page.screenshot(path=str(target), full_page=True)
-        return target
-
-    async def sign_in(self, username: str, password: str = PASSWORD) -> None:
-        from playwright.async_api import expect
-
-        await self.page.goto(self.url("/login"))
-        await self.page.fill("input[name=username]", username)
-        await self.page.fill("input[name=password]", password)
-        await self.page.click("form[action='/login'] button[type=submit]")
-        await expect(self.page).to_have_url(self.url("/projects"))
-
-    def assert_clean(self) -> None:
-        assert self.page_errors == [], f"JavaScript errors on the page: {self.page_errors}"
-        assert self.bad_responses == [], f"unexpected HTTP errors: {self.bad_responses}"
-
-
-@contextlib.asynccontextmanager
-async def _browser_for(client: TestClient) -> AsyncIterator[Browser]:
-    require_tool(CHROMIUM.exists() and importlib.util.find_spec("playwright") is not None, "chromium and playwright")
-    from playwright.async_api import async_playwright
-
-    base = str(client.make_url("")).rstrip("/")
-    assert client.server.host == "127.0.0.1" and client.server.port
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            context = await chromium.new_context(viewport={"width": 1280, "height": 800})
-            context.set_default_timeout(TIMEOUT_MS)
-            context.set_default_navigation_timeout(TIMEOUT_MS)
-            page = await context.new_page()
-            yield Browser(page, base)
-            await context.close()
-        finally:
-            await chromium.close()
-
-
-@pytest.fixture
-async def browser(client: TestClient) -> AsyncIterator[Browser]:
-    """A fresh headless Chromium page pointed at the app that `client` serves on 127.0.0.1."""
-    async with _browser_for(client) as b:
-        yield b
-
-
-@pytest.fixture
-async def container_browser(container_client: TestClient) -> AsyncIterator[Browser]:
-    """The same, on an app whose container engine is Podman."""
-    async with _browser_for(container_client) as b:
-        yield b
 
 
 async def test_sign_in_create_project_upload_and_view_file(browser: Browser, make_user: Any, tmp_path: Path) -> None:
@@ -147,7 +53,7 @@ async def test_sign_in_create_project_upload_and_view_file(browser: Browser, mak
     await page.goto(browser.url("/projects"))
     await expect(page.locator("h1")).to_have_text("Projects")
     await expect(page.locator(".card.empty")).to_contain_text("No projects yet.")
-    await expect(page.locator("header nav a.active")).to_have_text("Projects")
+    await expect(page.locator("header nav a[aria-current=page]")).to_have_text("Projects")
     await expect(page.locator("header nav a", has_text="Site admin")).to_have_count(0)
     await browser.shot("projects-empty")
 
@@ -164,8 +70,12 @@ async def test_sign_in_create_project_upload_and_view_file(browser: Browser, mak
     assert not project_url.endswith("/projects/new")
     await expect(page.locator(".flash.ok")).to_have_text("Created project Browser Demo.")
     await expect(page.locator("h1")).to_contain_text("Browser Demo")
-    await expect(page.locator("h1 .badge").first).to_have_text("private")
+    await expect(page.locator(".page-head .badge").first).to_have_text("private")
+    await expect(page.locator("nav.crumbs")).to_have_text(re.compile(r"Projects\s*/?\s*alice\s*/?\s*Browser Demo"))
+    await expect(page.locator("#overview-files")).to_contain_text("No files yet.")
+    await page.click(".project-tabs a:has-text('Files')")
     await expect(page.locator("#files table.files tbody")).to_contain_text("This folder is empty.")
+    project_url = project_url + "/files"
 
     # Upload a small text file through the upload form.
     content = "hello from the browser\nsecond line: <b>not bold</b>\n"
@@ -182,7 +92,7 @@ async def test_sign_in_create_project_upload_and_view_file(browser: Browser, mak
 
     # Open the file: its text, escaped, in the viewer.
     await page.click('tr[data-path="hello.txt"] a')
-    await expect(page).to_have_url(project_url + "/files/hello.txt")
+    await expect(page).to_have_url(project_url + "/hello.txt")
     viewer = page.locator("[data-testid=file-content]")
     await expect(viewer).to_have_text(content)
     await expect(viewer.locator("b")).to_have_count(0)
@@ -194,6 +104,7 @@ async def test_sign_in_create_project_upload_and_view_file(browser: Browser, mak
     card = page.locator("li.project-card", has_text="Browser Demo")
     await expect(card).to_have_count(1)
     await expect(card.locator("p.muted")).to_have_text("Made by the end-to-end test")
+    await expect(card.locator(".project-owner")).to_have_text("alice /")
     await browser.shot("projects-list")
     await page.fill("input[name=q]", "demo")
     await page.press("input[name=q]", "Enter")
@@ -327,12 +238,14 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     page = browser.page
     await browser.sign_in("alice")
     await page.goto(browser.url(f"/projects/{project['id']}"))
-    await page.click("a.button:has-text('Sessions')")
+    await page.click(".project-tabs a:has-text('Sessions')")
     await expect(page.locator("h1")).to_have_text("Sessions")
     await page.fill("#start-session input[name=name]", "Explore")
     await page.select_option("#start-session select[name=runtime_identifier]", runtime)
     await page.click("#start-session button[type=submit]")
-    await expect(page.locator("#session-status")).to_have_text("ENGINE_RUNNING")
+    await expect(page.locator("#session-status")).to_have_attribute("data-status", "ENGINE_RUNNING", timeout=15_000)
+    await expect(page.locator("#session-status")).to_have_text("Running")
+    await expect(page.locator("#session-status")).to_have_attribute("title", "ENGINE_RUNNING")
     await expect(page.locator("#terminal-state")).to_have_text("connected")
     await expect(page.locator("#console")).to_contain_text("is running in project terminal-demo")
 
@@ -352,10 +265,18 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     await page.wait_for_function(f"({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
 
     await page.click("#stop-button")
-    await expect(page.locator("#session-status")).to_have_text("ENGINE_STOPPED", timeout=15_000)
+    await expect(page.locator(".flash.ok")).to_have_text(re.compile("Stopping the session"))
+    # The status moves on without a reload, the stale message goes, the stop button too.
+    await expect(page.locator("#session-status")).to_have_text("Stopped", timeout=15_000)
+    await expect(page.locator(".flash.ok")).to_have_count(0)
     await expect(page.locator("#terminal-state")).to_contain_text("ended")
-    await expect(page.locator("#stop-button")).to_be_disabled()
+    await expect(page.locator("#stop-button")).to_have_count(0)
     await expect(page.locator("#console")).to_contain_text("Session stopping")
+    await expect(page.locator("#session-summary .ended")).to_contain_text("ran ")
+    # The terminal's last screen stays, read-only, after a reload too.
+    await page.reload()
+    await expect(page.locator("#terminal-state")).to_contain_text("last screen")
+    await page.wait_for_function(f"({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
     await browser.shot("session-stopped")
     browser.assert_clean()
 
@@ -371,20 +292,30 @@ async def test_jobs_pages_create_run_and_read_output(browser: Browser, make_user
     page = browser.page
     await browser.sign_in("alice")
     await page.goto(browser.url(f"/projects/{project['id']}"))
-    await page.click("a.button:has-text('Jobs')")
+    await page.click(".project-tabs a:has-text('Jobs')")
     await expect(page.locator("h1")).to_have_text("Jobs")
     await page.fill("#new-job input[name=name]", "Hello")
     await page.fill("#new-job input[name=script]", "hello.py")
     await page.fill("#new-job input[name=arguments]", "--n 3")
+    # The checkboxes sit beside their labels.
+    box = await page.locator("#new-job input[name=kill_on_timeout]").bounding_box()
+    label = await page.locator("#new-job label.check", has_text="Stop runs at the timeout").bounding_box()
+    assert box and label and abs((box["y"] + box["height"] / 2) - (label["y"] + label["height"] / 2)) < 6
     await page.click("#new-job button[type=submit]")
     await expect(page.locator(".flash.ok")).to_contain_text("Created job Hello")
     await page.click("#run-now")
-    await expect(page.locator("#session-status")).to_have_text("ENGINE_SUCCEEDED", timeout=15_000)
+    await expect(page.locator("#session-status")).to_have_text("Succeeded", timeout=15_000)
     await expect(page.locator("#console")).to_contain_text("hello from the job ['--n', '3']")
+    await expect(page.locator("#run-summary .exit-code")).to_have_text("exit code 0")
     await browser.shot("job-run")
-    await page.click("a:has-text('Hello')")
-    await expect(page.locator("#run-list tbody tr")).to_have_count(1)
-    await expect(page.locator("#run-list .status")).to_have_text("ENGINE_SUCCEEDED")
+    # Run again, from the run's page.
+    first_run = page.url
+    await page.click("#run-again")
+    await expect(page).not_to_have_url(first_run)
+    await expect(page.locator("#session-status")).to_have_text("Succeeded", timeout=15_000)
+    await page.click("nav.crumbs a:has-text('Hello')")
+    await expect(page.locator("#run-list tbody tr")).to_have_count(2)
+    await expect(page.locator("#run-list .status").first).to_have_text("Succeeded")
     # A bad schedule on the form is a readable error, not a 500.
     browser.expected_errors.add((400, f"/projects/{project['id']}/jobs"))
     await page.goto(browser.url(f"/projects/{project['id']}/jobs"))
@@ -415,24 +346,28 @@ async def test_applications_page_create_and_open(browser: Browser, make_user: An
     page = browser.page
     await browser.sign_in("alice")
     await page.goto(browser.url(f"/projects/{project['id']}"))
-    await page.click("a.button:has-text('Applications')")
+    await page.click(".project-tabs a:has-text('Applications')")
     await page.fill("#new-app input[name=name]", "Hello app")
     await page.fill("#new-app input[name=subdomain]", "hello")
     await page.fill("#new-app input[name=script]", "app.py")
     await page.click("#new-app button[type=submit]")
     await expect(page.locator(".flash.ok")).to_contain_text("Starting application Hello app")
-    for _ in range(50):
-        if await page.locator("#app-list tr[data-app=hello] .status").inner_text() == "APPLICATION_RUNNING":
-            break
-        await page.wait_for_timeout(200)
-        await page.reload()
-    await expect(page.locator("#app-list tr[data-app=hello] .status")).to_have_text("APPLICATION_RUNNING")
+    # Running shows up without a reload.
+    await expect(page.locator("#app-list tr[data-app=hello] .status")).to_have_text("Running", timeout=15_000)
+    await expect(page.locator("#app-list tr[data-app=hello] .status")).to_have_attribute("title", "APPLICATION_RUNNING")
     await browser.shot("applications")
     await page.goto(browser.url("/apps/hello/"))
     await expect(page.locator("h1")).to_have_text("Hello from the app")
     await page.goto(browser.url(f"/projects/{project['id']}/applications"))
     await page.click("#app-list tr[data-app=hello] a:has-text('Hello app')")
     await expect(page.locator("#console")).to_contain_text("serving")
+    # Stop and start again from the application's page; its status follows live.
+    await page.click("#stop-app")
+    await expect(page.locator("#app-status")).to_have_text("Stopped", timeout=15_000)
+    await expect(page.locator("#open-app")).to_have_count(0)
+    await page.click("#restart-app")
+    await expect(page.locator("#app-status")).to_have_text("Running", timeout=15_000)
+    await expect(page.locator("#open-app")).to_be_visible()
     browser.assert_clean()
 
 
@@ -467,20 +402,25 @@ async def test_model_page_sends_a_test_request(browser: Browser, make_user: Any)
     page = browser.page
     await browser.sign_in("alice")
     await page.goto(browser.url(f"/projects/{pid}"))
-    await page.click("a.button:has-text('Models')")
+    await page.click(".project-tabs a:has-text('Models')")
     await expect(page.locator("h1")).to_have_text("Models")
-    await expect(page.locator(f"#model-list tr[data-model='{model['id']}'] .status")).to_have_text("deployed")
+    await expect(page.locator(f"#model-list tr[data-model='{model['id']}'] .status")).to_have_text("Deployed")
     await browser.shot("models")
     await page.click("#model-list a:has-text('Doubler')")
-    await expect(page.locator("#model-status")).to_have_text("deployed")
+    await expect(page.locator("#model-status")).to_have_text("Deployed")
+    # The curl example names a key to fill in, not a variable of the workloads.
+    await expect(page.locator("#curl-example")).to_contain_text("Bearer <YOUR_API_KEY>")
+    await expect(page.locator("#curl-example")).not_to_contain_text("CDSW_APIV2_KEY")
     await expect(page.locator("#access-key")).to_have_text(model["access_key"])
     await expect(page.locator("#console")).to_contain_text("serving predict from predict.py")
 
-    # The example in the box, sent as it is.
+    # The example in the box comes from the function's code (it reads args['boom'] only by `in`,
+    # so no key): {} is sent as it is.
     await expect(page.locator("#test-output")).to_be_hidden()
+    await expect(page.locator("#test-input")).to_have_value("{}")
     await page.click("#test-send")
     await expect(page.locator("#test-state")).to_contain_text("200 OK")
-    await expect(page.locator("#test-output")).to_contain_text('"feature": 2')
+    await expect(page.locator("#test-output")).to_contain_text('"doubled": {}')
     await browser.shot("model")
 
     # The function's own error is shown as the message.
@@ -495,4 +435,12 @@ async def test_model_page_sends_a_test_request(browser: Browser, make_user: Any)
     await page.fill("#test-input", '{"a": 21}')
     await page.click("#test-send")
     await expect(page.locator("#test-output")).to_contain_text('"a": 42')
+    # The last request that worked is back in the box after a reload.
+    await page.reload()
+    await expect(page.locator("#test-input")).to_have_value('{"a": 21}')
+    # Stopping the deployment from the page: the statuses follow live, and agree.
+    await page.click("#deployments button:has-text('Stop')")
+    await expect(page.locator("#deployments .status").first).to_have_text("Stopped", timeout=15_000)
+    await expect(page.locator("#model-status")).to_have_text("Not deployed")
+    await expect(page.locator("#replicas .status")).to_have_count(0)
     browser.assert_clean()
