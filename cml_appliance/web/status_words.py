@@ -20,7 +20,7 @@ from markupsafe import Markup
 class StatusWord:
     word: str
     tone: str  # ok, busy, done, bad, idle: the stylesheet's colours
-    icon: str  # a symbol, decorative: the word says it all
+    icon: str  # a symbol, decorative (the word says it all), from fonts every system has: no emoji
 
 
 _BUSY, _OK, _DONE, _BAD, _IDLE = "busy", "ok", "done", "bad", "idle"
@@ -39,7 +39,7 @@ WORDS: dict[str, StatusWord] = {
     "ENGINE_STOPPED": STOPPED,
     "ENGINE_SUCCEEDED": StatusWord("Succeeded", _DONE, "✓"),
     "ENGINE_FAILED": FAILED,
-    "ENGINE_TIMEDOUT": StatusWord("Timed out", _BAD, "⏱"),
+    "ENGINE_TIMEDOUT": StatusWord("Timed out", _BAD, "◷"),
     "ENGINE_SKIPPED": StatusWord("Skipped", _IDLE, "↷"),
     # Applications (CML's ApplicationStatus)
     "APPLICATION_STARTING": STARTING,
