@@ -41,17 +41,24 @@ WORDS: dict[str, StatusWord] = {
     "ENGINE_FAILED": FAILED,
     "ENGINE_TIMEDOUT": StatusWord("Timed out", _BAD, "◷"),
     "ENGINE_SKIPPED": StatusWord("Skipped", _IDLE, "↷"),
+    "ENGINE_UNKNOWN": StatusWord("Unknown", _IDLE, "?"),
     # Applications (CML's ApplicationStatus)
     "APPLICATION_STARTING": STARTING,
     "APPLICATION_RUNNING": RUNNING,
     "APPLICATION_STOPPING": STOPPING,
     "APPLICATION_STOPPED": STOPPED,
     "APPLICATION_FAILED": FAILED,
-    # Model builds and deployments (CML's lower-case words)
+    "APPLICATION_UNKNOWN": StatusWord("Unknown", _IDLE, "?"),
+    # Model builds and deployments (CML's lower-case words; ModelBuild.status's filter values)
     "pending": StatusWord("Queued", _BUSY, "◔"),
+    "queued": StatusWord("Queued", _BUSY, "◔"),
     "building": StatusWord("Building", _BUSY, "◔"),
+    "pushing": StatusWord("Pushing", _BUSY, "◔"),
     "built": StatusWord("Built", _DONE, "✓"),
+    "succeeded": StatusWord("Built", _DONE, "✓"),
     "build failed": StatusWord("Build failed", _BAD, "✕"),
+    "timedout": StatusWord("Timed out", _BAD, "◷"),
+    "unknown": StatusWord("Unknown", _IDLE, "?"),
     "not built": StatusWord("Not built", _IDLE, "○"),
     "deploying": StatusWord("Deploying", _BUSY, "◔"),
     "deployed": StatusWord("Deployed", _OK, "●"),
@@ -59,6 +66,12 @@ WORDS: dict[str, StatusWord] = {
     "stopped": STOPPED,
     "failed": FAILED,
     "not deployed": StatusWord("Not deployed", _IDLE, "○"),
+    # Experiment runs (CML's ExperimentRunStatus)
+    "EXPERIMENT_RUN_SCHEDULED": StatusWord("Scheduled", _BUSY, "◔"),
+    "EXPERIMENT_RUN_RUNNING": RUNNING,
+    "EXPERIMENT_RUN_FINISHED": StatusWord("Finished", _DONE, "✓"),
+    "EXPERIMENT_RUN_FAILED": FAILED,
+    "EXPERIMENT_RUN_KILLED": StatusWord("Killed", _BAD, "✕"),
     # A project's creation
     "creating": StatusWord("Cloning", _BUSY, "◔"),
     "success": StatusWord("Ready", _OK, "●"),

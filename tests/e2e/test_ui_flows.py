@@ -216,3 +216,33 @@ async def test_the_main_flow_works_from_the_keyboard(browser: Browser, client: T
     await expect(page.locator("#session-status")).to_have_text("Succeeded", timeout=15_000)
     await expect(page.locator("#console")).to_contain_text("typed, not clicked")
     browser.assert_clean()
+
+
+async def test_the_new_project_form_shows_only_the_chosen_templates_fields(browser: Browser, make_user: Any) -> None:
+    from playwright.async_api import expect
+
+    await make_user("alice")
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url("/projects/new"))
+    git_url = page.locator("#new-project input[name=git_url]")
+    files = page.locator("#new-project input[name=files]")
+    await expect(git_url).to_be_hidden()
+    await expect(files).to_be_hidden()
+    await page.check("#new-project input[name=template][value=git]")
+    await expect(git_url).to_be_visible()
+    await expect(files).to_be_hidden()
+    await page.check("#new-project input[name=template][value=upload]")
+    await expect(git_url).to_be_hidden()
+    await expect(files).to_be_visible()
+    # A bad git URL comes back with the git field shown and filled in.
+    browser.expected_errors.add((400, "/projects/new"))
+    await page.check("#new-project input[name=template][value=git]")
+    await page.fill("#new-project input[name=name]", "Bad URL")
+    await page.fill("#new-project input[name=git_url]", "ftp://example.org/x")
+    await page.evaluate("() => document.querySelector('#new-project input[name=git_url]').type = 'text'")  # past the browser's own check
+    await page.click("#new-project button[type=submit]")
+    await expect(page.locator(".flash.error")).to_contain_text("is not a git URL")
+    await expect(git_url).to_be_visible()
+    await expect(git_url).to_have_value("ftp://example.org/x")
+    browser.assert_clean()

@@ -148,3 +148,70 @@ async def test_api_key_page_shows_a_new_key_once(client: TestClient, alice: Api)
     assert resp.status == 200
     page = await (await client.get("/settings/api-keys")).text()
     assert key not in page and "laptop" in page
+
+
+async def test_every_project_page_opens_for_a_project_with_folders_links_and_odd_names(client: TestClient, alice: Api) -> None:
+    """The bug that hid here: any project holding a folder answered its page with a 500."""
+    from cml_appliance.web.keys import PROJECTS
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "Folders"})
+    root = client.app[PROJECTS].projects_dir / project["id"]
+    (root / "a/b/c").mkdir(parents=True)
+    (root / "a/b/c/deep.txt").write_text("deep\n")
+    (root / "name with \"quotes\" & ünïcode.html").write_text("<script>alert(1)</script>")
+    (root / "half.txt").write_bytes("é".encode() * 300_000)  # cut in the middle of a character at 512 KB
+    (root / "in").symlink_to("a")
+    await sign_in(client, "alice")
+    base = f"/projects/{project['id']}"
+    for path in ("", "/files", "/files/a", "/files/a/b/c", "/files/in/b", "/files/a/b/c/deep.txt", "/files/half.txt",
+                 "/collaborators", "/settings", "/sessions", "/jobs", "/models", "/applications"):
+        resp = await client.get(base + path)
+        assert resp.status == 200, (path, await resp.text())
+    text = await (await client.get(base + "/files/half.txt")).text()
+    assert "Only the first 512 KB are shown" in text
+    # Downloads keep odd names, and an HTML file is never shown on the UI's origin.
+    resp = await client.get(base + "/download/" + "name%20with%20%22quotes%22%20%26%20%C3%BCn%C3%AFcode.html")
+    assert resp.status == 200
+    assert resp.headers["Content-Disposition"].startswith("attachment;")
+    assert "filename*=UTF-8''name%20with%20%22quotes%22%20%26%20%C3%BCn%C3%AFcode.html" in resp.headers["Content-Disposition"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    resp = await client.get(base + "/download/name%20with%20%22quotes%22%20%26%20%C3%BCn%C3%AFcode.html?inline=1")
+    assert resp.headers["Content-Disposition"].startswith("attachment;")  # only raster images open inline
+    # Every page carries the security headers.
+    resp = await client.get(base)
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"] and "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Referrer-Policy"] == "same-origin"
+
+
+async def test_runtimes_whose_engine_is_missing_are_offered_disabled_with_why(client: TestClient, alice: Api) -> None:
+    _, project = await alice.post("/api/v2/projects", json={"name": "Runtimes"})
+    await sign_in(client, "alice")
+    text = await (await client.get(f"/projects/{project['id']}/sessions")).text()
+    options = re.findall(r"<option value=\"([^\"]+)\" ([^>]*)>([^<]*)</option>", text)
+    host = [o for o in options if o[0] == "host/python3"]
+    others = [o for o in options if o[0].startswith("localhost/")]
+    assert host and "disabled" not in host[0][1]
+    assert others and all("disabled" in o[1] and "needs the container engine" in o[2] for o in others)
+    # The first runtime offered is one that can start.
+    assert options[0][0] == "host/python3"
+
+
+async def test_the_live_stream_is_for_those_who_may_read_the_project(client: TestClient, alice: Api, bob: Api) -> None:
+    _, project = await alice.post("/api/v2/projects", json={"name": "Live"})
+    resp = await client.get(f"/live?project={project['id']}", allow_redirects=False)
+    assert resp.status in (302, 401)
+    await sign_in(client, "bob")
+    resp = await client.get(f"/live?project={project['id']}")
+    assert resp.status == 404
+    await sign_in(client, "alice")
+    async with client.get(f"/live?project={project['id']}") as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        await resp.content.readuntil(b"\n\n")  # retry: ...
+        # A change in the project reaches the stream.
+        await alice.patch(f"/api/v2/projects/{project['id']}", json={"description": "changed"})
+        await alice.post(f"/api/v2/projects/{project['id']}/jobs", json={"name": "j", "script": "x.py"})
+        first = await resp.content.readuntil(b"\n\n")
+        second = await resp.content.readuntil(b"\n\n")
+        assert first == b'event: change\ndata: {"table": "projects"}\n\n'
+        assert second == b'event: change\ndata: {"table": "jobs"}\n\n'
+
