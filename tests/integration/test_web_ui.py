@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
+from cml_appliance.web.keys import PROJECTS as PROJECTS_KEY
 from tests.conftest import Api
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -215,3 +216,36 @@ async def test_the_live_stream_is_for_those_who_may_read_the_project(client: Tes
         assert first == b'event: change\ndata: {"table": "projects"}\n\n'
         assert second == b'event: change\ndata: {"table": "jobs"}\n\n'
 
+
+
+async def test_project_pages_by_role(client: TestClient, alice: Api, bob: Api, make_user: Any) -> None:
+    """Every project page for a stranger (404), a reader (pages yes, changes 403) and a writer."""
+    await make_user("carol")
+    await make_user("dave")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Roles"})
+    pid = project["id"]
+    await alice.put(f"/api/v2/projects/{pid}/collaborators/bob", json={"permission": "read"})
+    await alice.put(f"/api/v2/projects/{pid}/collaborators/carol", json={"permission": "write"})
+    form = aiohttp.FormData()
+    form.add_field("keep.txt", b"kept", filename="keep.txt")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    _, session = await alice.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/python3"})
+    base = f"/projects/{pid}"
+    pages = ["", "/files", "/files/keep.txt", "/collaborators", "/settings", "/sessions", "/jobs", "/models",
+             "/applications", f"/sessions/{session['id']}"]
+    changes = ["/delete-file?path=keep.txt", "/mkdir", "/settings", "/environment", "/collaborators", "/delete"]
+    for user, page_status, change_status in (("bob", 200, 403), ("dave", 404, 404)):
+        await sign_in(client, user)
+        token = await csrf_of(client, "/projects")
+        for path in pages:
+            resp = await client.get(base + path)
+            assert resp.status == page_status, (user, path, resp.status)
+        for path in changes:
+            resp = await client.post(base + path, data={"csrf_token": token, "name": "x", "username": "x", "permission": "read"},
+                                     allow_redirects=False)
+            assert resp.status == change_status, (user, path, resp.status, await resp.text())
+        # The terminal's transcript is for the session's owner and project admins only.
+        resp = await client.get(f"/api/v2/projects/{pid}/sessions/{session['id']}/terminal/transcript")
+        assert resp.status == (403 if user == "bob" else 404), (user, resp.status)
+    assert (client.app[PROJECTS_KEY].projects_dir / pid / "keep.txt").exists()
+    await alice.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
