@@ -251,7 +251,7 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
 
     await page.click("#terminal")
     await page.keyboard.type("echo answer-$((6*7)) && pwd\n")
-    await page.wait_for_function(f"({TERMINAL_TEXT})().includes('answer-42')", timeout=TIMEOUT_MS)
+    await page.wait_for_function(f"() => ({TERMINAL_TEXT})().includes('answer-42')", timeout=TIMEOUT_MS)
     text = await page.evaluate(TERMINAL_TEXT)
     # The shell runs in the project's directory (/home/cdsw in a container).
     assert project["id"] in text or "/home/cdsw" in text
@@ -262,7 +262,7 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     await expect(page.locator("#terminal-state")).to_have_text("connected")
     await page.click("#terminal")
     await page.keyboard.type("echo again-$((2+3))\n")
-    await page.wait_for_function(f"({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
+    await page.wait_for_function(f"() => ({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
 
     await page.click("#stop-button")
     await expect(page.locator(".flash.ok")).to_have_text(re.compile("Stopping the session"))
@@ -276,7 +276,7 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     # The terminal's last screen stays, read-only, after a reload too.
     await page.reload()
     await expect(page.locator("#terminal-state")).to_contain_text("last screen")
-    await page.wait_for_function(f"({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
+    await page.wait_for_function(f"() => ({TERMINAL_TEXT})().includes('again-5')", timeout=TIMEOUT_MS)
     await browser.shot("session-stopped")
     browser.assert_clean()
 
