@@ -49,9 +49,11 @@ async def live(request: web.Request) -> web.StreamResponse:
         while not closing.is_set():
             getter = asyncio.ensure_future(queue.get())
             stop = asyncio.ensure_future(closing.wait())
-            done, _ = await asyncio.wait({getter, stop}, timeout=KEEPALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-            getter.cancel()
-            stop.cancel()
+            try:
+                done, _ = await asyncio.wait({getter, stop}, timeout=KEEPALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the browser went away and this handler is cancelled
+                getter.cancel()
+                stop.cancel()
             if getter not in done or getter.cancelled():
                 if not closing.is_set():
                     await response.write(b": keepalive\n\n")
