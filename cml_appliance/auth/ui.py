@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -24,8 +25,20 @@ from cml_appliance.web.templating import redirect
 
 
 def _safe_next(value: str) -> str:
-    # Only local paths: never redirect to another site after sign-in.
-    return value if value.startswith("/") and not value.startswith("//") and "\\" not in value else "/projects"
+    """Only a path of this site: never redirect to another site after sign-in.
+
+    Browsers drop tabs and newlines from a URL and read a backslash as a slash, so
+    "/%09/evil.example" would become "//evil.example": any control character refuses the value.
+    """
+    for form in (value, unquote(value)):  # decoded too: it costs nothing to be strict
+        if not form.startswith("/") or form.startswith("//") or "\\" in form:
+            return "/projects"
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in form):
+            return "/projects"
+        parts = urlsplit(form)
+        if parts.scheme or parts.netloc:
+            return "/projects"
+    return value
 
 
 async def index(request: web.Request) -> web.StreamResponse:

@@ -47,6 +47,9 @@ PUBLIC_ROUTES = frozenset(
      # Never reached through here: applications/proxy.py's gateway answers it, and checks itself.
      "app_proxy"}
 )
+# Page forms whose handlers stream their multipart body and check its CSRF token themselves
+# (projects/ui.py _form_fields: the token must be the first field).
+STREAMED_FORMS = frozenset({"ui_project_create", "ui_project_upload"})
 # HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}
 
@@ -179,9 +182,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method in ("GET", "HEAD", "OPTIONS") or is_api_path(request.path) or request.path == "/model":
         return await handler(request)
-    # Multipart forms carry the token as their first field; their handlers check it while streaming.
-    if request.content_type != "multipart/form-data":
-        form = await request.post()
-        check_csrf(request, str(form.get("csrf_token", "")))
+    # Uploads carry the token as their first field and their handlers check it while streaming;
+    # every other form, whatever its encoding (multipart too), is read and checked here.
+    if request.content_type == "multipart/form-data" and _route_name(request) in STREAMED_FORMS:
+        return await handler(request)
+    form = await request.post()
+    check_csrf(request, str(form.get("csrf_token", "")))
     return await handler(request)
 
