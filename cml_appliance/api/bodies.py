@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,13 +34,57 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
         raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
     if not raw.strip():
         return {}
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes | str) -> dict[str, Any]:
+    """A JSON object that Postgres and our answers can hold: no NaN or Infinity (not JSON), no
+    nesting past MAX_JSON_DEPTH, no NUL or lone surrogate in any string."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise InvalidArgument("request body must be a JSON object")
+    check_json_values(body)
     return body
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidArgument(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def check_json_values(value: Any) -> None:
+    """Walk a parsed JSON value (iteratively: depth is bounded here, not by the stack)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            check_text(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                check_text(key)
+                pending.append((inner, depth + 1))
+        elif isinstance(item, list):
+            pending.extend((inner, depth + 1) for inner in item)
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """Refuse what Postgres cannot store in text (NUL) and what UTF-8 cannot encode (lone surrogates)."""
+    if "\x00" in text:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} must be valid Unicode (it contains a lone surrogate)") from None
+    return text
 
 
 def _type_ok(kind: str, value: Any) -> tuple[bool, Any]:
@@ -49,16 +94,15 @@ def _type_ok(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if kind == BOOL:
         return isinstance(value, bool), value
-    if kind == INT:
-        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == INT:  # int32, as Postgres integer columns hold
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31, value
     if kind == INT64:  # proto3 JSON: int64 may come as a number or a decimal string
-        if isinstance(value, int) and not isinstance(value, bool):
-            return True, value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return True, int(value)
-        return False, value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value.strip()) < 21:
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+        return ok, value
     if kind == FLOAT:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value
     if kind == STR_MAP:
         ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())

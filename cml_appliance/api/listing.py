@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from cml_appliance.api.bodies import check_text
 from cml_appliance.core.errors import InvalidArgument
 from cml_appliance.core.security import sign
 
@@ -67,7 +68,7 @@ def parse_list_query(
     if raw_filter:
         try:
             parsed = json.loads(raw_filter)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise InvalidArgument('search_filter must be a JSON object such as {"name":"demo"}') from None
         if not isinstance(parsed, dict):
             raise InvalidArgument('search_filter must be a JSON object such as {"name":"demo"}')
@@ -78,7 +79,7 @@ def parse_list_query(
                 )
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise InvalidArgument(f"search_filter value for {key!r} must be a string")
-            filters[key] = str(value)
+            filters[key] = check_text(str(value), f"search_filter value for {key!r}")
 
     sort: list[tuple[str, bool]] = []
     for part in query.get("sort", "").split(","):

@@ -8,11 +8,11 @@ fire never starts twice and fires missed during downtime collapse into one run.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cron_descriptor import Options, get_description
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from cml_appliance.core.errors import InvalidArgument
 
@@ -24,6 +24,10 @@ def check_schedule(schedule: str, timezone: str) -> None:
     if len(schedule.split()) != 5 or not croniter.is_valid(schedule):
         raise InvalidArgument(f"schedule {schedule!r} is not a 5-field cron expression such as '0 13 * * 1'")
     zone(timezone)
+    try:  # valid, yet never due (February 31st): refused, or the scheduler could not place it
+        next_fire(schedule, timezone, datetime.now(UTC))
+    except CroniterBadDateError:
+        raise InvalidArgument(f"schedule {schedule!r} never comes (no such date)") from None
 
 
 def zone(timezone: str) -> ZoneInfo:

@@ -23,6 +23,7 @@ from cml_appliance.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from cml_appliance.core.ids import new_public_id
@@ -131,6 +132,12 @@ BUSY_RETRY_SECONDS = 10.0
 # none waits past its lease behind the others.
 MAIL_LEASE_SECONDS = 300
 MAIL_CONCURRENCY = 4
+# Variables that make an interpreter or the loader run code of the caller's choosing.
+LOADER_VARIABLES = frozenset({
+    "PYTHONPATH", "PYTHONSTARTUP", "PYTHONWARNINGS", "PYTHONHOME", "PYTHONINSPECT", "PYTHONBREAKPOINT", "BROWSER",
+    "PERL5OPT", "PERL5LIB", "RUBYOPT", "RUBYLIB", "NODE_OPTIONS", "NODE_PATH", "BASH_ENV", "ENV", "R_PROFILE",
+    "R_PROFILE_USER", "R_LIBS", "R_LIBS_USER", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "GIT_SSH_COMMAND", "PATH",
+})
 RECIPIENT_FLAGS = ("notify_on_success", "notify_on_failure", "notify_on_timeout", "notify_on_stop")
 
 
@@ -341,9 +348,18 @@ class JobService:
         return await self.workloads.launch(user, project, _run_request(job, environment, arguments, attempt, fire_id))
 
     async def start_run(self, user: User, project_id: str, job_id: str, fields: dict[str, Any]) -> Workload:
-        # Operators may start existing jobs (CML's operator role).
+        # Operators may start existing jobs (CML's operator role), as the job is: changing what a
+        # run does (its environment or arguments) is changing the job, which needs the write role.
         project, job = await self.get(user, project_id, job_id, Role.OPERATOR)
-        return await self.run(user, project, job, environment=fields.get("environment"), arguments=fields.get("arguments"))
+        environment, arguments = fields.get("environment"), fields.get("arguments")
+        if (environment or arguments) and project.role < Role.WRITE:
+            raise PermissionDenied("operators start jobs as they are: overriding a run's environment or arguments needs the write role")
+        if environment:
+            environment = check_environment(environment)
+            loaders = sorted(name for name in environment if name.upper() in LOADER_VARIABLES or name.upper().startswith("LD_"))
+            if loaders:
+                raise InvalidArgument(f"a run cannot override {', '.join(loaders)}: they make programs load other code; set them on the job")
+        return await self.run(user, project, job, environment=environment, arguments=arguments)
 
     async def get_run(self, user: User, project_id: str, job_id: str, run_id: str) -> tuple[Project, Job, Workload]:
         project, job = await self.get(user, project_id, job_id)

@@ -258,15 +258,17 @@ async def call_model(request: web.Request) -> web.Response:
         return failure(400, 'the body needs a "request" to pass to the model function')
     service = request.app[MODELS]
     model = await service.model_by_key(access_key)
-    if model is None:
-        return failure(404, "no model has that access key")
-    if model.auth_enabled:
+    # An unknown key is answered as a model that needs authentication and is not yours: a caller
+    # cannot tell the two apart, so cannot probe which keys exist.
+    if model is None or model.auth_enabled:
         scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-        refused = await service.may_call(model, secret.strip()) if scheme.lower() == "bearer" and secret.strip() else 401
+        refused = 401
+        if scheme.lower() == "bearer" and secret.strip():
+            refused = await service.may_call(model, secret.strip()) if model is not None else await service.caller_known(secret.strip())
         if refused == 401:
             return failure(401, "this model needs 'Authorization: Bearer <API key>' of a project collaborator")
-        if refused == 403:
-            return failure(403, "you are not a collaborator on this model's project")
+        if refused == 403 or model is None:
+            return failure(403, "no model you may call has that access key")
     return await serving.call(request, model, body["request"])
 
 

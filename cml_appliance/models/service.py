@@ -644,6 +644,11 @@ class ModelService:
         self._by_key[access_key] = (now, model)
         return model
 
+    async def caller_known(self, api_key: str) -> int:
+        """For a call with an unknown access key: 401 for a bad API key, else 403 (as may_call)."""
+        checked = await api_keys.check(self.pool, api_key, "API")
+        return 401 if checked.problem or checked.user is None else 403
+
     async def may_call(self, model: Model, api_key: str) -> int:
         """0 when the key's user may call the model (a collaborator of its project), else 401 or 403.
         A yes is kept CALL_CACHE_SECONDS; access taken away can last that much longer."""

@@ -22,6 +22,13 @@ from cml_appliance.core.errors import (
 )
 
 
+# What Linux file systems take: a name of 255 bytes, a path of 4096.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4000
+# Beside the project directories (their public ids never start with a dot).
+UPLOADS_DIR = ".uploads"
+
+
 def clean_relative(path: str) -> str:
     """Normalise a user-supplied relative path ('' is the project root); refuse escapes."""
     if "\x00" in path:
@@ -31,7 +38,17 @@ def clean_relative(path: str) -> str:
     parts = [p for p in PurePosixPath(path.replace("\\", "/")).parts if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise InvalidArgument(f"file path {path!r} must not contain '..'")
-    return "/".join(parts)
+    for part in parts:
+        try:
+            size = len(part.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidArgument("file path must be valid Unicode (it contains a lone surrogate)") from None
+        if size > MAX_NAME_BYTES:
+            raise InvalidArgument(f"a file or folder name may be at most {MAX_NAME_BYTES} bytes; {part[:40]!r}… has {size}")
+    joined = "/".join(parts)
+    if len(joined.encode("utf-8")) > MAX_PATH_BYTES:
+        raise InvalidArgument(f"file path must be at most {MAX_PATH_BYTES} bytes")
+    return joined
 
 
 def resolve(root: Path, path: str, *, must_exist: bool = True) -> Path:
@@ -77,6 +94,14 @@ def list_dir(root: Path, path: str) -> list[dict[str, Any]]:
     return out
 
 
+def _check_folders_above(root_real: Path, target: Path) -> None:
+    """Every existing folder on the way to `target` must be a folder, not a file."""
+    for ancestor in reversed(target.relative_to(root_real).parents):
+        here = root_real / ancestor
+        if here.exists() and not here.is_dir():
+            raise InvalidArgument(f"{ancestor.as_posix()!r} is a file, not a folder")
+
+
 def free_name(target: Path) -> Path:
     """CML's upload naming when overwriting is off: name.ext, then name(1).ext, name(2).ext..."""
     if not target.exists():
@@ -102,10 +127,13 @@ async def write_upload(
     parent = target.parent
     # The parent must itself stay inside the project once created (no symlinked parents).
     resolve(root_real, str(parent.relative_to(root_real)), must_exist=False)
-    if parent.exists() and not parent.is_dir():
-        raise InvalidArgument(f"{parent.relative_to(root_real).as_posix()!r} is a file, not a directory")
+    _check_folders_above(root_real, target)
     parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=parent)
+    # The upload is written beside the projects, not inside one: a process killed mid-upload
+    # leaves nothing in the project's tree (the next start sweeps UPLOADS_DIR).
+    staging = root_real.parent / UPLOADS_DIR
+    staging.mkdir(exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix="upload-", dir=staging)
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -135,6 +163,7 @@ def move(root: Path, path: str, new_path: str) -> dict[str, Any]:
         raise AlreadyExists(f"{rel_new!r} already exists")
     if dest.is_relative_to(source):
         raise InvalidArgument("a directory cannot be moved into itself")
+    _check_folders_above(root_real, dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(source, dest)
     return _info(root_real, dest)
@@ -145,6 +174,7 @@ def make_dir(root: Path, path: str) -> dict[str, Any]:
     target = resolve(root_real, path, must_exist=False)
     if target.exists():
         raise AlreadyExists(f"{clean_relative(path)!r} already exists")
+    _check_folders_above(root_real, target)
     target.mkdir(parents=True)
     return _info(root_real, target)
 

@@ -15,15 +15,16 @@ from typing import Any
 
 import asyncpg
 
+from cml_appliance.api.bodies import check_text
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth import users as users_mod
 from cml_appliance.auth.permissions import PERMISSION_NAMES, Role, require
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
-from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
+from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.core.ids import new_public_id, slugify
 from cml_appliance.core.tasks import Supervisor
-from cml_appliance.projects import store
+from cml_appliance.projects import files, store
 from cml_appliance.projects.store import Project
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,17 @@ def check_environment(env: Any) -> dict[str, str]:
             raise InvalidArgument(f"environment variable name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
         if not isinstance(value, str):
             raise InvalidArgument(f"environment variable {name} must have a string value")
+        check_text(value, f"environment variable {name}")
     return dict(env)
+
+
+def check_git_ref(ref: str) -> str:
+    """A branch, tag or commit: never something git could read as an option."""
+    if ref.startswith("-"):
+        raise InvalidArgument("git_ref must be a branch, tag or commit, not an option (it starts with '-')")
+    if any(ord(ch) < 33 or ord(ch) == 127 for ch in ref) or len(ref) > 255:
+        raise InvalidArgument("git_ref must be a branch, tag or commit: no spaces or control characters, at most 255 characters")
+    return ref
 
 
 def check_name(name: str) -> str:
@@ -62,6 +73,7 @@ def check_name(name: str) -> str:
         raise InvalidArgument("name must be at most 200 characters")
     if any(ord(ch) < 32 for ch in name):
         raise InvalidArgument("name must not contain control characters")
+    check_text(name, "name")
     return name
 
 
@@ -86,6 +98,8 @@ class ProjectService:
         return await store.list_visible(self.pool, user, q, include_public=include_public, include_all=include_all)
 
     async def create(self, user: User, fields: dict[str, Any]) -> Project:
+        if user.scope_project_id is not None:
+            raise PermissionDenied("a workload's own key reaches only its project: it cannot create projects")
         name = check_name(fields.get("name", ""))
         if fields.get("team_name"):
             raise InvalidArgument("teams are not supported: leave team_name empty to create the project as yourself")
@@ -97,6 +111,7 @@ class ProjectService:
             raise InvalidArgument(f"template {template!r} is not supported; use one of: {', '.join(TEMPLATES)}")
         if template == "git":
             self._check_git_url(git_url)
+            check_git_ref(fields.get("git_ref", ""))
         elif git_url:
             raise InvalidArgument("git_url is only used with the git template")
         visibility = (fields.get("visibility") or "private").lower()
@@ -179,7 +194,8 @@ class ProjectService:
         try:
             await self._git(allow + ["clone", "--quiet", "--", url, str(staging)], env)
             if ref:
-                await self._git(["-C", str(staging), "checkout", "--quiet", ref, "--"], env)
+                # --end-of-options: a ref is never read as an option, whatever it starts with.
+                await self._git(["-C", str(staging), "checkout", "--quiet", "--end-of-options", ref, "--"], env)
             os.rename(staging, dest)
         except Exception as exc:  # the reason is kept on the project for the user to read
             status, message = "failure", str(exc)[:2000]
@@ -208,13 +224,15 @@ class ProjectService:
             raise RuntimeError(f"git failed: {out.decode(errors='replace').strip()}")
 
     async def fail_interrupted_creations(self) -> int:
-        """At start-up: a clone cut short by a crash will never finish; say so."""
+        """At start-up: a clone cut short by a crash will never finish; say so. Clones' and uploads'
+        leftovers go."""
         done = await self.pool.execute(
             "UPDATE projects SET creation_status = 'failure', creation_message = 'interrupted by a restart of the appliance',"
             " updated_at = now() WHERE creation_status = 'creating'"
         )
         for leftover in self.projects_dir.glob(".clone-*") if self.projects_dir.exists() else []:
             shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(self.projects_dir / files.UPLOADS_DIR, ignore_errors=True)
         return int(done.split()[-1])
 
     async def update(self, user: User, public_id: str, fields: dict[str, Any]) -> Project:

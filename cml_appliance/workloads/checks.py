@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import asyncpg
@@ -11,6 +12,9 @@ from cml_appliance.core.errors import InvalidArgument, NotFound
 from cml_appliance.runtimes import catalog
 
 DEFAULT_RUNTIME = "host/python3"
+# The least a workload may ask for: below this a memory limit rounds to 0 bytes, which means none.
+MIN_CPU = 0.01
+MIN_MEMORY_GB = 0.0625
 
 
 async def check_runtime(pool: asyncpg.Pool, runtime_id: str | None) -> str:
@@ -47,8 +51,8 @@ async def resources_within_profiles(pool: asyncpg.Pool, fields: dict[str, Any]) 
     smallest = min(profiles, key=lambda p: (p["cpu"], p["memory"]))
     cpu = float(fields.get("cpu", (chosen or smallest)["cpu"]))
     memory = float(fields.get("memory", (chosen or smallest)["memory"]))
-    if cpu <= 0 or memory <= 0:
-        raise InvalidArgument("cpu and memory must be more than 0")
+    if not (math.isfinite(cpu) and math.isfinite(memory)) or cpu < MIN_CPU or memory < MIN_MEMORY_GB:
+        raise InvalidArgument(f"cpu must be at least {MIN_CPU:g} vCPU and memory at least {MIN_MEMORY_GB:g} GB")
     if chosen is not None and (cpu > chosen["cpu"] or memory > chosen["memory"]):
         raise InvalidArgument(
             f"{cpu:g} vCPU / {memory:g} GB is more than resource profile {chosen['id']} "

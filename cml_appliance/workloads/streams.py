@@ -64,8 +64,8 @@ def _offset(request: web.Request) -> int:
         offset = int(raw)
     except ValueError:
         raise InvalidArgument(f"offset must be a whole number of bytes, got {raw!r}") from None
-    if offset < 0:
-        raise InvalidArgument("offset must not be negative")
+    if not 0 <= offset < 2**63:
+        raise InvalidArgument("offset must be a whole number of bytes from 0 to 2^63-1")
     return offset
 
 
@@ -101,6 +101,8 @@ async def event_stream(
     try:
         offset = int(request.headers.get("Last-Event-ID") or request.query.get("offset", "0") or 0)
     except ValueError:
+        offset = 0
+    if not 0 <= offset < 2**63:
         offset = 0
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",

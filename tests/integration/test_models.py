@@ -99,8 +99,12 @@ async def test_create_build_deploy_and_call(alice: Api, bob: Api) -> None:
     assert status == 401
     status, body = await call(bob, model["access_key"], {"a": 1, "b": 2})
     assert status == 403
+    forbidden = body
+    # An unknown key reads exactly as a model one may not call: no probing for keys.
     status, body = await call(alice, "mnotakey", {"a": 1})
-    assert status == 404
+    assert status == 403 and body == forbidden
+    status, body = await call(alice, "mnotakey", {"a": 1}, bearer=False)
+    assert status == 401
 
     status, stopped = await alice.post(f"{base}/{deployment['id']}:stop")
     assert status == 200
@@ -120,7 +124,7 @@ async def test_create_build_deploy_and_call(alice: Api, bob: Api) -> None:
     status, regenerated = await alice.post(f"/api/v2/projects/{pid}/models/{mid}:regenerateAccessKey")
     assert regenerated["access_key"] != model["access_key"]
     status, _ = await call(alice, model["access_key"], {"a": 1, "b": 1})
-    assert status == 404
+    assert status == 403
     _, everything = await alice.get("/api/v2/models")
     assert [m["id"] for m in everything["models"]] == [mid]
     status, body = await alice.delete(f"/api/v2/projects/{pid}/models/{mid}")

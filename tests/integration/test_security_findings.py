@@ -66,3 +66,151 @@ async def test_login_csrf_is_refused_whatever_the_encoding(client: TestClient, a
                 assert "cml_session" not in resp.cookies
     finally:
         await fresh.close()
+
+
+async def test_git_ref_is_never_an_option(client: TestClient, alice: Api, tmp_path: Any) -> None:
+    for ref in ("--pathspec-from-file=/etc/passwd", "-b", "main branch", "a\nb"):
+        status, body = await alice.post("/api/v2/projects", json={"name": f"r{len(ref)}", "template": "git",
+                                                                   "git_url": "https://example.org/x.git", "git_ref": ref})
+        assert status == 400 and "git_ref" in body["message"], (ref, body)
+    _, listed = await alice.get("/api/v2/projects")
+    assert listed["projects"] == []
+
+
+async def test_operators_run_jobs_as_they_are(client: TestClient, alice: Api, bob: Api) -> None:
+    """An operator may start a job but not change what it runs; loader variables are refused to all."""
+    from cml_appliance.web.keys import PROJECTS
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "Ops"})
+    pid = project["id"]
+    (client.app[PROJECTS].projects_dir / pid / "job.py").write_text("print('ok')\n")
+    await alice.put(f"/api/v2/projects/{pid}/collaborators/bob", json={"permission": "operator"})
+    _, job = await alice.post(f"/api/v2/projects/{pid}/jobs", json={"name": "j", "script": "job.py"})
+    runs = f"/api/v2/projects/{pid}/jobs/{job['id']}/runs"
+    for body in ({"environment": {"PYTHONWARNINGS": "ignore::antigravity.x", "BROWSER": "sh -c id"}},
+                 {"environment": {"HARMLESS": "1"}}, {"arguments": "--evil"}):
+        status, answer = await bob.post(runs, json=body)
+        assert status == 403 and "write role" in answer["message"], (body, answer)
+    status, run = await bob.post(runs, json={})
+    assert status == 200, run
+    # A contributor overrides freely, except what makes programs load other code.
+    for name in ("LD_PRELOAD", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONWARNINGS", "BROWSER", "ld_audit", "NODE_OPTIONS"):
+        status, answer = await alice.post(runs, json={"environment": {name: "/tmp/x"}})
+        assert status == 400 and name in answer["message"], (name, answer)
+
+
+async def test_a_workloads_own_key_cannot_create_projects(client: TestClient, alice: Api) -> None:
+    from cml_appliance.auth import api_keys, users
+    from cml_appliance.web.keys import POOL
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "Home"})
+    pool = client.app[POOL]
+    user = await users.get_by_username(pool, "alice")
+    assert user is not None
+    project_row_id = await pool.fetchval("SELECT id FROM projects WHERE public_id = $1", project["id"])
+    secret, _ = await api_keys.create(pool, user, scope_project_id=project_row_id)
+    scoped = Api(client, secret, "alice")
+    status, body = await scoped.post("/api/v2/projects", json={"name": "Escaped"})
+    assert status == 403, body
+    assert await pool.fetchval("SELECT count(*) FROM projects") == 1
+
+
+async def test_input_that_used_to_be_a_500_is_a_400(client: TestClient, alice: Api) -> None:
+    _, project = await alice.post("/api/v2/projects", json={"name": "Inputs"})
+    pid = project["id"]
+    headers = {"Authorization": f"Bearer {alice.key}", "Content-Type": "application/json"}
+
+    async def raw(method: str, path: str, body: str) -> tuple[int, Any]:
+        resp = await client.request(method, path, data=body.encode(), headers=headers)
+        assert resp.content_type == "application/json", (path, body[:60], await resp.text())
+        return resp.status, await resp.json()
+
+    bad_bodies = [
+        ("POST", "/api/v2/projects", '{"name": "a\\ud800b"}'),
+        ("POST", "/api/v2/projects", '{"name": "a\\u0000b"}'),
+        ("PATCH", f"/api/v2/projects/{pid}", '{"description": "x\\udfff"}'),
+        ("PATCH", f"/api/v2/projects/{pid}", '{"environment": {"A": "x\\u0000y"}}'),
+        ("POST", f"/api/v2/projects/{pid}/jobs", '{"name": "j", "script": "a.py", "cpu": NaN}'),
+        ("POST", f"/api/v2/projects/{pid}/jobs", '{"name": "j", "script": "a.py", "memory": Infinity}'),
+        ("POST", f"/api/v2/projects/{pid}/jobs", '{"name": "j", "script": "a.py", "memory": 1e-300}'),
+        ("POST", f"/api/v2/projects/{pid}/jobs", '{"name": "j", "script": "a.py", "max_retry": 4294967296}'),
+        ("POST", f"/api/v2/projects/{pid}/jobs", '{"name": "j", "script": "a.py", "retry_delay": 2147483648}'),
+        ("POST", f"/api/v2/projects/{pid}/jobs", '{"name": "j", "script": "a.py", "schedule": "0 0 31 2 *"}'),
+        ("POST", "/api/v2/projects", "[" * 100_000 + "]" * 100_000),
+        ("POST", "/api/v2/projects", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"),
+    ]
+    for method, path, body in bad_bodies:
+        status, answer = await raw(method, path, body)
+        assert status == 400, (path, body[:60], answer)
+    for query in ({"search_filter": '{"name": "\\ud800"}'}, {"search_filter": '{"name": "\\u0000"}'},
+                  {"search_filter": "[" * 100_000}):
+        status, answer = await alice.get("/api/v2/projects", params=query)
+        assert status == 400, (query, answer)
+    _, session = await alice.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/python3"})
+    status, answer = await alice.get(f"/api/v2/projects/{pid}/sessions/{session['id']}/logs", params={"offset": str(2**64)})
+    assert status == 400, answer
+    await alice.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
+    # Files: a name past 255 bytes, a move under a file.
+    form = aiohttp.FormData()
+    form.add_field("x" * 300 + ".txt", b"long", filename="x" * 300 + ".txt")
+    status, answer = await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    assert status == 400, answer
+    form = aiohttp.FormData()
+    form.add_field("plain.txt", b"a file", filename="plain.txt")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    status, answer = await alice.patch(f"/api/v2/projects/{pid}/files/plain.txt", json={"path": "plain.txt/inside.txt"})
+    assert status in (400, 409), answer
+    form = aiohttp.FormData()
+    form.add_field("other.txt", b"x", filename="other.txt")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    status, answer = await alice.patch(f"/api/v2/projects/{pid}/files/other.txt", json={"path": "plain.txt/deeper/x.txt"})
+    assert status in (400, 409), answer
+    # A header that is not text.
+    resp = await client.get("/api/v2/projects", headers={"Authorization": "Bearer \xff\xfe"})
+    assert resp.status == 401 and resp.content_type == "application/json"
+
+
+async def test_the_model_endpoint_answers_json_to_anything(client: TestClient) -> None:
+    for body in ("[" * 100_000, '{"accessKey": "x", "request": NaN}', '{"accessKey": "\\ud800", "request": {}}'):
+        resp = await client.post("/model", data=body.encode(), headers={"Content-Type": "application/json"})
+        assert resp.status in (400, 404) and resp.content_type == "application/json", (body[:40], await resp.text())
+
+
+async def test_an_upload_in_flight_is_never_in_the_projects_tree_and_leftovers_are_swept(client: TestClient, alice: Api) -> None:
+    import asyncio
+
+    from cml_appliance.web.keys import PROJECTS
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "Uploads"})
+    service = client.app[PROJECTS]
+    root = service.projects_dir / project["id"]
+    staging = service.projects_dir / ".uploads"
+    halfway = asyncio.Event()
+    proceed = asyncio.Event()
+
+    async def body() -> Any:
+        yield b"x" * 200_000
+        halfway.set()
+        await proceed.wait()
+        yield b"y" * 1000
+
+    form = aiohttp.FormData()
+    form.add_field("big.bin", body(), filename="big.bin", content_type="application/octet-stream")
+    upload = asyncio.ensure_future(alice.post(f"/api/v2/projects/{project['id']}/files", data=form))
+    await halfway.wait()
+    for _ in range(200):  # until the server has started writing
+        if staging.exists() and any(staging.iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    assert any(staging.iterdir())
+    assert [p.name for p in root.iterdir()] == []
+    status, listing = await alice.get(f"/api/v2/projects/{project['id']}/files")
+    assert listing["files"] == []
+    proceed.set()
+    status, info = await upload
+    assert status == 200 and [p.name for p in root.iterdir()] == ["big.bin"]
+    assert list(staging.iterdir()) == []
+    # What a killed process left behind goes at the next start.
+    (staging / "upload-left-by-a-crash").write_bytes(b"half")
+    await service.fail_interrupted_creations()
+    assert not staging.exists()
