@@ -4,6 +4,7 @@
 "use strict";
 
 const CML = (() => {
+  const FLASH_SECONDS = 10;
   const words = JSON.parse(document.getElementById("status-words").textContent);
 
   // The same words, colours and icons as the server's status_badge macro (web/status_words.py).
@@ -101,6 +102,9 @@ const CML = (() => {
     }
     const live = document.body.dataset.live;
     if (live) startLive(live);
+    // A success message has said its piece after a while, even where no state moves on; errors
+    // stay until dismissed.
+    if (document.querySelector("[data-flash].ok")) setTimeout(dropStaleFlashes, FLASH_SECONDS * 1000);
   });
 
   document.addEventListener("click", (event) => {

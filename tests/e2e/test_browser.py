@@ -268,7 +268,7 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     await expect(page.locator(".flash.ok")).to_have_text(re.compile("Stopping the session"))
     # The status moves on without a reload, the stale message goes, the stop button too.
     await expect(page.locator("#session-status")).to_have_text("Stopped", timeout=15_000)
-    await expect(page.locator(".flash.ok")).to_have_count(0)
+    await expect(page.locator(".flash.ok")).to_have_count(0, timeout=15_000)
     await expect(page.locator("#terminal-state")).to_contain_text("ended")
     await expect(page.locator("#stop-button")).to_have_count(0)
     await expect(page.locator("#console")).to_contain_text("Session stopping")

@@ -5,7 +5,7 @@ The crawler starts from the navigation and follows every link of the appliance's
 are left out). A page fails on: an HTTP error, an uncaught JavaScript error, a console error (a
 missing favicon included), an element wider than the viewport that no scrolling box holds, and,
 at desktop width, any WCAG 2 A/AA violation axe-core finds (labels, text alternatives, colour
-contrast, ...). Screenshots of the main pages at both widths go to the artifacts folder
+contrast, ...), and any inline script or event handler. Screenshots of the main pages at both widths go to the artifacts folder
 (docs/ui.md links them; scripts/screenshots.sh makes them anew).
 """
 
@@ -55,11 +55,20 @@ OVERFLOW = """() => {
   if (found.length === 1 && found[0].startsWith("the page")) {  // held everywhere, yet the page is wide: name the widest
     const wide = Array.from(document.body.querySelectorAll("*")).map(e => [e, e.getBoundingClientRect().right])
       .filter(([e, right]) => right > vw + 1).sort((a, b) => b[1] - a[1]).slice(0, 3);
-    for (const [e, right] of wide) found.push(`widest: ${e.tagName.toLowerCase()}${e.id ? "#" + e.id : ""}.${String(e.className).replace(/\s+/g, ".")} reaches ${Math.round(right)}px`);
+    for (const [e, right] of wide) found.push(`widest: ${e.tagName.toLowerCase()}${e.id ? "#" + e.id : ""}.${String(e.className).replace(/\\s+/g, ".")} reaches ${Math.round(right)}px`);
   }
   return found.slice(0, 8);
 }"""
 
+# No user data may ever sit in script: no inline handlers, no inline scripts (the CSP forbids
+# them too; this names the page that would try).
+INLINE_SCRIPT = """() => {
+  const found = [];
+  for (const el of document.querySelectorAll("*"))
+    for (const attr of el.attributes) if (attr.name.startsWith("on")) found.push(`${el.tagName.toLowerCase()} ${attr.name}`);
+  for (const s of document.querySelectorAll("script:not([src])")) if (s.type !== "application/json") found.push("inline <script>");
+  return found;
+}"""
 LINKS = """() => Array.from(document.querySelectorAll("a[href]"), a => a.getAttribute("href"))"""
 STATUSES = """() => Array.from(document.querySelectorAll("[data-status]"), e => e.dataset.status)"""
 
@@ -95,6 +104,8 @@ async def crawl(browser: Browser, client: TestClient, *, accessibility: bool, sh
         # Let the live stream connect and its first refresh land: its errors count too.
         await page.wait_for_timeout(350)
         for item in await page.evaluate(OVERFLOW):
+            problems.append(f"{path}: {item}")
+        for item in await page.evaluate(INLINE_SCRIPT):
             problems.append(f"{path}: {item}")
         if accessibility:
             for item in await axe_violations(page):
