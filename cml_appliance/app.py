@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import logging
 from collections.abc import AsyncIterator
 
@@ -28,6 +29,7 @@ from cml_appliance.db.pool import create_pool, database_url
 from cml_appliance.engines.base import Engine
 from cml_appliance.engines.container import ContainerEngine
 from cml_appliance.engines.local import LocalEngine
+from cml_appliance.engines.sandbox import find_sandbox
 from cml_appliance.jobs import api as jobs_api
 from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
@@ -47,6 +49,7 @@ from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
+    LOCAL_SANDBOX,
     APP_PROXY_SESSION,
     APPLICATIONS,
     JOBS,
@@ -128,7 +131,14 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     async def workloads(app: web.Application) -> AsyncIterator[None]:
         pool, tasks = app[POOL], app[SUPERVISOR]
         site_id = await workload_store.site_id(pool)
-        engines: dict[str, Engine] = {"local": LocalEngine(site_id)}
+        sandbox, why_not = (None, "local_sandbox is off") if settings.local_sandbox == "off" else await asyncio.to_thread(
+            find_sandbox, [settings.data_dir], os.environ.get("PATH", ""))
+        if sandbox is None and settings.local_sandbox == "bubblewrap":
+            raise RuntimeError(f"local_sandbox is bubblewrap, but {why_not}")
+        if sandbox is None:
+            log.warning("local workloads run UNSANDBOXED, with the appliance's own rights: %s", why_not)
+        app[LOCAL_SANDBOX] = "bubblewrap" if sandbox is not None else f"none: {why_not}"
+        engines: dict[str, Engine] = {"local": LocalEngine(site_id, sandbox)}
         if settings.container_engine_url:
             engines["container"] = ContainerEngine(site_id, settings.container_engine_url, network=settings.container_network)
         service = WorkloadService(
@@ -136,6 +146,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             projects_dir=settings.projects_dir, base_url=settings.base_url, stop_grace=settings.stop_grace_seconds,
         )
         app[WORKLOADS] = service
+        if sandbox is None and not settings.allow_unsandboxed_local:
+            service.unsandboxed_local = why_not
         app[SESSIONS] = SessionService(pool, app[PROJECTS], service, settings)
         smtp = None
         if settings.smtp_host:

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 DEBS=(git podman runc conmon catatonit netavark aardvark-dns slirp4netns uidmap fuse-overlayfs
-      iptables docker-registry busybox-static debootstrap chromium ca-certificates curl)
+      iptables docker-registry busybox-static debootstrap chromium ca-certificates curl bubblewrap)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${DEBS[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done

@@ -48,6 +48,8 @@ class Settings:
     login_max_failures: int
     container_engine_url: str
     container_network: str
+    local_sandbox: str
+    allow_unsandboxed_local: bool
     workload_log_max_mb: int
     stop_grace_seconds: int
     idle_maximum_minutes: int
@@ -224,6 +226,8 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     engine_url = values.get("container_engine_url")
     if engine_url and urlsplit(engine_url).scheme not in ("unix", "tcp", "http", "https"):
         bad("container_engine_url", "use unix:///path/to/docker.sock, tcp://host:port or http(s)://..., or leave it empty")
+    if ok("local_sandbox") and values["local_sandbox"] not in ("auto", "bubblewrap", "off"):
+        bad("local_sandbox", "use auto (bubblewrap where it works), bubblewrap (required) or off")
     if ok("container_network") and values["container_network"] not in ("bridge", "host", "none"):
         bad("container_network", "use bridge, host or none")
     for name in (

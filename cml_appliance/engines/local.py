@@ -27,11 +27,15 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cml_appliance.engines import sandbox as sandbox_mod
 from cml_appliance.engines.base import EngineError, LaunchSpec
+from cml_appliance.engines.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Where a local model replica's Unix socket is (models/service.py sets it; the sandbox binds its folder).
+REPLICA_SOCKET_VARIABLE = "CML_MODEL_SOCKET"
 # Pieces of output (up to 64 kB each) held for the log before the process is made to wait.
 OUTPUT_BUFFER_CHUNKS = 16
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -125,13 +129,12 @@ class MainProcess:
 
     @classmethod
     async def start(cls, spawner: ThreadPoolExecutor, command: list[str], cwd: Path, env: dict[str, str],
-                    memory_bytes: int, launcher: tuple[str, str] | None) -> MainProcess:
+                    memory_bytes: int, launcher: tuple[str, str] | None,
+                    wrap: Callable[[list[str]], list[str]] | None = None) -> MainProcess:
         preexec: Callable[[], None] | None = None
-        if launcher is None:
-            preexec = _child_setup(memory_bytes)
-        else:
+        if launcher is not None or wrap is not None:
             # A missing program is an error here, as it is when Popen runs it itself (which()
-            # finds only files we may execute).
+            # finds only files we may execute); in a sandbox the same paths are bound in.
             program = command[0] if "/" in command[0] else shutil.which(command[0], path=env.get("PATH"))
             if program is None:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
@@ -140,9 +143,15 @@ class MainProcess:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
             if not os.access(resolved, os.X_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), command[0])
+            command = [program, *command[1:]]
+            if wrap is not None:
+                command = wrap(command)
+        if launcher is None:
+            preexec = _child_setup(memory_bytes)
+        else:
             setpriv, prlimit = launcher
             cap = [prlimit, f"--data={memory_bytes}", "--"] if memory_bytes > 0 else []
-            command = [setpriv, "--pdeathsig", "KILL", "--", *cap, program, *command[1:]]
+            command = [setpriv, "--pdeathsig", "KILL", "--", *cap, *command]
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             popen = await asyncio.get_running_loop().run_in_executor(spawner, functools.partial(
@@ -263,14 +272,19 @@ class LocalTerminal:
             await self._proc.wait()
         self._loop.remove_reader(self._master)
         os.close(self._master)
+        # The reader may not have seen the end yet (a sandbox's processes let go of the pty a
+        # moment after the shell's parent ended): whoever reads learns it is over.
+        self._queue.put_nowait(b"")
 
 
 class LocalEngine:
     name = "local"
     shares_host_network = True  # each workload gets free ports of its own
 
-    def __init__(self, site_id: str):
+    def __init__(self, site_id: str, sandbox: Sandbox | None = None):
         self.site_id = site_id
+        # Workloads run under bubblewrap when given one (engines/sandbox.py).
+        self.sandbox = sandbox
         self._procs: dict[str, MainProcess] = {}
         # Threads that fork main processes. PR_SET_PDEATHSIG fires when the forking *thread* ends,
         # so these live exactly as long as the engine (the default executor's threads might not).
@@ -284,16 +298,29 @@ class LocalEngine:
 
     def _env(self, spec: LaunchSpec) -> dict[str, str]:
         base = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ}
-        return base | spec.env | {
+        env = base | spec.env | {
             "CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id, "CML_ENGINE": self.name,
         }
+        if self.sandbox is not None:  # the project is there too, as in CML's containers
+            env["HOME"] = str(sandbox_mod.HOME)
+        return env
+
+    def _wrap(self, spec: LaunchSpec, *, new_session: bool = True) -> Callable[[list[str]], list[str]] | None:
+        if self.sandbox is None:
+            return None
+        sandbox = self.sandbox
+        # A local model replica listens on a Unix socket in a directory of its own.
+        socket = spec.env.get(REPLICA_SOCKET_VARIABLE)
+        writable = [Path(socket).parent] if socket else []
+        return lambda command: sandbox.wrap(command, project_dir=spec.project_dir, extra_writable=writable,
+                                            new_session=new_session)
 
     async def start(self, spec: LaunchSpec) -> str:
         if self._closing:
             raise EngineError("the local engine is shutting down")
         try:
             proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec),
-                                           spec.memory_mb * 1024 * 1024, self._launcher)
+                                           spec.memory_mb * 1024 * 1024, self._launcher, self._wrap(spec))
         except OSError as exc:
             raise EngineError(f"cannot start {spec.command[0]!r}: {exc.strerror}") from None
         try:
@@ -330,9 +357,14 @@ class LocalEngine:
             await terminal.close()
         groups = {pid} if _alive(pid, ticks) else set()
         # Everything else the workload started, in whatever process group it went to.
-        groups |= {os.getpgid(p) for p in self._marked(workload_id) if _exists(p)}
+        marked = [p for p in self._marked(workload_id) if _exists(p)]
+        groups |= {_pgid(p) for p in marked} - {None}
+        # In a sandbox, SIGTERM goes to the workload's own processes only: the bubblewrap around
+        # them would die of it at once and take them along before they could end cleanly.
+        wrappers = {p for p in marked if _is_bwrap(p)} | ({pid} if self.sandbox is not None else set())
+        workload_groups = {_pgid(p) for p in marked if p not in wrappers} - {None}
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for group in groups:
+            for group in (workload_groups or groups) if sig == signal.SIGTERM and self.sandbox is not None else groups:
                 try:
                     os.killpg(group, sig)
                 except (ProcessLookupError, PermissionError):
@@ -359,9 +391,13 @@ class LocalEngine:
         master, slave = pty.openpty()
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         env = self._env(spec) | {"TERM": "xterm-256color"}
+        command = [shell, "-i"]
+        wrap = self._wrap(spec, new_session=False)  # the shell keeps the pty as its terminal
+        if wrap is not None:
+            command = wrap(command)
         try:
             proc = await asyncio.create_subprocess_exec(
-                shell, "-i", cwd=spec.project_dir, env=env, stdin=slave, stdout=slave, stderr=slave,
+                *command, cwd=spec.project_dir, env=env, stdin=slave, stdout=slave, stderr=slave,
                 preexec_fn=_child_setup(spec.memory_mb * 1024 * 1024, tty_fd=slave),
             )
         finally:
@@ -414,6 +450,20 @@ class LocalEngine:
         # Local workloads end with the appliance: the spawner threads ending sends PDEATHSIG.
         self._closing = True
         self._spawner.shutdown(wait=False)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _is_bwrap(pid: int) -> bool:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "bwrap"
+    except OSError:
+        return False
 
 
 def _exists(pid: int) -> bool:

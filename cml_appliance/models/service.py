@@ -476,7 +476,10 @@ class ModelService:
         if self.workloads.engine_name_for(build.runtime_identifier) == "local":
             if self._sockets_dir is None:
                 self._sockets_dir = _new_sockets_dir()
-            environment[SOCKET_VARIABLE] = str(self._sockets_dir / f"{secrets.token_hex(6)}.sock")
+            # A folder per replica: a sandboxed replica sees its own socket's folder only.
+            folder = self._sockets_dir / secrets.token_hex(6)
+            folder.mkdir(mode=0o700)
+            environment[SOCKET_VARIABLE] = str(folder / "model.sock")
         return await self.workloads.launch(user, project, LaunchRequest(
             kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
             image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
@@ -626,6 +629,8 @@ class ModelService:
         if path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))
             link = self._links.pop(path, None)
             if link is not None:
                 link.close()  # a call on it now sees the connection lost, and moves on to another replica

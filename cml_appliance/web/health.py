@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from cml_appliance import __version__
-from cml_appliance.web.keys import METRICS, POOL
+from cml_appliance.web.keys import LOCAL_SANDBOX, METRICS, POOL
 from cml_appliance.web.metrics import CONTENT_TYPE
 
 
@@ -21,7 +21,7 @@ async def readyz(request: web.Request) -> web.Response:
             await request.app[POOL].fetchval("SELECT 1")
     except Exception as exc:  # any failure to reach the database means not ready
         return web.json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, status=503)
-    return web.json_response({"status": "ready", "database": "ok"})
+    return web.json_response({"status": "ready", "database": "ok", "local_sandbox": request.app.get(LOCAL_SANDBOX, "")})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -34,3 +34,5 @@ APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
 # Set when the appliance shuts down: the open /live streams end instead of holding it up.
 CLOSING = web.AppKey("closing", asyncio.Event)
+# How local workloads are isolated: "bubblewrap", or "none: <why>" (shown by /readyz).
+LOCAL_SANDBOX = web.AppKey("local_sandbox", str)

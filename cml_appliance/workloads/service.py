@@ -112,6 +112,8 @@ class WorkloadService:
         self.projects_dir = projects_dir
         self.base_url = base_url
         self.stop_grace = stop_grace
+        # Why local workloads run unsandboxed, when they do and the administrator has not accepted it.
+        self.unsandboxed_local = ""
         # Called with each workload that reached its final status (dependent jobs, notifications).
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
@@ -119,6 +121,17 @@ class WorkloadService:
         self._specs: dict[int, LaunchSpec] = {}
 
     # Engines -------------------------------------------------------------------------------
+
+    async def _refuse_unsandboxed_for_many(self) -> None:
+        """Unsandboxed, a local workload runs with the appliance's rights: fine for one person on
+        a laptop, not once the site has several users (unless the administrator accepted it)."""
+        users = await self.pool.fetchval("SELECT count(*) FROM users WHERE is_active")
+        if users > 1:
+            raise Unavailable(
+                f"the local engine cannot sandbox workloads here ({self.unsandboxed_local}), and this site has "
+                f"{users} users: install bubblewrap, or set CML_ALLOW_UNSANDBOXED_LOCAL=true to accept that "
+                "every user's code runs with the appliance's own rights"
+            )
 
     def engine_name_for(self, runtime_identifier: str) -> str:
         return "local" if runtime_identifier.startswith(HOST_RUNTIME_PREFIX) else "container"
@@ -179,6 +192,8 @@ class WorkloadService:
     async def launch(self, user: User, project: Project, request: LaunchRequest) -> Workload:
         engine_name = self.engine_name_for(request.runtime_identifier)
         engine = self.engine(engine_name)
+        if engine_name == "local" and self.unsandboxed_local:
+            await self._refuse_unsandboxed_for_many()
         try:
             await engine.ping()
         except EngineUnavailable as exc:
@@ -377,11 +392,12 @@ class WorkloadService:
             handle = real.get(row.public_id)
             if handle is None:
                 what = "process" if engine.name == "local" else "container"
-                reason = (
-                    "interrupted by a restart of the appliance before it started"
-                    if row.status in (states.SCHEDULING, states.STARTING)
-                    else f"its {what} is gone (it ended while the appliance was not watching, or was removed)"
-                )
+                if row.status in (states.SCHEDULING, states.STARTING):
+                    reason = "interrupted by a restart of the appliance before it started"
+                elif engine.name == "local" and starting_up:  # it died with the appliance (a sandbox takes all of it)
+                    reason = "the appliance restarted while it ran; local workloads end with it"
+                else:
+                    reason = f"its {what} is gone (it ended while the appliance was not watching, or was removed)"
                 await self._fail(row.id, reason)
                 counts["failed"] += 1
             elif engine.name == "container" and row.status == states.RUNNING:

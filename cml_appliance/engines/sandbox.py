@@ -1,0 +1,116 @@
+"""The local engine's sandbox: each workload process runs under bubblewrap (Debian's `bubblewrap`).
+
+Inside, a workload sees the system read-only (/usr, /etc, the runtime's own files on PATH), its
+project read-write at its own path and at /home/cdsw, a private /tmp, its own /proc (a PID
+namespace: no other workload's processes, so no other workload's CDSW_APIV2_KEY in
+/proc/*/environ) and nothing else: not the data dir, the secret key, the embedded Postgres's
+socket, the container engine's socket, or another project. It runs as uid 8536 (CML's `cdsw`
+user) in a user namespace of its own.
+
+The network stays the host's: applications and models listen on ports the appliance reaches,
+and workloads call the appliance's API. What a workload may reach over the network is the
+business of the database's authentication (the embedded Postgres listens on a socket only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_UID = 8536  # CML's cdsw user, as in its containers
+HOME = Path("/home/cdsw")
+# The system, read-only, where it exists (merged-/usr systems have /bin etc. as links).
+SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+
+
+class Sandbox:
+    """Builds the bwrap command line around a workload's command."""
+
+    def __init__(self, bwrap: str, hidden: Iterable[Path], path_dirs: Iterable[str]):
+        self.bwrap = bwrap
+        # Never bound in, whatever PATH says: the data dir (secret key, database, every project).
+        self.hidden = [Path(os.path.realpath(p)) for p in hidden]
+        self.runtime_dirs = self._runtime_dirs(path_dirs)
+
+    def _runtime_dirs(self, path_dirs: Iterable[str]) -> list[str]:
+        """Directories of PATH that lie outside the system paths (a pyenv, a virtualenv), each to
+        be bound read-only; one that holds or sits in a hidden directory is left out."""
+        chosen: list[str] = []
+        for entry in path_dirs:
+            if not entry or not os.path.isabs(entry) or not os.path.isdir(entry):
+                continue
+            real = Path(os.path.realpath(entry))
+            if any(real == Path(s) or real.is_relative_to(s) for s in SYSTEM_PATHS):
+                continue
+            # A pyenv shim needs the whole pyenv: bind the tool's root, not just its bin.
+            root = real.parent if real.name in ("bin", "shims") else real
+            if real.parent.name == "plugins" or "plugins" in real.parts:
+                root = Path(*real.parts[: real.parts.index("plugins")])
+            if any(root == h or root.is_relative_to(h) or h.is_relative_to(root) for h in self.hidden):
+                log.warning("not binding %s into workload sandboxes: it holds or sits in the data dir", root)
+                continue
+            if str(root) not in chosen and not any(Path(root).is_relative_to(c) for c in chosen):
+                chosen.append(str(root))
+        return chosen
+
+    def wrap(self, command: list[str], *, project_dir: Path, extra_writable: Iterable[Path] = (),
+             new_session: bool = True) -> list[str]:
+        project = os.path.realpath(project_dir)
+        args = [self.bwrap, "--unshare-user", "--uid", str(WORKLOAD_UID), "--gid", str(WORKLOAD_UID),
+                "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent",
+                "--hostname", "cml-workload"]
+        if new_session:  # no TIOCSTI into a terminal it does not own (a terminal keeps its own)
+            args.append("--new-session")
+        for path in SYSTEM_PATHS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+        for path in self.runtime_dirs:
+            args += ["--ro-bind", path, path]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
+                 "--bind", project, project, "--bind", project, str(HOME)]
+        for path in extra_writable:
+            real = os.path.realpath(path)
+            args += ["--bind", real, real]
+        args += ["--chdir", project, "--"]
+        return args + command
+
+
+_probed: dict[tuple[str, tuple[Path, ...], str], tuple[Sandbox | None, str]] = {}
+
+
+def find_sandbox(hidden: Iterable[Path], path: str) -> tuple[Sandbox | None, str]:
+    """A working sandbox, or None and why not (said at start-up and in /readyz). The probe runs
+    once per process for the same arguments."""
+    key = (shutil.which("bwrap") or "", tuple(hidden), path)
+    if key not in _probed:
+        _probed[key] = _probe(key[1], path)
+    return _probed[key]
+
+
+def _probe(hidden: Iterable[Path], path: str) -> tuple[Sandbox | None, str]:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
+    # PATH's tools, and this interpreter's own (host/ runtimes run the appliance's Python).
+    dirs = path.split(os.pathsep) + [os.path.join(sys.prefix, "bin"), os.path.join(sys.base_prefix, "bin")]
+    sandbox = Sandbox(bwrap, hidden, dirs)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cml-sandbox-probe-") as probe_dir:
+            probe = subprocess.run(sandbox.wrap(["/bin/sh", "-c", "exit 0"], project_dir=Path(probe_dir)),
+                                   capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"bubblewrap does not run here: {exc}"
+    if probe.returncode != 0:
+        reason = probe.stderr.decode(errors="replace").strip() or f"exit {probe.returncode}"
+        return None, f"bubblewrap cannot make a sandbox here (user namespaces off?): {reason}"
+    return sandbox, ""
