@@ -41,8 +41,10 @@ class Sandbox:
         self.runtime_dirs = self._runtime_dirs(path_dirs)
 
     def _runtime_dirs(self, path_dirs: Iterable[str]) -> list[str]:
-        """Directories of PATH that lie outside the system paths (a pyenv, a virtualenv), each to
-        be bound read-only; one that holds or sits in a hidden directory is left out."""
+        """What of PATH lies outside the system paths, each to be bound read-only: the directory
+        itself (a tool's bin, never its parent, which may hold credentials), except a pyenv's
+        shims, which need the whole pyenv; and whole interpreter prefixes (a venv's or a Python's
+        own, given as such). One that holds or sits in a hidden directory is left out."""
         chosen: list[str] = []
         for entry in path_dirs:
             if not entry or not os.path.isabs(entry) or not os.path.isdir(entry):
@@ -50,15 +52,16 @@ class Sandbox:
             real = Path(os.path.realpath(entry))
             if any(real == Path(s) or real.is_relative_to(s) for s in SYSTEM_PATHS):
                 continue
-            # A pyenv shim needs the whole pyenv: bind the tool's root, not just its bin.
-            root = real.parent if real.name in ("bin", "shims") else real
-            if real.parent.name == "plugins" or "plugins" in real.parts:
+            root = real
+            if "plugins" in real.parts:  # pyenv's plugins' shims: the pyenv they belong to
                 root = Path(*real.parts[: real.parts.index("plugins")])
+            elif real.name == "shims" and (real.parent / "versions").is_dir():
+                root = real.parent
             if any(root == h or root.is_relative_to(h) or h.is_relative_to(root) for h in self.hidden):
                 log.warning("not binding %s into workload sandboxes: it holds or sits in the data dir", root)
                 continue
-            if str(root) not in chosen and not any(Path(root).is_relative_to(c) for c in chosen):
-                chosen.append(str(root))
+            if not any(root.is_relative_to(c) for c in chosen):
+                chosen = [c for c in chosen if not Path(c).is_relative_to(root)] + [str(root)]
         return chosen
 
     def wrap(self, command: list[str], *, project_dir: Path, extra_writable: Iterable[Path] = (),
@@ -74,10 +77,12 @@ class Sandbox:
                 args += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 args += ["--ro-bind", path, path]
+        # Mounts apply in order: the fresh /tmp and /run first, so that what is bound below them
+        # (a runtime or a project that lives under /tmp) stays visible.
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
         for path in self.runtime_dirs:
             args += ["--ro-bind", path, path]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
-                 "--bind", project, project, "--bind", project, str(HOME)]
+        args += ["--bind", project, project, "--bind", project, str(HOME)]
         for path in extra_writable:
             real = os.path.realpath(path)
             args += ["--bind", real, real]
@@ -101,9 +106,8 @@ def _probe(hidden: Iterable[Path], path: str) -> tuple[Sandbox | None, str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
-    # PATH's tools, and this interpreter's own (host/ runtimes run the appliance's Python).
-    dirs = path.split(os.pathsep) + [os.path.join(sys.prefix, "bin"), os.path.join(sys.base_prefix, "bin")]
-    sandbox = Sandbox(bwrap, hidden, dirs)
+    # PATH's tools, and this interpreter's own prefixes (host/ runtimes run the appliance's Python).
+    sandbox = Sandbox(bwrap, hidden, path.split(os.pathsep) + [sys.prefix, sys.base_prefix])
     try:
         with tempfile.TemporaryDirectory(prefix="cml-sandbox-probe-") as probe_dir:
             probe = subprocess.run(sandbox.wrap(["/bin/sh", "-c", "exit 0"], project_dir=Path(probe_dir)),

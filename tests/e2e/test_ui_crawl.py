@@ -164,6 +164,7 @@ async def test_every_page_on_a_realistic_site_at_desktop_and_phone_widths(
         async with browser_for(client, viewport) as browser:
             await browser.sign_in("alice")
             result = await crawl(browser, client, accessibility=accessibility, shots=shots, prefix=prefix)
+        print(f"{viewport['width']} px: {len(result['visited'])} pages visited, {len(result['problems'])} problem(s)")
         report = "\n".join(result["problems"])
         assert not result["problems"], f"{len(result['problems'])} problem(s) at {viewport['width']} px:\n{report}"
         # The crawl reached each kind of page, and each workload state.

@@ -122,3 +122,27 @@ def test_main_processes_die_with_the_appliance(launcher: str, tmp_path: Path) ->
         time.sleep(0.05)
     os.kill(pid, 9)
     raise AssertionError(f"process {pid} outlived the process that started it")
+
+
+def test_the_sandbox_binds_runtimes_but_never_the_data_dir_or_a_tools_home(tmp_path: Path) -> None:
+    from cml_appliance.engines.sandbox import Sandbox
+
+    pyenv = tmp_path / "home/.pyenv"
+    (pyenv / "shims").mkdir(parents=True)
+    (pyenv / "versions").mkdir()
+    (pyenv / "plugins/virtualenv/shims").mkdir(parents=True)
+    cargo_bin = tmp_path / "home/.cargo/bin"
+    cargo_bin.mkdir(parents=True)
+    data = tmp_path / "app/.cml-data"
+    (data / "bin").mkdir(parents=True)
+    venv = tmp_path / "app/.venv"
+    (venv / "bin").mkdir(parents=True)
+    sandbox = Sandbox("/usr/bin/bwrap", [data], [
+        str(pyenv / "plugins/virtualenv/shims"), str(pyenv / "shims"), str(cargo_bin), str(data / "bin"),
+        str(tmp_path / "app"), str(venv), "/usr/bin", "relative/bin", str(tmp_path / "missing")])
+    assert sandbox.runtime_dirs == [str(pyenv), str(cargo_bin), str(venv)]
+    args = sandbox.wrap(["python3", "x.py"], project_dir=tmp_path)
+    assert args[-3:] == ["--", "python3", "x.py"]
+    assert str(data) not in " ".join(args)
+    # /tmp is fresh before anything is bound under it.
+    assert args.index("/tmp") < args.index(str(venv))
