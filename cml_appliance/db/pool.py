@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
+import re
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 
@@ -27,14 +32,68 @@ async def database_url(configured: str, data_dir: Path) -> AsyncIterator[str]:
         return
     import pgserver  # imported lazily: it is only needed without an external database
 
+    data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded Postgres in %s", pgdata)
     server = await asyncio.to_thread(pgserver.get_server, pgdata, cleanup_mode="stop")
+    # The secret key, the database and every project: the appliance's alone. pgserver opened the
+    # way (g+rx, o+rx) for the system user it runs Postgres as when we are root; that user only
+    # needs to pass through.
+    data_dir.chmod(DATA_DIR_MODE_AS_ROOT if os.geteuid() == 0 else 0o700)
     try:
-        yield server.get_uri()
+        yield await require_password(server.get_uri(), data_dir, pgdata)
     finally:
         await asyncio.to_thread(server.cleanup)
+
+
+async def require_password(trusting_dsn: str, data_dir: Path, pgdata: Path) -> str:
+    """pgserver makes a cluster that trusts every local connection, and its socket may sit in a
+    world-writable directory. The first start gives the role a password (kept in
+    data_dir/postgres_password, 0600) and switches pg_hba.conf to SCRAM; every start returns the
+    DSN with that password. A file lock keeps a CLI command and `serve` from racing."""
+    password_file = data_dir / PASSWORD_FILE
+    with open(data_dir / (PASSWORD_FILE + ".lock"), "w") as lock:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        try:
+            if not password_file.exists():
+                password = secrets.token_urlsafe(32)
+                conn = await asyncpg.connect(trusting_dsn)  # trust still holds: this is the first start
+                try:
+                    await conn.execute("SET password_encryption = 'scram-sha-256'")
+                    await conn.execute(f"ALTER ROLE CURRENT_USER PASSWORD {_literal(password)}")
+                finally:
+                    await conn.close()
+                tmp = password_file.with_suffix(".tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(password)
+                os.replace(tmp, password_file)
+            password = password_file.read_text().strip()
+            dsn = trusting_dsn.replace("postgresql://postgres:@", f"postgresql://postgres:{quote(password, safe='')}@", 1)
+            hba = pgdata / "pg_hba.conf"
+            text = hba.read_text()
+            required = re.sub(r"\btrust\b", "scram-sha-256", text)
+            if required != text:
+                hba.write_text(required)
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await conn.execute("SELECT pg_reload_conf()")
+                finally:
+                    await conn.close()
+            return dsn
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+PASSWORD_FILE = "postgres_password"
+DATA_DIR_MODE_AS_ROOT = 0o711
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (ALTER ROLE takes no parameters); the password is URL-safe base64."""
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", text)
+    return f"'{text}'"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -214,3 +214,31 @@ async def test_an_upload_in_flight_is_never_in_the_projects_tree_and_leftovers_a
     (staging / "upload-left-by-a-crash").write_bytes(b"half")
     await service.fail_interrupted_creations()
     assert not staging.exists()
+
+
+async def test_the_embedded_postgres_needs_its_password_even_on_its_socket(tmp_path: Any) -> None:
+    import stat
+
+    import asyncpg
+
+    from cml_appliance.db.pool import database_url
+
+    data_dir = tmp_path / "data"
+    for attempt in range(2):  # the first start sets the password up, the second finds it
+        async with database_url("", data_dir) as dsn:
+            assert ":@" not in dsn
+            conn = await asyncpg.connect(dsn)
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+            without = dsn.split("://", 1)[0] + "://postgres:@" + dsn.split("@", 1)[1]
+            try:
+                await asyncpg.connect(without)
+            except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+                refused = str(exc)
+            else:
+                refused = ""
+            assert "password" in refused, (attempt, refused)
+    # Only the appliance lists or reads it (root lets Postgres's own system user pass through).
+    assert stat.S_IMODE(data_dir.stat().st_mode) in (0o700, 0o711)
+    assert stat.S_IMODE((data_dir / "postgres_password").stat().st_mode) == 0o600
+    assert "trust" not in (data_dir / "postgres" / "pg_hba.conf").read_text().split("#")[-1]
