@@ -166,6 +166,9 @@ def _serve(settings: Settings) -> int:
         print=None,
         access_log=None,
         shutdown_timeout=15,
+        # aiohttp's idle timer runs from the connection's start until a whole request has
+        # arrived, so it is also the header-read timeout (a request being served is not cut).
+        keepalive_timeout=settings.header_timeout_seconds,
         loop=uvloop.new_event_loop(),
     )
     return 0

@@ -44,6 +44,7 @@ class Settings:
     log_level: str
     max_json_body_mb: int
     max_upload_mb: int
+    header_timeout_seconds: int
     session_hours: int
     login_max_failures: int
     container_engine_url: str

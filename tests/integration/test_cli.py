@@ -99,6 +99,7 @@ def test_bad_configuration_exits_with_a_clear_message(cli_env: dict[str, str]) -
 
 def test_migrate_users_keys_and_serve(cli_env: dict[str, str], fresh_db: str) -> None:
     cli_env["CML_DATABASE_URL"] = fresh_db
+    cli_env["CML_HEADER_TIMEOUT_SECONDS"] = "2"
     # Before migrating, commands refuse and name the fix.
     result = run(["users", "create", "ann", "--email", "ann@example.com", "--password-stdin"], cli_env, "longpassword\n")
     assert result.returncode == 3 and "cml-appliance migrate" in result.stderr
@@ -126,6 +127,25 @@ def test_migrate_users_keys_and_serve(cli_env: dict[str, str], fresh_db: str) ->
         wait_ready(url, proc)
         status, body = get(url + "/api/v2/projects", key)
         assert status == 200 and body == {"projects": [], "next_page_token": ""}
+        # A client that trickles its headers is cut off after header_timeout_seconds (2 here).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            started = time.monotonic()
+            slow.sendall(b"GET /api/v2/projects HTTP/1.1\r\nHost: x\r\n")
+            closed = False
+            while time.monotonic() - started < 8:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    closed = True
+                    break
+                slow.settimeout(0.5)
+                try:
+                    if slow.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+            assert closed and time.monotonic() - started < 6, "a connection trickling headers was held open"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         logs = proc.stderr.read() if proc.stderr else ""
