@@ -141,3 +141,36 @@ async def test_a_runtime_without_python_cannot_serve_an_application(dana: Api) -
     await until_ok(failed)
     reason = await dana.client.app[POOL].fetchval("SELECT reason FROM workloads WHERE kind = 'application'")
     assert "python3" in reason and "container_network" in reason, reason
+
+
+async def test_a_container_workload_reaches_its_project_and_nothing_else(dana: Api, python_image: str,
+                                                                         container_settings: Settings) -> None:
+    """The same probe as the local sandbox's (tests/integration/test_sandbox.py), in a container."""
+    import json
+
+    from tests.integration.test_jobs_api import wait_run
+    from tests.integration.test_sandbox import PROBE
+
+    _, other = await dana.post("/api/v2/projects", json={"name": "Other"})
+    secret_file = container_settings.projects_dir / other["id"] / "secret.txt"
+    secret_file.write_text("not for containers")
+    _, project = await dana.post("/api/v2/projects", json={"name": "Boxed"})
+    pid = project["id"]
+    form = aiohttp.FormData()
+    form.add_field("probe.py", PROBE.encode(), filename="probe.py")
+    form.add_field("mine.txt", b"mine", filename="mine.txt")
+    await dana.post(f"/api/v2/projects/{pid}/files", data=form)
+    db_socket = container_settings.data_dir / "postgres" / ".s.PGSQL.5432"
+    _, job = await dana.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": "probe", "script": "probe.py", "runtime_identifier": python_image,
+        "arguments": f"{secret_file} {container_settings.data_dir} {db_socket} /home/cdsw/mine.txt"})
+    _, run = await dana.post(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs", json={})
+    await wait_run(dana, pid, job["id"], run["id"], "ENGINE_SUCCEEDED", timeout=60)
+    _, log = await dana.get(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs/{run['id']}/logs")
+    seen = json.loads(next(x for x in log["content"].splitlines() if x.startswith("PROBE ")).removeprefix("PROBE "))
+    assert seen["uid"] == 8536, seen
+    for name in ("other_project_file", "other_project_dir", "secret_key", "data_dir", "projects_dir",
+                 "write_etc", "write_usr", "database_socket"):
+        assert seen[name][0] == "refused", (name, seen)
+    assert seen["own_file"] == ["ok", "mine"] and seen["write_home"][0] == "ok", seen
+    assert (container_settings.projects_dir / pid / "written-inside.txt").read_text() == "from the sandbox"
