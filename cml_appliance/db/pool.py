@@ -36,6 +36,7 @@ async def database_url(configured: str, data_dir: Path) -> AsyncIterator[str]:
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded Postgres in %s", pgdata)
+    await asyncio.to_thread(_forget_dead_users, pgdata)
     server = await asyncio.to_thread(pgserver.get_server, pgdata, cleanup_mode="stop")
     # The secret key, the database and every project: the appliance's alone. pgserver opened the
     # way (g+rx, o+rx) for the system user it runs Postgres as when we are root; that user only
@@ -45,6 +46,34 @@ async def database_url(configured: str, data_dir: Path) -> AsyncIterator[str]:
         yield await require_password(server.get_uri(), data_dir, pgdata)
     finally:
         await asyncio.to_thread(server.cleanup)
+
+
+def _forget_dead_users(pgdata: Path) -> None:
+    """pgserver stops the server when its last user lets go, counting users in a file of pids; a
+    process killed with SIGKILL never let go, so its pid stays and the server would outlive every
+    later clean stop. Pids of processes that are gone are struck out first (under pgserver's lock)."""
+    from pgserver.postgres_server import PostgresServer
+
+    pids_file = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(pids_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+        if alive != pids:
+            log.info("embedded Postgres: forgetting users that died without letting go: %s", sorted(set(pids) - set(alive)))
+            pids_file.write_text(json.dumps(alive))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def require_password(trusting_dsn: str, data_dir: Path, pgdata: Path) -> str:

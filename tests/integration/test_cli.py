@@ -203,3 +203,26 @@ def test_embedded_postgres_is_shared_with_the_cli_and_stopped_on_exit(cli_env: d
     while (pgdata / "postmaster.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not (pgdata / "postmaster.pid").exists()
+
+
+def test_after_a_sigkill_a_clean_stop_still_stops_the_embedded_postgres(cli_env: dict[str, str], tmp_path: Path) -> None:
+    cli_env.pop("DATABASE_URL", None)
+    pgdata = tmp_path / "data" / "postgres"
+    for stop in (signal.SIGKILL, signal.SIGTERM):
+        port = free_port()
+        proc = subprocess.Popen(CLI + ["serve", "--port", str(port)], env=cli_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc, deadline=90)
+            proc.send_signal(stop)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if stop == signal.SIGKILL:
+            assert (pgdata / "postmaster.pid").exists()  # killed: nobody stopped it
+    deadline = time.monotonic() + 15
+    while (pgdata / "postmaster.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (pgdata / "postmaster.pid").exists(), "the embedded Postgres outlived a clean stop after a SIGKILL"
