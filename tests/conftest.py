@@ -311,7 +311,11 @@ async def container_settings(settings: Settings, podman_url: str, busybox_image:
 
         async with aiodocker.Docker(url=podman_url) as docker:
             for container in await docker.containers.list(all=True, filters={"label": [f"cml.site={site}"]}):
-                await container.delete(force=True)
+                try:
+                    await container.delete(force=True)
+                except aiodocker.exceptions.DockerError as exc:
+                    if exc.status != 404:  # gone meanwhile (--rm, or the appliance removed it): fine
+                        raise
 
 
 @pytest.fixture
