@@ -121,7 +121,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         settings.projects_dir.mkdir(parents=True, exist_ok=True)
-        projects = ProjectService(app[POOL], settings.projects_dir, app[SUPERVISOR], allow_local_git=allow_local_git)
+        projects = ProjectService(app[POOL], settings.projects_dir, app[SUPERVISOR], allow_local_git=allow_local_git,
+                                  allow_private_git_hosts=settings.allow_private_git_hosts)
         failed = await projects.fail_interrupted_creations()
         if failed:
             log.warning("marked %d project creation(s) interrupted by a restart as failed", failed)

@@ -58,6 +58,7 @@ class Settings:
     reconcile_interval_seconds: int
     app_ready_timeout_seconds: int
     allow_unauthenticated_apps: bool
+    allow_private_git_hosts: bool
     model_request_timeout_seconds: int
     model_max_request_mb: int
     model_busy_wait_seconds: int

@@ -4,14 +4,17 @@ environment variables. Handlers call these; nothing here knows about HTTP."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -65,6 +68,34 @@ def check_git_ref(ref: str) -> str:
     return ref
 
 
+def git_host(url: str) -> str | None:
+    """The host a git URL names (https://, git://, ssh://, or scp-like user@host:path)."""
+    if "://" in url:
+        return urlsplit(url).hostname
+    scp = re.match(r"^[\w.-]+@([\w.-]+|\[[0-9a-fA-F:.]+\]):", url)
+    return scp.group(1).strip("[]") if scp else None
+
+
+async def refuse_internal_git_host(url: str) -> None:
+    """A clone fetches from the appliance's own network position: a host that resolves to a
+    loopback, link-local (the cloud metadata address), private or otherwise non-public address is
+    refused, so a project cannot be used to read internal services."""
+    host = git_host(url)
+    if host is None:
+        return  # a local path: allowed or refused by _check_git_url
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise InvalidArgument(f"git_url host {host!r} does not resolve") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global or address.is_multicast:
+            raise InvalidArgument(
+                f"git_url host {host!r} is an internal address ({address}): clones from loopback, link-local and "
+                "private networks are refused unless the site sets allow_private_git_hosts"
+            )
+
+
 def check_name(name: str) -> str:
     name = name.strip()
     if not name:
@@ -78,11 +109,13 @@ def check_name(name: str) -> str:
 
 
 class ProjectService:
-    def __init__(self, pool: asyncpg.Pool, projects_dir: Path, supervisor: Supervisor, *, allow_local_git: bool = False):
+    def __init__(self, pool: asyncpg.Pool, projects_dir: Path, supervisor: Supervisor, *, allow_local_git: bool = False,
+                 allow_private_git_hosts: bool = False):
         self.pool = pool
         self.projects_dir = projects_dir
         self.supervisor = supervisor
         self.allow_local_git = allow_local_git
+        self.allow_private_git_hosts = allow_private_git_hosts
 
     def directory(self, project: Project) -> Path:
         return self.projects_dir / project.public_id
@@ -112,6 +145,8 @@ class ProjectService:
         if template == "git":
             self._check_git_url(git_url)
             check_git_ref(fields.get("git_ref", ""))
+            if not self.allow_private_git_hosts:
+                await refuse_internal_git_host(git_url)
         elif git_url:
             raise InvalidArgument("git_url is only used with the git template")
         visibility = (fields.get("visibility") or "private").lower()

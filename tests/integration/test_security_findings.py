@@ -242,3 +242,24 @@ async def test_the_embedded_postgres_needs_its_password_even_on_its_socket(tmp_p
     assert stat.S_IMODE(data_dir.stat().st_mode) in (0o700, 0o711)
     assert stat.S_IMODE((data_dir / "postgres_password").stat().st_mode) == 0o600
     assert "trust" not in (data_dir / "postgres" / "pg_hba.conf").read_text().split("#")[-1]
+
+
+async def test_git_urls_on_internal_addresses_are_refused(client: TestClient, alice: Api) -> None:
+    """Resolved only, never fetched: the check runs before any clone."""
+    for url in ("http://169.254.169.254/latest/meta-data.git", "https://127.0.0.1:8080/x.git", "https://localhost/x.git",
+                "https://[::1]/x.git", "git://10.1.2.3/x.git", "ssh://git@192.168.1.1/x.git", "git@127.0.0.1:team/x.git",
+                "https://0.0.0.0/x.git", "http://[fe80::1]/x.git"):
+        status, body = await alice.post("/api/v2/projects", json={"name": f"n{abs(hash(url))}", "template": "git", "git_url": url})
+        assert status == 400 and ("internal address" in body["message"] or "does not resolve" in body["message"]), (url, body)
+    _, listed = await alice.get("/api/v2/projects")
+    assert listed["projects"] == []
+
+
+def test_git_host_names_the_host_of_every_url_form() -> None:
+    from cml_appliance.projects.service import git_host
+
+    assert git_host("https://user@github.com:443/o/r.git") == "github.com"
+    assert git_host("git@github.com:o/r.git") == "github.com"
+    assert git_host("git@[::1]:o/r.git") == "::1"
+    assert git_host("ssh://git@10.0.0.1/o/r") == "10.0.0.1"
+    assert git_host("/srv/repo") is None
