@@ -8,7 +8,7 @@ from aiohttp import web
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.applications.service import app_status
 from cml_appliance.auth.permissions import Role
-from cml_appliance.core.errors import AppError
+from cml_appliance.core.errors import REFUSALS, AppError
 from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import APPLICATIONS
@@ -49,6 +49,8 @@ async def act(request: web.Request) -> web.StreamResponse:
             await apps.stop(current_user(request), pid, aid)
         else:
             await apps.delete(current_user(request), pid, aid)
+    except REFUSALS:
+        raise
     except AppError as exc:
         raise redirect(request, back, "error", exc.message) from None
     raise redirect(request, back, "ok", {"restart": "Restarting.", "stop": "Stopping.", "delete": "Deleted."}[action])

@@ -71,3 +71,8 @@ class TooManyRequests(AppError):
 class Unavailable(AppError):
     status = 503
     grpc_code = 14
+
+
+# What a page's action must answer as a refusal (its error page: 403, or 404 so existence is not
+# leaked), never as a message beside the form it came from.
+REFUSALS = (Unauthenticated, PermissionDenied, NotFound)

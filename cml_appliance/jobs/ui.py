@@ -9,7 +9,7 @@ from aiohttp import web
 
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
-from cml_appliance.core.errors import AppError
+from cml_appliance.core.errors import REFUSALS, AppError
 from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import JOBS
@@ -86,6 +86,8 @@ async def run_job(request: web.Request) -> web.StreamResponse:
     pid, jid = request.match_info["project_id"], request.match_info["job_id"]
     try:
         run = await request.app[JOBS].start_run(current_user(request), pid, jid, {})
+    except REFUSALS:
+        raise
     except AppError as exc:
         raise redirect(request, f"/projects/{pid}/jobs/{jid}", "error", exc.message) from None
     raise redirect(request, f"/projects/{pid}/jobs/{jid}/runs/{run.public_id}")
@@ -105,6 +107,8 @@ async def stop_run(request: web.Request) -> web.StreamResponse:
     back = f"/projects/{pid}/jobs/{jid}/runs/{rid}"
     try:
         await request.app[JOBS].stop_run(current_user(request), pid, jid, rid)
+    except REFUSALS:
+        raise
     except AppError as exc:
         raise redirect(request, back, "error", exc.message) from None
     raise redirect(request, back, "ok", "Stopping the run.")

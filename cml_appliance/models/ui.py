@@ -13,10 +13,10 @@ from aiohttp import web
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import (
+    REFUSALS,
     AppError,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
 )
 from cml_appliance.models import example_request, serving
 from cml_appliance.models.service import Build, Deployment, Model
@@ -28,9 +28,6 @@ from cml_appliance.workloads import store as workload_store
 from cml_appliance.workloads.store import Workload
 from cml_appliance.workloads.streams import event_stream, logs_response
 
-# Refusals are answered as the error page (403, or 404 so existence is not leaked), never as a
-# form message: a viewer's POST must read as refused.
-REFUSED = (PermissionDenied, NotFound)
 # When a function's code says nothing of the keys it reads.
 EXAMPLE_REQUEST = '{\n  "feature": 1\n}'
 MAX_DEPLOYMENTS_SHOWN = 50
@@ -109,7 +106,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
                                               build_fields | {"auto_deploy_model": True, "auto_deployment_config": deploy})
             if build.status != "built":
                 raise InvalidArgument(f"The build failed: {build.failure}.")
-    except REFUSED:
+    except REFUSALS:
         raise
     except AppError as exc:
         if model is not None:
@@ -188,7 +185,7 @@ async def create_build(request: web.Request) -> web.StreamResponse:
         if form.get("deploy") == "on":
             fields |= {"auto_deploy_model": True, "auto_deployment_config": _deploy_fields(form)}
         build = await request.app[MODELS].create_build(user, pid, mid, fields)
-    except REFUSED:
+    except REFUSALS:
         raise
     except AppError as exc:
         raise redirect(request, _back(request), "error", exc.message) from None
@@ -204,7 +201,7 @@ async def deploy_build(request: web.Request) -> web.StreamResponse:
     try:
         deployment = await request.app[MODELS].create_deployment(current_user(request), m["project_id"], m["model_id"],
                                                                  m["build_id"], _deploy_fields(form))
-    except REFUSED:
+    except REFUSALS:
         raise
     except AppError as exc:
         raise redirect(request, _back(request), "error", exc.message) from None
@@ -217,7 +214,7 @@ async def deployment_action(request: web.Request) -> web.StreamResponse:
     act = models.stop_deployment if m["action"] == "stop" else models.restart_deployment
     try:
         await act(current_user(request), m["project_id"], m["model_id"], m["build_id"], m["deployment_id"])
-    except REFUSED:
+    except REFUSALS:
         raise
     except AppError as exc:
         raise redirect(request, _back(request), "error", exc.message) from None

@@ -6,7 +6,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from cml_appliance.auth.permissions import Role
-from cml_appliance.core.errors import AppError
+from cml_appliance.core.errors import REFUSALS, AppError
 from cml_appliance.runtimes.ui import workload_choices
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import SESSIONS
@@ -56,6 +56,8 @@ async def stop_session(request: web.Request) -> web.StreamResponse:
     back = f"/projects/{project_id}/sessions/{session_id}"
     try:
         await request.app[SESSIONS].stop(current_user(request), project_id, session_id)
+    except REFUSALS:
+        raise
     except AppError as exc:
         raise redirect(request, back, "error", exc.message) from None
     raise redirect(request, back, "ok", "Stopping the session.")

@@ -1,0 +1,71 @@
+"""Who may call each route: the documented rules, one entry per route name, checked by
+tests/integration/test_authz_matrix.py against every principal. A route missing here fails it.
+
+Rules:
+- public: anyone, signed in or not;
+- own_auth: the route checks its caller's credentials itself (HTTP Basic or Bearer): without any,
+  it refuses;
+- signed_in: any signed-in user or API key (a workload's key included);
+- user_not_workload: a signed-in user or a personal API key, not a workload's own key;
+- site_admin: site administrators only;
+- self: the user named in the path, or a site administrator;
+- read / operator / write / admin: that role on the route's project, at least (owners and site
+  administrators are admins of every project; a workload's key acts as its user in its project
+  only);
+- session_owner: the session's owner or a project admin;
+- skip: not a permission check (static files, the application proxy: tested on their own).
+"""
+
+RULES: dict[str, str] = {
+    # Operations and pages anyone reaches
+    "favicon": "public", "healthz": "public", "readyz": "public", "metrics": "public", "static": "skip",
+    "index": "public", "setup": "public", "setup_post": "public", "login": "public", "login_post": "public",
+    "logout": "public", "app_proxy": "skip", "model_endpoint": "public", "model_endpoint_altus": "public",
+    "api_validate_key": "public", "api_v1_start_job": "own_auth", "api_v1_start_job_v2_path": "own_auth",
+    # Keys
+    "api_list_keys": "self", "api_create_key": "self", "api_delete_keys": "self", "api_delete_key": "self",
+    # Projects
+    "api_list_projects": "signed_in", "api_create_project": "user_not_workload",
+    "api_get_project": "read", "api_update_project": "write", "api_delete_project": "admin",
+    "api_list_collaborators": "read", "api_put_collaborator": "admin", "api_delete_collaborator": "admin",
+    "api_upload_files": "write", "api_list_files_root": "read", "api_list_files": "read",
+    "api_download_file": "read", "api_update_file": "write", "api_delete_file": "write",
+    # Runtimes and profiles
+    "api_list_runtimes": "signed_in", "api_list_cpu_profiles": "signed_in", "api_create_cpu_profile": "site_admin",
+    "api_update_cpu_profile": "site_admin", "api_delete_cpu_profile": "site_admin",
+    # Sessions
+    "api_list_my_sessions": "signed_in", "api_list_sessions": "read", "api_start_session": "write",
+    "api_get_session": "read", "api_stop_session": "session_owner", "api_session_logs": "read",
+    "api_session_events": "read", "api_session_terminal": "session_owner", "api_session_terminal_transcript": "session_owner",
+    # Jobs
+    "api_list_all_jobs": "signed_in", "api_list_jobs": "read", "api_create_job": "write", "api_get_job": "read",
+    "api_update_job": "write", "api_delete_job": "write", "api_list_job_runs": "read", "api_create_job_run": "operator",
+    "api_get_job_run": "read", "api_stop_job_run": "operator", "api_job_run_logs": "read", "api_job_run_events": "read",
+    # Applications
+    "api_list_applications": "read", "api_create_application": "write", "api_get_application": "read",
+    "api_update_application": "write", "api_delete_application": "write", "api_restart_application": "write",
+    "api_stop_application": "write", "api_application_logs": "read", "api_application_events": "read",
+    # Models
+    "api_list_all_models": "signed_in", "api_list_models": "read", "api_create_model": "write", "api_get_model": "read",
+    "api_update_model": "write", "api_delete_model": "write", "api_regenerate_model_key": "write",
+    "api_list_model_builds": "read", "api_create_model_build": "write", "api_get_model_build": "read",
+    "api_delete_model_build": "write", "api_list_model_deployments": "read", "api_create_model_deployment": "write",
+    "api_get_model_deployment": "read", "api_stop_model_deployment": "write", "api_restart_model_deployment": "write",
+    # Pages
+    "ui_api_keys": "signed_in", "ui_api_keys_create": "signed_in", "ui_api_keys_delete": "signed_in",
+    "ui_admin_users": "site_admin", "ui_admin_users_create": "site_admin", "ui_admin_users_update": "site_admin",
+    "ui_projects": "signed_in", "ui_project_new": "signed_in", "ui_project_create": "signed_in",
+    "ui_project": "read", "ui_project_files_root": "read", "ui_project_files": "read", "ui_project_collaborators": "read",
+    "ui_project_settings_page": "read", "ui_project_download": "read", "ui_project_upload": "write",
+    "ui_project_delete_file": "write", "ui_project_mkdir": "write", "ui_project_collaborator_put": "admin",
+    "ui_project_collaborator_delete": "admin", "ui_project_environment": "write", "ui_project_settings": "write",
+    "ui_project_delete": "admin", "ui_runtimes": "signed_in", "ui_my_sessions": "signed_in", "ui_sessions": "read",
+    "ui_session_start": "write", "ui_session": "read", "ui_session_stop": "session_owner", "ui_jobs": "read",
+    "ui_job_create": "write", "ui_job": "read", "ui_job_update": "write", "ui_job_run": "operator",
+    "ui_job_delete": "write", "ui_job_run_page": "read", "ui_job_run_stop": "operator", "ui_applications": "read",
+    "ui_application_create": "write", "ui_application": "read", "ui_application_action": "write",
+    "ui_models": "read", "ui_model_create": "write", "ui_model": "read", "ui_model_regenerate_key": "write",
+    "ui_model_delete": "write", "ui_model_test": "read", "ui_model_build": "write", "ui_model_deploy": "write",
+    "ui_model_deployment_action": "write", "ui_model_replica_logs": "read", "ui_model_replica_events": "read",
+    "ui_live": "signed_in",
+}
