@@ -59,6 +59,13 @@ class PayloadTooLarge(AppError):
     grpc_code = 8  # RESOURCE_EXHAUSTED
 
 
+class StorageFull(AppError):
+    """The data disk has no room left (ENOSPC, EDQUOT): the request is refused, nothing half-written."""
+
+    status = 507
+    grpc_code = 8  # RESOURCE_EXHAUSTED
+
+
 class TooManyRequests(AppError):
     status = 429
     grpc_code = 8

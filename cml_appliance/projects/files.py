@@ -7,6 +7,7 @@ oversized upload leaves nothing half-written.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from cml_appliance.core.errors import (
     InvalidArgument,
     NotFound,
     PayloadTooLarge,
+    StorageFull,
 )
 
 
@@ -144,6 +146,11 @@ async def write_upload(
                 fh.write(chunk)
         final = target if overwrite else free_name(target)
         os.replace(tmp_name, final)
+    except OSError as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"the appliance's data disk is full: {rel!r} was not stored (the files already there are unharmed)") from None
+        raise
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -4,10 +4,12 @@ byte offset, and followable live (writers wake the readers waiting on that workl
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 TRANSCRIPT_KEEP = 256 * 1024
 TRUNCATION_NOTICE = "\n[cml-appliance: the log reached its cap of {cap} MB; later output was dropped]\n"
 
@@ -19,6 +21,7 @@ class LogStore:
         directory.mkdir(parents=True, exist_ok=True)
         self._changed: dict[str, asyncio.Event] = {}
         self._closed: set[str] = set()
+        self._write_failures: set[str] = set()
 
     def path(self, workload_id: str) -> Path:
         return self.directory / f"{workload_id}.log"
@@ -38,12 +41,19 @@ class LogStore:
         if size >= self.cap_bytes:
             return
         room = self.cap_bytes - size
-        with open(path, "ab") as fh:
-            if len(data) <= room:
-                fh.write(data)
-            else:
-                fh.write(data[:room])
-                fh.write(TRUNCATION_NOTICE.format(cap=self.cap_bytes // (1024 * 1024)).encode())
+        try:
+            with open(path, "ab") as fh:
+                if len(data) <= room:
+                    fh.write(data)
+                else:
+                    fh.write(data[:room])
+                    fh.write(TRUNCATION_NOTICE.format(cap=self.cap_bytes // (1024 * 1024)).encode())
+        except OSError as exc:
+            # A full disk loses this output, never the workload or the appliance; said once.
+            if workload_id not in self._write_failures:
+                self._write_failures.add(workload_id)
+                log.warning("output of workload %s is being lost: cannot write its log: %s", workload_id, exc)
+            return
         self._wake(workload_id)
 
     def close(self, workload_id: str) -> None:
@@ -100,16 +110,19 @@ class LogStore:
 
     def append_transcript(self, workload_id: str, data: bytes) -> None:
         path = self.transcript_path(workload_id)
-        with open(path, "ab") as fh:
-            fh.write(data)
-            size = fh.tell()
-        if size > 2 * TRANSCRIPT_KEEP:
-            with open(path, "rb") as fh:
-                fh.seek(size - TRANSCRIPT_KEEP)
-                tail = fh.read()
-            tmp = path.with_suffix(".terminal-tmp")
-            tmp.write_bytes(tail)
-            os.replace(tmp, path)
+        try:
+            with open(path, "ab") as fh:
+                fh.write(data)
+                size = fh.tell()
+            if size > 2 * TRANSCRIPT_KEEP:
+                with open(path, "rb") as fh:
+                    fh.seek(size - TRANSCRIPT_KEEP)
+                    tail = fh.read()
+                tmp = path.with_suffix(".terminal-tmp")
+                tmp.write_bytes(tail)
+                os.replace(tmp, path)
+        except OSError as exc:  # the terminal goes on; only its last screen is not kept
+            log.warning("cannot keep the terminal transcript of %s: %s", workload_id, exc)
 
     def read_transcript(self, workload_id: str) -> bytes:
         try:
