@@ -157,7 +157,7 @@ async def upload_files(request: web.Request) -> web.Response:
         raise InvalidArgument("upload with Content-Type multipart/form-data; the field name is the destination path")
     overwrite = request.query.get("overwrite", "true").lower() not in ("false", "0", "no")
     limit = request.app[SETTINGS].max_upload_mb * 1024 * 1024
-    reader = await request.multipart()
+    reader = await files.open_multipart(request)
     written = []
     async for part in reader:
         if not isinstance(part, BodyPartReader) or not part.name:

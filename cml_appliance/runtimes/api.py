@@ -6,7 +6,7 @@ from aiohttp import web
 
 from cml_appliance.api.bodies import FLOAT, INT
 from cml_appliance.api.common import json_body, list_query, page
-from cml_appliance.core.errors import InvalidArgument
+from cml_appliance.core.errors import InvalidArgument, NotFound
 from cml_appliance.runtimes import catalog
 from cml_appliance.web.context import current_user, require_site_admin
 from cml_appliance.web.keys import POOL
@@ -42,9 +42,12 @@ async def create_profile(request: web.Request) -> web.Response:
 
 def _profile_id(request: web.Request) -> int:
     try:
-        return int(request.match_info["id"])
+        value = int(request.match_info["id"])
     except ValueError:
         raise InvalidArgument("resource profile id must be a whole number") from None
+    if not 0 < value < 2**31:  # the column is an int32: past it there is no such profile
+        raise NotFound(f"there is no resource profile {value}")
+    return value
 
 
 async def update_profile(request: web.Request) -> web.Response:

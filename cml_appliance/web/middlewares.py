@@ -18,9 +18,10 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cml_appliance.auth import api_keys, login_sessions
-from cml_appliance.core.errors import AppError, Unauthenticated
+from cml_appliance.core.errors import AppError, InvalidArgument, Unauthenticated
 from cml_appliance.core.logs import request_id_var
 from cml_appliance.web import templating
 from cml_appliance.web.context import (
@@ -134,6 +135,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if api:
             return api_error(exc.status, message)
         return await _page_error(request, exc.status, message)
+    except HttpProcessingError as exc:  # a body aiohttp could not parse (a broken multipart form)
+        message = f"the request body could not be read: {str(exc.message).strip()[:200]}"
+        if api:
+            return api_error(400, message, 3)
+        return await _page_error(request, 400, message)
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         message = f"internal error; quote request id {request_id_var.get()} when reporting it"
@@ -186,7 +192,10 @@ async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
     # every other form, whatever its encoding (multipart too), is read and checked here.
     if request.content_type == "multipart/form-data" and _route_name(request) in STREAMED_FORMS:
         return await handler(request)
-    form = await request.post()
+    try:
+        form = await request.post()
+    except ValueError as exc:  # multipart without a boundary, and the like
+        raise InvalidArgument(f"the form could not be read: {exc}") from None
     check_csrf(request, str(form.get("csrf_token", "")))
     return await handler(request)
 

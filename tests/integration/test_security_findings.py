@@ -263,3 +263,21 @@ def test_git_host_names_the_host_of_every_url_form() -> None:
     assert git_host("git@[::1]:o/r.git") == "::1"
     assert git_host("ssh://git@10.0.0.1/o/r") == "10.0.0.1"
     assert git_host("/srv/repo") is None
+
+
+async def test_what_a_first_fuzzing_run_found(client: TestClient, admin: Api, alice: Api) -> None:
+    """DELETE /api/v2/cpuprofiles/2147483648 and a multipart upload without a boundary (or with a
+    broken part) were 500s."""
+    for profile_id in ("2147483648", "99999999999999999999", "-1", "x"):
+        status, body = await admin.delete(f"/api/v2/cpuprofiles/{profile_id}")
+        assert status in (400, 404), (profile_id, status, body)
+    _, project = await alice.post("/api/v2/projects", json={"name": "Fuzzed"})
+    url = f"/api/v2/projects/{project['id']}/files"
+    for content_type, body in (("multipart/form-data", b"--x\r\n\r\n"),
+                               ("multipart/form-data; boundary=7c51", b"--7c51\r\nNone--7c51--\r\n")):
+        resp = await client.post(url, data=body, headers={"Authorization": f"Bearer {alice.key}", "Content-Type": content_type})
+        assert resp.status == 400 and resp.content_type == "application/json", (content_type, await resp.text())
+    # A page form sent as multipart without a boundary: a page that says so, not a 500.
+    await sign_in(client, "alice")
+    resp = await client.post("/admin/users", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
+    assert resp.status == 400 and "could not be read" in await resp.text()
