@@ -162,3 +162,39 @@ async def create_pool(dsn: str, min_size: int = 1, max_size: int = 10, **kwargs:
     )
     assert pool is not None
     return pool
+
+
+# Postgres answers that mean "the server is going away or not there": a stop, a restart, a crash.
+_AWAY = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether an error says the database is away (stopped, restarting, its socket gone), which
+    is answered 503 with Retry-After, not an internal error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _AWAY):
+            return True
+        if isinstance(current, asyncpg.exceptions.InterfaceError) and "connection is closed" in str(current):
+            return True
+        if isinstance(current, (OSError, TimeoutError)) and _raised_in_asyncpg(current):
+            return True  # connecting failed: refused, reset, the socket file gone, timed out
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if "/asyncpg/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False

@@ -59,7 +59,7 @@ async def live(request: web.Request) -> web.StreamResponse:
                     await response.write(b": keepalive\n\n")
                 continue
             event = getter.result()
-            if wanted(event):
+            if event.get("resync") or wanted(event):
                 # What changed, for the curious; the page re-renders whatever it shows.
                 summary = {k: event[k] for k in ("table", "kind", "id", "status") if k in event}
                 await response.write(f"event: change\ndata: {json.dumps(summary)}\n\n".encode())

@@ -23,6 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from cml_appliance.auth import api_keys, login_sessions
 from cml_appliance.core.errors import AppError, InvalidArgument, Unauthenticated
 from cml_appliance.core.logs import request_id_var
+from cml_appliance.db.pool import database_unreachable
 from cml_appliance.web import templating
 from cml_appliance.web.context import (
     LOGIN,
@@ -51,6 +52,8 @@ PUBLIC_ROUTES = frozenset(
 # Page forms whose handlers stream their multipart body and check its CSRF token themselves
 # (projects/ui.py _form_fields: the token must be the first field).
 STREAMED_FORMS = frozenset({"ui_project_create", "ui_project_upload"})
+# Seconds a client is told to wait when the database is away.
+DATABASE_RETRY_AFTER = 5
 # HTTP status -> gRPC code, for errors aiohttp raises itself (no route, wrong method, body too large).
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 413: 8, 429: 8, 501: 12, 503: 14}
 
@@ -140,7 +143,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if api:
             return api_error(400, message, 3)
         return await _page_error(request, 400, message)
-    except Exception:
+    except Exception as exc:
+        if database_unreachable(exc):
+            log.warning("the database is unreachable answering %s %s: %s", request.method, request.path, exc)
+            message = "the database is unreachable for a moment: try again shortly"
+            headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
+            if api:
+                return api_error(503, message, 14, headers)
+            response = await _page_error(request, 503, message)
+            response.headers.update(headers)
+            return response
         log.exception("unexpected error answering %s %s", request.method, request.path)
         message = f"internal error; quote request id {request_id_var.get()} when reporting it"
         if api:

@@ -123,7 +123,8 @@ async def event_stream(
         async for new_offset, chunk in logs.follow(row.public_id, offset, poll=0.5):
             changed = False
             while not queue.empty():
-                changed |= queue.get_nowait().get("id") == row.public_id
+                event = queue.get_nowait()
+                changed |= event.get("id") == row.public_id or bool(event.get("resync"))
             if changed:
                 current = await store.get(pool, row.public_id) or current
                 await send("status", json.dumps(workload_json(current)))
