@@ -42,10 +42,40 @@ async def database_url(configured: str, data_dir: Path) -> AsyncIterator[str]:
     # way (g+rx, o+rx) for the system user it runs Postgres as when we are root; that user only
     # needs to pass through.
     data_dir.chmod(DATA_DIR_MODE_AS_ROOT if os.geteuid() == 0 else 0o700)
+    watch = asyncio.get_running_loop().create_task(_keep_running(server, pgdata))
     try:
         yield await require_password(server.get_uri(), data_dir, pgdata)
     finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
         await asyncio.to_thread(server.cleanup)
+
+
+EMBEDDED_CHECK_SECONDS = 2.0
+
+
+async def _keep_running(server: Any, pgdata: Path) -> None:
+    """The embedded Postgres is the appliance's to keep: when its postmaster dies (killed, a
+    crash), start it again on the same data, as pgserver starts it, under pgserver's lock."""
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import PostmasterInfo
+
+    def restart_if_dead() -> bool:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        if info is not None and info.is_running():
+            return False
+        with PostgresServer._lock:
+            server.ensure_postgres_running()
+        return True
+
+    while True:
+        await asyncio.sleep(EMBEDDED_CHECK_SECONDS)
+        try:
+            if await asyncio.to_thread(restart_if_dead):
+                log.warning("the embedded Postgres had stopped: started it again")
+        except Exception as exc:  # keep watching: the next look may succeed
+            log.error("could not start the embedded Postgres again: %s", exc)
 
 
 def _forget_dead_users(pgdata: Path) -> None:

@@ -138,3 +138,33 @@ async def test_postgres_away_for_ten_seconds_under_load(outage_client: TestClien
             raise AssertionError("no notification after the database came back")
     await alice.post(f"/api/v2/projects/{project['id']}/sessions/{session['id']}:stop")
     print(f"answers {dict(answers)}; full service {recovered_in:.2f} s after the return")
+
+
+async def test_the_embedded_postgres_is_started_again_when_it_dies(settings: Settings, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    data_dir = tmp_path / "data"
+    client = TestClient(TestServer(create_app(dataclasses.replace(settings, database_url="", data_dir=data_dir))))
+    await client.start_server()
+    try:
+        pool = client.app[POOL]
+        user = await users.create_user(pool, "alice", "alice@example.com", "correct horse")
+        alice = Api(client, (await api_keys.create(pool, user))[0], "alice")
+        assert (await alice.post("/api/v2/projects", json={"name": "Kept"}))[0] == 200
+        postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        seen: Counter[int] = Counter()
+        deadline = time.monotonic() + 20
+        while True:
+            status, _ = await alice.get("/api/v2/projects")
+            seen[status] += 1
+            if status == 200 and seen[503]:
+                break
+            assert time.monotonic() < deadline, f"the embedded Postgres did not come back: {seen}"
+            await asyncio.sleep(0.2)
+        assert set(seen) <= {200, 503}, seen
+        _, listed = await alice.get("/api/v2/projects")
+        assert [p["name"] for p in listed["projects"]] == ["Kept"]
+    finally:
+        await client.close()
