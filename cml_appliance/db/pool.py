@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 import asyncpg
 
+from cml_appliance.core.processes import process_exists
+
 log = logging.getLogger(__name__)
 
 
@@ -90,20 +92,11 @@ def _forget_dead_users(pgdata: Path) -> None:
             pids = json.loads(pids_file.read_text())
         except (FileNotFoundError, ValueError):
             return
-        alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+        alive = [pid for pid in pids if isinstance(pid, int) and process_exists(pid)]
         if alive != pids:
             log.info("embedded Postgres: forgetting users that died without letting go: %s", sorted(set(pids) - set(alive)))
             pids_file.write_text(json.dumps(alive))
 
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def require_password(trusting_dsn: str, data_dir: Path, pgdata: Path) -> str:

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cml_appliance.core.processes import process_exists
 from cml_appliance.engines import sandbox as sandbox_mod
 from cml_appliance.engines.base import EngineError, LaunchSpec
 from cml_appliance.engines.sandbox import Sandbox
@@ -357,7 +358,7 @@ class LocalEngine:
             await terminal.close()
         groups = {pid} if _alive(pid, ticks) else set()
         # Everything else the workload started, in whatever process group it went to.
-        marked = [p for p in self._marked(workload_id) if _exists(p)]
+        marked = [p for p in self._marked(workload_id) if process_exists(p)]
         groups |= {_pgid(p) for p in marked} - {None}
         # In a sandbox, SIGTERM goes to the workload's own processes only: the bubblewrap around
         # them would die of it at once and take them along before they could end cleanly.
@@ -466,11 +467,3 @@ def _is_bwrap(pid: int) -> bool:
         return False
 
 
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

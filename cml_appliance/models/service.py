@@ -33,6 +33,7 @@ from cml_appliance.core.errors import (
     NotFound,
 )
 from cml_appliance.core.ids import new_public_id
+from cml_appliance.core.processes import process_exists
 from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.db.pool import try_advisory_lock
@@ -165,19 +166,10 @@ def _new_sockets_dir() -> Path:
     directory, not the data directory: a socket's path must stay under about 100 bytes."""
     for old in Path(tempfile.gettempdir()).glob(f"{SOCKETS_DIR_PREFIX}*-*"):
         pid = old.name[len(SOCKETS_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        if pid.isdigit() and not process_exists(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{SOCKETS_DIR_PREFIX}{os.getpid()}-"))
 
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
 
 
 class ModelService:
