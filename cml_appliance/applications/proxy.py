@@ -28,6 +28,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 # The user's credentials for the appliance never reach the application.
 PRIVATE_HEADERS = frozenset({"authorization", "cookie"})
 DROPPED_REQUEST_HEADERS = (HOP_BY_HOP - {"content-length"}) | PRIVATE_HEADERS
+# The appliance's own cookies (sign-in, flash, pre-sign-in): an application may never set them.
+APPLIANCE_COOKIE_PREFIX = "cml_"
 # Answers up to this size with a Content-Length are passed on in one piece (one write, not a
 # chunked stream); larger or open-ended ones stream as they come.
 WHOLE_BODY_LIMIT = 256 * 1024
@@ -115,7 +117,8 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
     try:
         async with session.request(request.method, target, headers=headers, allow_redirects=False,
                                    data=request.content if request.body_exists else None) as upstream:
-            passed = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
+            passed = [(k, v) for k, v in upstream.headers.items()
+                      if k.lower() not in HOP_BY_HOP and not _sets_our_cookie(k, v)]
             length = upstream.content_length
             if length is not None and length <= WHOLE_BODY_LIMIT and request.method != "HEAD":
                 body = await upstream.read()
@@ -133,6 +136,12 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
             return streamed
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
         raise Unavailable(f"the application did not answer: {exc}") from None
+
+
+def _sets_our_cookie(name: str, value: str) -> bool:
+    """An application's Set-Cookie for one of the appliance's cookies, which would replace the
+    user's sign-in (a fixation) on this host: dropped."""
+    return name.lower() == "set-cookie" and value.split("=", 1)[0].strip().lower().startswith(APPLIANCE_COOKIE_PREFIX)
 
 
 async def _proxy_websocket(request: web.Request, session: aiohttp.ClientSession, target: str,

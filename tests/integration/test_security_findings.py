@@ -281,3 +281,33 @@ async def test_what_a_first_fuzzing_run_found(client: TestClient, admin: Api, al
     await sign_in(client, "alice")
     resp = await client.post("/admin/users", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
     assert resp.status == 400 and "could not be read" in await resp.text()
+
+
+async def test_an_application_cannot_set_the_appliances_cookies(client: TestClient, alice: Api) -> None:
+    import asyncio
+
+    from cml_appliance.web.keys import PROJECTS
+
+    app_py = (
+        "import http.server, os\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Set-Cookie', 'cml_session=planted; Path=/')\n"
+        "        self.send_header('Set-Cookie', 'CML_FLASH=x')\n"
+        "        self.send_header('Set-Cookie', 'theme=dark; Path=/apps/cookies/')\n"
+        "        self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n"
+        "http.server.HTTPServer(('127.0.0.1', int(os.environ['CDSW_APP_PORT'])), H).serve_forever()\n")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Cookies"})
+    (client.app[PROJECTS].projects_dir / project["id"] / "app.py").write_text(app_py)
+    _, app = await alice.post(f"/api/v2/projects/{project['id']}/applications",
+                              json={"name": "c", "subdomain": "cookies", "script": "app.py"})
+    for _ in range(200):
+        resp = await client.get("/apps/cookies/", headers={"Authorization": f"Bearer {alice.key}"})
+        if resp.status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert resp.status == 200 and await resp.text() == "ok"
+    cookies = resp.headers.getall("Set-Cookie", [])
+    assert cookies == ["theme=dark; Path=/apps/cookies/"], cookies
+    await alice.post(f"/api/v2/projects/{project['id']}/applications/{app['id']}:stop")
