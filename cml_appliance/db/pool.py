@@ -208,6 +208,8 @@ def database_unreachable(exc: BaseException) -> bool:
             return True
         if isinstance(current, asyncpg.exceptions.InterfaceError) and "connection is closed" in str(current):
             return True
+        if isinstance(current, asyncpg.exceptions.InternalClientError) and "another operation" in str(current):
+            return True  # a connection the server dropped in the middle of a statement
         if isinstance(current, (OSError, TimeoutError)) and _raised_in_asyncpg(current):
             return True  # connecting failed: refused, reset, the socket file gone, timed out
         current = current.__cause__ or current.__context__
