@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import MultipartReader, web
 
 from cml_appliance.core.errors import InvalidArgument, PayloadTooLarge
 
@@ -132,3 +132,11 @@ def check_body(body: Mapping[str, Any], spec: Mapping[str, str], ignored: frozen
             raise InvalidArgument(f"field {key!r} must be a {kind}, got {json.dumps(body[key])[:80]}")
         out[key] = value
     return out
+
+
+async def open_multipart(request: web.Request) -> MultipartReader:
+    """The request's multipart reader; a form without a boundary is a 400, not aiohttp's ValueError."""
+    try:
+        return await request.multipart()
+    except ValueError as exc:
+        raise InvalidArgument(f"the upload must be multipart/form-data with a boundary: {exc}") from None

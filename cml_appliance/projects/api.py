@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from cml_appliance.api.bodies import ANY, BOOL, INT, STR, STR_MAP
+from cml_appliance.api.bodies import ANY, BOOL, INT, STR, STR_MAP, open_multipart
 from cml_appliance.api.common import json_body, list_query, page, query_flag
 from cml_appliance.auth.permissions import Role
 from cml_appliance.core.errors import InvalidArgument, NotFound
@@ -157,7 +157,7 @@ async def upload_files(request: web.Request) -> web.Response:
         raise InvalidArgument("upload with Content-Type multipart/form-data; the field name is the destination path")
     overwrite = request.query.get("overwrite", "true").lower() not in ("false", "0", "no")
     limit = request.app[SETTINGS].max_upload_mb * 1024 * 1024
-    reader = await files.open_multipart(request)
+    reader = await open_multipart(request)
     written = []
     async for part in reader:
         if not isinstance(part, BodyPartReader) or not part.name:

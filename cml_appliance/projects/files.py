@@ -203,10 +203,3 @@ def delete(root: Path, path: str) -> None:
     else:
         target.unlink()
 
-
-async def open_multipart(request: Any) -> Any:
-    """The request's multipart reader; a form without a boundary is a 400, not aiohttp's ValueError."""
-    try:
-        return await request.multipart()
-    except ValueError as exc:
-        raise InvalidArgument(f"the upload must be multipart/form-data with a boundary: {exc}") from None

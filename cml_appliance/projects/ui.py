@@ -10,6 +10,7 @@ from urllib.parse import quote, urlencode
 import aiohttp_jinja2
 from aiohttp import BodyPartReader, MultipartReader, web
 
+from cml_appliance.api.bodies import open_multipart
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import PERMISSION_NAMES, Role
 from cml_appliance.core.errors import AppError, InvalidArgument
@@ -105,7 +106,7 @@ async def create_project(request: web.Request) -> web.StreamResponse:
     reader: MultipartReader | None = None
     first_file: BodyPartReader | None = None
     if request.content_type == "multipart/form-data":
-        reader = await files.open_multipart(request)
+        reader = await open_multipart(request)
         fields, first_file = await _form_fields(reader, request)
     else:  # a plain form (no files); the csrf middleware has checked its token
         fields = await _form(request)
@@ -238,7 +239,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
     back = _files_url(project, folder)
     if request.content_type != "multipart/form-data":
         raise InvalidArgument("the form must be sent as multipart/form-data")
-    reader = await files.open_multipart(request)
+    reader = await open_multipart(request)
     _, first_file = await _form_fields(reader, request)
     try:
         count = await _write_parts(request, request.app[PROJECTS].directory(project), first_file, reader, folder)
