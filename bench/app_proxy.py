@@ -15,7 +15,7 @@ through the API of the real `python -m cml_appliance serve` (CML_LOG_LEVEL=WARNI
 Then, in interleaved rounds (appliance, direct, direct, appliance, ...) of --seconds each, per page,
 --concurrency requests are kept in flight by one aiohttp client with keep-alive:
 
-- appliance: GET http://127.0.0.1:<appliance port>/apps/<subdomain>/<page> with Authorization: Bearer <key>
+- appliance: GET http://127.0.0.1:<applications' port>/apps/<subdomain>/<page> with Authorization: Bearer <key>
 - direct:    GET http://127.0.0.1:<app port>/<page> (the app's port from workloads.app_port)
 
 Every answer must be 200 with the app's exact body. Printed: req/s, p50, p99 per round and overall,
@@ -153,7 +153,7 @@ async def measure(h: Harness, args: argparse.Namespace) -> list[Round]:
             print(f"app port {app_port}; /page is {len(expected['page'])} bytes; {args.rounds} rounds per target "
                   f"and page of {args.seconds:g} s, concurrency {args.concurrency}, interleaved A B B A...")
             order = ["appliance", "direct"]
-            bases = {"appliance": (f"{api.base}/apps/benchapp/", api.headers), "direct": (f"http://127.0.0.1:{app_port}/", {})}
+            bases = {"appliance": (f"http://127.0.0.1:{h.apps_port}/apps/benchapp/", api.headers), "direct": (f"http://127.0.0.1:{app_port}/", {})}
             server_pid = h.server.proc.pid  # type: ignore[union-attr]
             for page in PAGES:
                 for name in order:  # warm-up, and a check that both answer

@@ -435,6 +435,7 @@ class Harness:
         self.site_id = ""
         self.secret = ""
         self.server: Server | None = None
+        self.apps_port = 0
         self.podman: Podman | None = None
         # Containers with any of these labels are removed at the end (set once the site id is known).
         self.container_labels: list[str] = []
@@ -485,12 +486,14 @@ class Harness:
     def appliance(self, cmd: list[str] | None = None, **extra_env: str) -> Server:
         """Start the appliance (`python -m cml_appliance serve` unless `cmd` says otherwise)."""
         port = free_port()
+        self.apps_port = free_port()  # the applications' own listener (applications/origin.py)
         env = dict(os.environ)
         env.update(
             CML_DATABASE_URL=self.dsn,
             CML_DATA_DIR=str(self.workdir / "data"),
             CML_HOST="127.0.0.1",
             CML_PORT=str(port),
+            CML_APPS_PORT=str(self.apps_port),
             CML_LOG_LEVEL="WARNING",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
         )

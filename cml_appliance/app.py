@@ -16,6 +16,7 @@ import jinja2
 from aiohttp import web
 
 from cml_appliance.applications import api as applications_api
+from cml_appliance.applications import origin as applications_origin
 from cml_appliance.applications import proxy as applications_proxy
 from cml_appliance.applications import ui as applications_ui
 from cml_appliance.applications.service import ApplicationService
@@ -52,6 +53,7 @@ from cml_appliance.web.keys import (
     LOCAL_SANDBOX,
     APP_PROXY_SESSION,
     APPLICATIONS,
+    APPS_ORIGIN,
     JOBS,
     METRICS,
     MODELS,
@@ -88,6 +90,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[CLOSING] = asyncio.Event()
+    app[APPS_ORIGIN] = applications_origin.AppsOrigin(settings)
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.PackageLoader("cml_appliance.web", "templates"),
@@ -184,7 +187,13 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             await app[APP_PROXY_SESSION].close()
             await app[MODELS].close()
 
-    app.cleanup_ctx.extend([database, supervisor, services, workloads])
+    async def apps_listener(app: web.Application) -> AsyncIterator[None]:
+        """Applications get a listener (an origin) of their own, once the services they need run."""
+        listener = applications_origin.Listener(applications_proxy.create_listener_app(app))
+        async for _ in applications_origin.run_listener(listener, app[APPS_ORIGIN], settings):
+            yield
+
+    app.cleanup_ctx.extend([database, supervisor, services, workloads, apps_listener])
     app.on_shutdown.append(sessions_api.close_websockets)
     app.on_shutdown.append(live.end_streams)
 

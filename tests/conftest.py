@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
@@ -22,9 +23,12 @@ from cml_appliance.app import create_app
 from cml_appliance.auth import api_keys, users
 from cml_appliance.core.settings import Settings, load_settings
 from cml_appliance.db import migrate
-from cml_appliance.web.keys import POOL
+from cml_appliance.web.keys import APPS_ORIGIN, POOL
 
 REPO = Path(__file__).resolve().parents[1]
+# Every appliance a test starts (in process or as `serve`) gives its applications' listener any
+# free port: tests run side by side, and a fixed 8081 may be taken.
+os.environ.setdefault("CML_APPS_PORT", "0")
 
 
 def require_tool(available: bool, what: str) -> None:
@@ -119,6 +123,7 @@ def settings(clean_db: str, data_dir: Path) -> Settings:
         secret_key="test-secret-key-" + "x" * 32,
         log_format="text",
         max_upload_mb=2,
+        apps_port=0,
     )
 
 
@@ -191,6 +196,13 @@ async def bob(make_user: Any) -> Api:
 @pytest.fixture
 async def admin(make_user: Any) -> Api:
     return await make_user("root-admin", admin=True)
+
+
+def apps_listener(client: TestClient) -> aiohttp.ClientSession:
+    """A client of the applications' own listener (applications/origin.py) of `client`'s
+    appliance, with a cookie jar of its own that keeps cookies of IP-address hosts."""
+    return aiohttp.ClientSession(base_url=f"http://127.0.0.1:{client.app[APPS_ORIGIN].port}",
+                                 cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
 def assert_error(status: int, body: Any, expected_status: int) -> None:

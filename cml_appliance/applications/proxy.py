@@ -1,12 +1,17 @@
-"""The application proxy: http://<subdomain>.<domain>/ (by Host header) and /apps/<subdomain>/
-(no wildcard DNS needed) lead to the application's 127.0.0.1:$CDSW_APP_PORT, with streamed
-responses and WebSockets.
+"""The application proxy: an application's own origin (applications/origin.py) leads to its
+127.0.0.1:$CDSW_APP_PORT, with streamed responses and WebSockets.
 
-Application traffic is many small requests a second, so it takes a short path: the `gateway`
-middleware (right after observe and errors) answers it before the API and page middlewares run.
-Model calls (POST /model), which check their callers themselves, take the same short cut.
-Who is calling (cookie or Application-audience key), where the app is and whether the caller may
-open it are each remembered for ROUTE_TTL_SECONDS (applications/service.py).
+- On the applications' listener: /apps/<subdomain>/<path>, and the hand-over /_cml/handoff.
+- On either listener, with wildcard DNS: http://<subdomain>.<apps_domain>/<path>.
+- On the UI's origin, /apps/<subdomain>/<path> serves nothing: it hands a signed-in user over
+  to the application's origin (open_from_ui), and sends API clients there (307).
+
+Application traffic is many small requests a second, so on the UI's listener it takes a short
+path: the `gateway` middleware (right after observe and errors) answers it before the API and
+page middlewares run. Model calls (POST /model), which check their callers themselves, take the
+same short cut. Who is calling (an Application-audience key, or the applications' cookie),
+where the app is and whether the caller may open it are each remembered for ROUTE_TTL_SECONDS
+(applications/service.py).
 """
 
 from __future__ import annotations
@@ -17,34 +22,27 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from cml_appliance.applications import origin as apps_origin
+from cml_appliance.applications.origin import APPS_COOKIE, HANDOFF_PATH
 from cml_appliance.applications.service import RESERVED_SUBDOMAINS
+from cml_appliance.core.paths import static_dir
 from cml_appliance.core.errors import NotFound, Unauthenticated, Unavailable
+from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import until_first_done
-from cml_appliance.web.context import ROUTE_LABEL, SESSION_COOKIE, USER
-from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, SETTINGS
+from cml_appliance.web.context import LOGIN, ROUTE_LABEL, SESSION_COOKIE, USER
+from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, APPS_ORIGIN, METRICS
+from cml_appliance.web.middlewares import observe
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length"})
-# The user's credentials for the appliance never reach the application.
-PRIVATE_HEADERS = frozenset({"authorization", "cookie"})
-DROPPED_REQUEST_HEADERS = (HOP_BY_HOP - {"content-length"}) | PRIVATE_HEADERS
-# The appliance's own cookies (sign-in, flash, pre-sign-in): an application may never set them.
+# The user's credentials for the appliance never reach the application (cookies: only cml_* ones).
+DROPPED_REQUEST_HEADERS = (HOP_BY_HOP - {"content-length"}) | {"authorization", "cookie"}
+# The appliance's own cookies (sign-in, flash, pre-sign-in, the applications' origin): an
+# application never sees them and may never set them.
 APPLIANCE_COOKIE_PREFIX = "cml_"
 # Answers up to this size with a Content-Length are passed on in one piece (one write, not a
 # chunked stream); larger or open-ended ones stream as they come.
 WHOLE_BODY_LIMIT = 256 * 1024
-
-
-def subdomain_of_host(request: web.Request) -> str | None:
-    """`<sub>` when the request came for http://<sub>.<domain>/ (wildcard DNS), else None."""
-    host = request.host.split(":", 1)[0].lower()
-    domain = request.app[SETTINGS].domain.split(":", 1)[0].lower()
-    if host.endswith("." + domain):
-        sub = host[: -len(domain) - 1]
-        if sub and "." not in sub:
-            return sub
-    return None
-
 
 # Routes that check their callers themselves and are called many times a second: the gateway
 # sends them straight to their handler, past the API and page middlewares (POST /model).
@@ -53,32 +51,101 @@ SELF_CHECKING_ROUTES = frozenset({"model_endpoint", "model_endpoint_altus"})
 
 @web.middleware
 async def gateway(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Application traffic goes to the proxy, model calls to their handler; everything else on
-    through the appliance."""
-    subdomain = subdomain_of_host(request)
+    """On the UI's listener: requests for <subdomain>.<apps_domain> go to the application, model
+    calls to their handler; everything else on through the appliance."""
+    subdomain = request.app[APPS_ORIGIN].subdomain_of_host(request)
     if subdomain is not None and subdomain not in RESERVED_SUBDOMAINS:
-        return await proxy(request, subdomain, request.path)
-    name = request.match_info.route.name
-    if name == "app_proxy":
-        return await by_path(request)
-    if name in SELF_CHECKING_ROUTES:
+        # The application's origin answers its own errors: never a UI page, never a UI sign-in link.
+        return await apps_origin.errors(request, serve)
+    if request.match_info.route.name in SELF_CHECKING_ROUTES:
         return await request.match_info.handler(request)  # the route's own handler, no middleware after this one
     return await handler(request)
 
 
-async def by_path(request: web.Request) -> web.StreamResponse:
-    """/apps/<subdomain>/<path>: the gateway calls this before the API and page middlewares."""
-    subdomain, slash, tail = request.match_info["tail"].partition("/")
+def routes() -> list[web.RouteDef]:
+    """The UI listener's /apps/…: a hand-over to the applications' origin."""
+    return [web.get("/apps/{tail:.*}", open_from_ui, name="app_open")]
+
+
+def _split_app_path(request: web.Request, tail: str) -> tuple[str, str]:
+    """/apps/<subdomain>/<rest>?<query> -> (subdomain, /<rest>?<query>)."""
+    subdomain, slash, rest = tail.partition("/")
     if not subdomain:
         raise NotFound("name an application: /apps/<subdomain>/")
+    query = f"?{request.query_string}" if request.query_string else ""
     if not slash:  # relative links in the app need the slash
-        raise web.HTTPFound(f"/apps/{subdomain}/" + (f"?{request.query_string}" if request.query_string else ""))
-    return await proxy(request, subdomain, "/" + tail, prefix=f"/apps/{subdomain}")
+        raise web.HTTPFound(f"/apps/{subdomain}/{query}")
+    return subdomain, "/" + rest + query
 
 
-def routes() -> list[web.RouteDef]:
-    # Resolving the path to a route of its own is cheaper than a miss, and names it in the metrics.
-    return [web.route("*", "/apps/{tail:.*}", by_path, name="app_proxy")]
+async def open_from_ui(request: web.Request) -> web.StreamResponse:
+    """GET /apps/<subdomain>/<path> on the UI's origin: a signed-in user who may open the
+    application gets a one-time token and goes to its origin, which sets a cookie of its own.
+    API clients (a Bearer key) are sent straight there; visitors who are not signed in sign in
+    first, unless the application is open to everyone."""
+    subdomain, path_qs = _split_app_path(request, request.match_info["tail"])
+    origin, apps = request.app[APPS_ORIGIN], request.app[APPLICATIONS]
+    target = origin.app_url(request, subdomain, path_qs)
+    if request.headers.get("Authorization"):
+        raise web.HTTPTemporaryRedirect(target)
+    route = await apps.route(subdomain)
+    if route is None:
+        raise NotFound(f"there is no application at {subdomain!r}")
+    login = request.get(LOGIN)
+    if login is None:
+        if route.app.bypass_authentication and apps.allow_unauthenticated:
+            raise web.HTTPSeeOther(target)
+        raise Unauthenticated("sign in to open this application")
+    if not await apps.may_open(login.user, route):
+        raise NotFound(f"there is no application at {subdomain!r}")
+    token = origin.issue(token_digest(request.cookies[SESSION_COOKIE]), subdomain, path_qs)
+    response = web.HTTPSeeOther(origin.handoff_url(request, subdomain, token))
+    response.headers["Cache-Control"] = "no-store"
+    raise response
+
+
+async def serve(request: web.Request) -> web.StreamResponse:
+    """Everything the applications' origin answers: the hand-over, and the applications."""
+    origin = request.app[APPS_ORIGIN]
+    subdomain = origin.subdomain_of_host(request)
+    if request.path == HANDOFF_PATH:
+        return await _handoff(request, origin, subdomain)
+    if subdomain is not None:
+        return await proxy(request, subdomain, request.path_qs)
+    if request.path.startswith("/apps/"):
+        subdomain, path_qs = _split_app_path(request, request.path[len("/apps/"):])
+        return await proxy(request, subdomain, path_qs, prefix=f"/apps/{subdomain}")
+    request[ROUTE_LABEL] = "apps_listener"
+    if request.path == "/favicon.ico":  # browsers ask the origin's root for it, whatever the app
+        return web.FileResponse(static_dir() / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+    return apps_origin.plain_page(404, "Nothing here", "Applications are at /apps/<subdomain>/.")
+
+
+async def _handoff(request: web.Request, origin: apps_origin.AppsOrigin, subdomain: str | None) -> web.StreamResponse:
+    """GET /_cml/handoff?token=…: the token becomes this origin's cookie, once."""
+    request[ROUTE_LABEL] = "app_handoff"
+    handoff = origin.redeem(request.query.get("token", ""), subdomain)
+    if handoff is None:
+        return apps_origin.plain_page(
+            400, "This link has expired", "Links that open an application work once, for a minute. "
+            "Open the application again from the appliance.", (origin.ui_url(request, "/"), "Back to the appliance"))
+    target = handoff.target if subdomain is not None else f"/apps/{handoff.subdomain}{handoff.target}"
+    response = web.HTTPSeeOther(target)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.set_cookie(APPS_COOKIE, origin.cookie_value(handoff.login_digest), httponly=True, samesite="Lax",
+                        path="/", secure=origin.secure, max_age=origin.settings.session_hours * 3600)
+    raise response
+
+
+def create_listener_app(main: web.Application) -> web.Application:
+    """The applications' own listener: the hand-over and the applications, nothing of the UI."""
+    app = web.Application(middlewares=[observe, apps_origin.errors],
+                          client_max_size=main[APPS_ORIGIN].settings.max_upload_mb * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", serve, name="apps_listener")
+    for key in (APPS_ORIGIN, APPLICATIONS, APP_PROXY_SESSION, METRICS):
+        app[key] = main[key]
+    return app
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -86,25 +153,40 @@ def _bearer(request: web.Request) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
+def _forwarded_cookies(request: web.Request) -> str | None:
+    """The application's own cookies, without any of the appliance's."""
+    kept = [part.strip() for part in request.headers.get("Cookie", "").split(";")
+            if part.strip() and not part.strip().lower().startswith(APPLIANCE_COOKIE_PREFIX)]
+    return "; ".join(kept) or None
+
+
 async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "") -> web.StreamResponse:
     request[ROUTE_LABEL] = "app_proxy"  # for the metrics
-    apps = request.app[APPLICATIONS]
+    apps, origin = request.app[APPLICATIONS], request.app[APPS_ORIGIN]
     route = await apps.route(subdomain)
     if route is None:
         raise NotFound(f"there is no application at {subdomain!r}")
-    user = await apps.visitor(_bearer(request), request.cookies.get(SESSION_COOKIE))
+    user = await apps.visitor(_bearer(request), origin.login_digest_of(request.cookies.get(APPS_COOKIE)))
     if user is not None:
         request[USER] = user
     if not (route.app.bypass_authentication and apps.allow_unauthenticated):
         if user is None:
-            raise Unauthenticated("sign in to open this application")
+            if request.method in ("GET", "HEAD") and not request.headers.get("Authorization") \
+                    and request.headers.get("Upgrade", "").lower() != "websocket":
+                # A browser: sign in on the UI, which hands the user back over to this origin.
+                raise web.HTTPFound(origin.ui_url(request, f"/apps/{subdomain}{path}"))
+            raise Unauthenticated("sign in to open this application: open it from the appliance, "
+                                  "or send 'Authorization: Bearer <key made for Applications>'")
         if not await apps.may_open(user, route):
             raise NotFound(f"there is no application at {subdomain!r}")
     if route.address is None:
         raise Unavailable(f"the application is not running ({route.status})")
-    target = f"http://{route.address}{path}" + (f"?{request.query_string}" if request.query_string else "")
+    target = f"http://{route.address}{path}"
     # Content-Length stays: many small servers cannot read a chunked request body.
     headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS}
+    cookies = _forwarded_cookies(request)
+    if cookies:
+        headers["Cookie"] = cookies
     headers["X-Forwarded-Host"] = request.host
     headers["X-Forwarded-Proto"] = request.scheme
     if prefix:

@@ -180,14 +180,18 @@ class ApplicationService:
             self._routes[subdomain] = route
         return route
 
-    async def visitor(self, bearer: str | None, cookie: str | None) -> User | None:
+    def signed_out(self, login_digest: str) -> None:
+        """A sign-out closes the user's applications at once, not ROUTE_TTL_SECONDS later."""
+        self._visitors.pop("login:" + login_digest, None)
+
+    async def visitor(self, bearer: str | None, login_digest: str | None) -> User | None:
         """Who calls an application: a key made for the Application audience if one is sent, else
-        the sign-in cookie. The answer for a credential is kept ROUTE_TTL_SECONDS: a sign-out or a
-        revoked key reaches open applications that much later."""
-        if bearer is None and cookie is None:
+        the sign-in session named by the applications' origin cookie (applications/origin.py).
+        The answer for a credential is kept ROUTE_TTL_SECONDS: a sign-out or a revoked key
+        reaches open applications that much later."""
+        if bearer is None and login_digest is None:
             return None
-        kind, secret = ("key", bearer) if bearer is not None else ("cookie", cookie)
-        cache_key = kind + ":" + token_digest(secret or "")
+        cache_key = "key:" + token_digest(bearer) if bearer is not None else "login:" + (login_digest or "")
         now = time.monotonic()
         seen = self._visitors.get(cache_key)
         if seen is not None and now - seen[0] < ROUTE_TTL_SECONDS:
@@ -196,7 +200,7 @@ class ApplicationService:
             check = await api_keys.check(self.pool, bearer, "Application")
             user = None if check.problem else check.user
         else:
-            login = await login_sessions.resolve(self.pool, cookie or "")
+            login = await login_sessions.resolve_digest(self.pool, login_digest or "")
             user = login.user if login else None
         if len(self._visitors) >= MAX_REMEMBERED_VISITORS:
             self._visitors.clear()

@@ -32,9 +32,14 @@ async def create(pool: asyncpg.Pool, user: User, hours: int) -> str:
 
 
 async def resolve(pool: asyncpg.Pool, token: str) -> LoginSession | None:
+    return await resolve_digest(pool, token_digest(token))
+
+
+async def resolve_digest(pool: asyncpg.Pool, digest: str) -> LoginSession | None:
+    """The session whose cookie has this digest (the applications' origin knows only that)."""
     row = await pool.fetchrow(
         "SELECT user_id, csrf_token FROM login_sessions WHERE token_digest = $1 AND expires_at > now()",
-        token_digest(token),
+        digest,
     )
     if row is None:
         return None

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from cml_appliance.auth import api_keys, login_sessions, users
 from cml_appliance.core.errors import AppError, InvalidArgument, TooManyRequests
-from cml_appliance.core.security import new_token
+from cml_appliance.core.security import new_token, token_digest
 from cml_appliance.web.context import (
     LOGIN,
     PRELOGIN_COOKIE,
@@ -20,7 +20,7 @@ from cml_appliance.web.context import (
     current_user,
     require_site_admin,
 )
-from cml_appliance.web.keys import POOL, SETTINGS
+from cml_appliance.web.keys import APPLICATIONS, POOL, SETTINGS
 from cml_appliance.web.templating import redirect
 
 
@@ -127,6 +127,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         await login_sessions.delete(request.app[POOL], token)
+        request.app[APPLICATIONS].signed_out(token_digest(token))
     response = web.HTTPFound("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response

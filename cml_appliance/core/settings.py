@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import tomllib
 import typing
@@ -58,6 +59,9 @@ class Settings:
     reconcile_interval_seconds: int
     app_ready_timeout_seconds: int
     allow_unauthenticated_apps: bool
+    apps_port: int
+    apps_url: str
+    apps_domain: str
     allow_private_git_hosts: bool
     model_request_timeout_seconds: int
     model_max_request_mb: int
@@ -204,15 +208,29 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     def ok(*names: str) -> bool:
         return all(values.get(n) is not None for n in names)
 
+    public = values.get("public_url")
     if ok("port") and not 1 <= values["port"] <= 65535:
         bad("port", "use a port between 1 and 65535 (CML_PORT)")
+    if ok("apps_port") and not 0 <= values["apps_port"] <= 65535:
+        bad("apps_port", "use a port between 1 and 65535, or 0 for any free port (CML_APPS_PORT)")
+    elif ok("apps_port", "port") and values["apps_port"] == values["port"]:
+        bad("apps_port", "applications need a listener of their own: use a port other than CML_PORT")
+    apps_url = values.get("apps_url")
+    if apps_url:
+        parts = urlsplit(apps_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+            bad("apps_url", "use the origin of the applications' listener, such as https://apps.example.com, or leave it empty")
+        elif public and urlsplit(public).netloc.lower() == parts.netloc.lower():
+            bad("apps_url", "applications must not share the UI's origin (public_url): use another host or port")
+    apps_domain = values.get("apps_domain")
+    if apps_domain and (not re.fullmatch(r"[a-z0-9.-]+(:[0-9]{1,5})?", apps_domain.lower()) or apps_domain.startswith(".")):
+        bad("apps_domain", "use a domain with wildcard DNS, such as apps.example.com (no scheme, no leading dot), or leave it empty")
     url = values.get("database_url")
     if url and urlsplit(url).scheme not in ("postgres", "postgresql"):
         problems.append(
             f"database_url from {sources['database_url']} must start with postgresql:// "
             "(for example postgresql://user:password@db-host:5432/cml), or be empty for the embedded Postgres"
         )
-    public = values.get("public_url")
     if public and (urlsplit(public).scheme not in ("http", "https") or not urlsplit(public).netloc):
         bad("public_url", "use a full URL such as https://cml.example.com, or leave it empty")
     if ok("database_pool_min", "database_pool_max") and (

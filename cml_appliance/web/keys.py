@@ -8,6 +8,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from cml_appliance.applications.origin import AppsOrigin
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
@@ -30,6 +31,8 @@ STATUS_HUB = web.AppKey("status_hub", StatusHub)
 WEBSOCKETS = web.AppKey[set[web.WebSocketResponse]]("websockets")
 JOBS = web.AppKey("jobs", JobService)
 APPLICATIONS = web.AppKey("applications", ApplicationService)
+# Where applications are served, and the hand-over to it (applications/origin.py).
+APPS_ORIGIN = web.AppKey("apps_origin", AppsOrigin)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
 # Set when the appliance shuts down: the open /live streams end instead of holding it up.

@@ -46,8 +46,8 @@ PUBLIC_ROUTES = frozenset(
      "api_v1_start_job", "api_v1_start_job_v2_path",
      # The model endpoint checks the model's access key, and the caller's key when the model asks.
      "model_endpoint", "model_endpoint_altus",
-     # Never reached through here: applications/proxy.py's gateway answers it, and checks itself.
-     "app_proxy"}
+     # Hands a signed-in user over to the applications' origin, or sends them to sign in.
+     "app_open"}
 )
 # Page forms whose handlers stream their multipart body and check its CSRF token themselves
 # (projects/ui.py _form_fields: the token must be the first field).

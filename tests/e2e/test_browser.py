@@ -444,3 +444,77 @@ async def test_model_page_sends_a_test_request(browser: Browser, make_user: Any)
     await expect(page.locator("#model-status")).to_have_text("Not deployed")
     await expect(page.locator("#replicas .status")).to_have_count(0)
     browser.assert_clean()
+
+
+SPY_APP = rb'''import http.server, os
+PAGE = b"""<!doctype html><title>spy</title><pre id=out>running</pre><script>
+(async () => {
+  const ui = new URLSearchParams(location.search).get("ui");
+  const term = new URLSearchParams(location.search).get("term");
+  const out = {origin: location.origin, cookies: document.cookie};
+  document.cookie = "mine=1; path=/";
+  out.own = document.cookie;
+  const attempt = async (name, f) => { try { out[name] = await f(); } catch (e) { out[name] = "blocked"; } };
+  await attempt("api", async () => { const r = await fetch(ui + "/api/v2/projects", {credentials: "include"}); return "read " + r.status; });
+  await attempt("page", async () => { const r = await fetch(ui + "/settings/api-keys", {credentials: "include"}); return "read " + (await r.text()).includes("csrf_token"); });
+  await attempt("post", async () => {
+    await fetch(ui + "/settings/api-keys", {method: "POST", mode: "no-cors", credentials: "include",
+      body: new URLSearchParams({comments: "stolen", audiences: "API"})});
+    return "sent";
+  });
+  await attempt("terminal", () => new Promise((resolve) => {
+    const ws = new WebSocket(ui.replace("http", "ws") + term);
+    ws.onopen = () => { resolve("open"); ws.close(); };
+    ws.onerror = () => resolve("blocked");
+  }));
+  document.getElementById("out").textContent = JSON.stringify(out);
+})();
+</script>"""
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Type", "text/html")
+        self.send_header("X-Seen-Cookie", self.headers.get("Cookie") or "")
+        self.send_header("Content-Length", str(len(PAGE))); self.end_headers(); self.wfile.write(PAGE)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), H).serve_forever()
+'''
+
+
+async def test_an_application_cannot_read_the_ui_or_act_as_its_visitor(browser: Browser, make_user: Any) -> None:
+    """A hostile application, opened by a signed-in user from the UI, runs on an origin of its
+    own: it sees none of the UI's cookies, cannot read the API or a page (and so no CSRF token),
+    its forged form post is refused, and the user's terminal WebSocket will not open for it."""
+    import json
+
+    from playwright.async_api import expect
+
+    from tests.integration.sessions_helpers import start_running_session
+    from tests.integration.test_applications import wait_app
+
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Spied on"})
+    pid = project["id"]
+    form = aiohttp.FormData()
+    form.add_field("spy.py", SPY_APP, filename="spy.py")
+    await alice.post(f"/api/v2/projects/{pid}/files", data=form)
+    _, app = await alice.post(f"/api/v2/projects/{pid}/applications", json={"name": "Spy", "subdomain": "spy", "script": "spy.py"})
+    session = await start_running_session(alice, pid)
+    await wait_app(alice, pid, app["id"], "APPLICATION_RUNNING")
+    _, keys_before = await alice.get("/api/v2/users/alice/v2_keys")
+
+    page = browser.page
+    await browser.sign_in("alice")
+    term = f"/api/v2/projects/{pid}/sessions/{session['id']}/terminal"
+    response = await page.goto(browser.url(f"/apps/spy/?ui={browser.base}&term={term}"))
+    assert response is not None and response.headers.get("x-seen-cookie", "") == "", "the application saw the appliance's cookies"
+    await expect(page.locator("#out")).not_to_have_text("running", timeout=15_000)
+    seen = json.loads(await page.locator("#out").text_content() or "{}")
+    assert seen["origin"] != browser.base, seen
+    assert "cml_" not in seen["cookies"] and seen["own"] == "mine=1", seen
+    assert (seen["api"], seen["page"], seen["terminal"]) == ("blocked", "blocked", "blocked"), seen
+    _, keys_after = await alice.get("/api/v2/users/alice/v2_keys")
+    assert keys_after == keys_before, "the application's forged form created an API key"
+    # The user's own pages still work, and the UI's origin never served the application.
+    await page.goto(browser.url("/projects"))
+    await expect(page.locator("h1")).to_have_text("Projects")

@@ -190,7 +190,7 @@ def _run_and_check(ctr: str, app_dsn: str, timings: dict[str, float]) -> None:
         t0 = time.monotonic()
         _podman(
             "run", "-d", "--name", ctr, "--network", "host",
-            "-e", f"CML_DATABASE_URL={app_dsn}", "-e", f"CML_PORT={port}",
+            "-e", f"CML_DATABASE_URL={app_dsn}", "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0",
             IMAGE,
         )
 

@@ -17,7 +17,7 @@ from cml_appliance.app import create_app
 from cml_appliance.auth import api_keys, users
 from cml_appliance.core.settings import Settings
 from cml_appliance.web.keys import POOL
-from tests.conftest import BUSYBOX_IMAGE, Api
+from tests.conftest import BUSYBOX_IMAGE, Api, apps_listener
 
 APP = b'''import os
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -79,8 +79,9 @@ async def test_application_and_model_in_containers(dana: Api, python_image: str,
         return body if body["status"] == "APPLICATION_RUNNING" else None
 
     await until_ok(app_running)
-    resp = await dana.client.get("/apps/boxed/deep/path", headers={"Authorization": f"Bearer {dana.key}"})
-    text = await resp.text()
+    async with apps_listener(dana.client) as apps:
+        resp = await apps.get("/apps/boxed/deep/path", headers={"Authorization": f"Bearer {dana.key}"})
+        text = await resp.text()
     assert resp.status == 200 and text.startswith("hello from ") and text.endswith(" at /deep/path"), text
     run_id = text.split()[2]
     docker = aiodocker.Docker(url=podman_url)

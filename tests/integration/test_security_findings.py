@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import Api
+from tests.conftest import Api, apps_listener
 from tests.integration.test_web_ui import csrf_of, sign_in
 
 
@@ -302,12 +302,13 @@ async def test_an_application_cannot_set_the_appliances_cookies(client: TestClie
     (client.app[PROJECTS].projects_dir / project["id"] / "app.py").write_text(app_py)
     _, app = await alice.post(f"/api/v2/projects/{project['id']}/applications",
                               json={"name": "c", "subdomain": "cookies", "script": "app.py"})
-    for _ in range(200):
-        resp = await client.get("/apps/cookies/", headers={"Authorization": f"Bearer {alice.key}"})
-        if resp.status == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert resp.status == 200 and await resp.text() == "ok"
+    async with apps_listener(client) as apps:
+        for _ in range(200):
+            resp = await apps.get("/apps/cookies/", headers={"Authorization": f"Bearer {alice.key}"})
+            if resp.status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert resp.status == 200 and await resp.text() == "ok"
     cookies = resp.headers.getall("Set-Cookie", [])
     assert cookies == ["theme=dark; Path=/apps/cookies/"], cookies
     await alice.post(f"/api/v2/projects/{project['id']}/applications/{app['id']}:stop")

@@ -1,0 +1,220 @@
+"""The applications' own origin: what users serve never runs on the UI's origin.
+
+An application's JavaScript on the UI's origin could read the UI's pages (and their CSRF
+tokens) and call the API as whoever opened it. So applications are served elsewhere:
+
+- by port (the default, no DNS needed): a second listener, http://<host>:<apps_port>/apps/<sub>/;
+  `apps_url` names it when a proxy stands in front;
+- by host name (wildcard DNS, `apps_domain`): http://<sub>.<apps_domain>/, on either listener;
+  every application is then an origin of its own.
+
+The UI's sign-in cookie is never accepted there. Opening an application from the UI hands the
+user over: the UI (which knows the user) issues a one-time token valid for HANDOFF_TTL_SECONDS
+and redirects to <apps origin>/_cml/handoff?token=…, which sets a cookie of the applications'
+origin (APPS_COOKIE) and redirects on to the application. That cookie is HttpOnly, never passed
+to an application, and names the sign-in session it came from (signed with the site key), so
+signing out of the UI closes the applications too.
+
+Cookies ignore ports: by port, the browser sends the UI's cookies to the applications' listener
+(and this cookie to the UI). Neither side accepts the other's cookie, and the proxy strips every
+cml_* cookie before a request reaches an application.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from html import escape
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from cml_appliance.core.errors import AppError, Unauthenticated
+from cml_appliance.core.security import new_token, sign, verify_signature
+from cml_appliance.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HANDOFF_PATH = "/_cml/handoff"
+APPS_COOKIE = "cml_apps"
+HANDOFF_TTL_SECONDS = 60
+MAX_PENDING_HANDOFFS = 10_000
+_COOKIE_PURPOSE = "apps-origin-cookie"
+
+
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+    login_digest: str
+    subdomain: str
+    target: str  # the application's path and query, as the user asked for it
+    expires: float
+
+
+class AppsOrigin:
+    """Where applications are served, and how a signed-in user is handed over to it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.port = settings.apps_port  # the bound port once the listener runs (apps_port 0: any)
+        self._handoffs: dict[str, Handoff] = {}
+
+    # --- addresses ------------------------------------------------------------------------------
+
+    @property
+    def by_host(self) -> bool:
+        return bool(self.settings.apps_domain)
+
+    def _scheme_and_host(self, request: web.Request) -> tuple[str, str]:
+        """The UI's scheme and host name as users see them: public_url's, else the request's."""
+        if self.settings.public_url:
+            parts = urlsplit(self.settings.public_url)
+            return parts.scheme, parts.hostname or "localhost"
+        host = request.url.host or "localhost"
+        return request.scheme, f"[{host}]" if ":" in host else host
+
+    def base(self, request: web.Request) -> str:
+        """The applications' listener, as users reach it."""
+        if self.settings.apps_url:
+            return self.settings.apps_url.rstrip("/")
+        scheme, host = self._scheme_and_host(request)
+        return f"{scheme}://{host}:{self.port}"
+
+    def app_url(self, request: web.Request, subdomain: str, path_qs: str = "/") -> str:
+        if self.by_host:
+            scheme, _ = self._scheme_and_host(request)
+            return f"{scheme}://{subdomain}.{self.settings.apps_domain}{path_qs}"
+        return f"{self.base(request)}/apps/{subdomain}{path_qs}"
+
+    def handoff_url(self, request: web.Request, subdomain: str, token: str) -> str:
+        if self.by_host:
+            scheme, _ = self._scheme_and_host(request)
+            return f"{scheme}://{subdomain}.{self.settings.apps_domain}{HANDOFF_PATH}?token={token}"
+        return f"{self.base(request)}{HANDOFF_PATH}?token={token}"
+
+    def ui_url(self, request: web.Request, path_qs: str) -> str:
+        """A page of the UI, for a visitor of the applications' origin who must sign in there."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/") + path_qs
+        scheme, host = self._scheme_and_host(request)
+        return f"{scheme}://{host}:{self.settings.port}{path_qs}"
+
+    def subdomain_of_host(self, request: web.Request) -> str | None:
+        """`<sub>` for a request to <sub>.<apps_domain> (wildcard DNS), else None."""
+        if not self.by_host:
+            return None
+        host = request.host.lower()
+        domain = self.settings.apps_domain.lower()
+        if ":" not in domain:
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if host.endswith("." + domain):
+            sub = host[: -len(domain) - 1]
+            if sub and "." not in sub:
+                return sub
+        return None
+
+    @property
+    def secure(self) -> bool:
+        url = self.settings.apps_url or self.settings.public_url
+        return url.startswith("https://")
+
+    # --- one-time hand-over tokens --------------------------------------------------------------
+
+    def issue(self, login_digest: str, subdomain: str, target: str) -> str:
+        now = time.monotonic()
+        if len(self._handoffs) >= MAX_PENDING_HANDOFFS:
+            self._handoffs = {t: h for t, h in self._handoffs.items() if h.expires > now}
+            if len(self._handoffs) >= MAX_PENDING_HANDOFFS:
+                self._handoffs.clear()
+        token = new_token()
+        self._handoffs[token] = Handoff(login_digest, subdomain, target, now + HANDOFF_TTL_SECONDS)
+        return token
+
+    def redeem(self, token: str, subdomain: str | None) -> Handoff | None:
+        """The hand-over a token stands for, once; None when unknown, used, expired or (by host
+        name) issued for another application."""
+        handoff = self._handoffs.pop(token, None)
+        if handoff is None or handoff.expires < time.monotonic():
+            return None
+        if subdomain is not None and handoff.subdomain != subdomain:
+            return None
+        return handoff
+
+    # --- the applications' cookie ---------------------------------------------------------------
+
+    def cookie_value(self, login_digest: str) -> str:
+        expires = int(time.time()) + self.settings.session_hours * 3600
+        message = f"{login_digest}.{expires}"
+        return f"{message}.{sign(self.settings.secret_key, _COOKIE_PURPOSE + ':' + message)}"
+
+    def login_digest_of(self, cookie: str | None) -> str | None:
+        """The sign-in session a valid cookie of the applications' origin names, else None."""
+        if not cookie:
+            return None
+        digest, _, rest = cookie.partition(".")
+        expires, _, signature = rest.partition(".")
+        if not (digest and expires.isdigit() and signature):
+            return None
+        if not verify_signature(self.settings.secret_key, f"{_COOKIE_PURPOSE}:{digest}.{expires}", signature):
+            return None
+        return digest if int(expires) > time.time() else None
+
+
+def plain_page(status: int, title: str, message: str, link: tuple[str, str] | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    """A small page of the applications' origin (errors, an expired hand-over): no script, no
+    styles from anywhere, never framed."""
+    anchor = f'<p><a href="{escape(link[0])}">{escape(link[1])}</a></p>' if link else ""
+    body = (f"<!doctype html><html lang=en><meta charset=utf-8><title>{escape(title)}</title>"
+            f"<h1>{escape(title)}</h1><p>{escape(message)}</p>{anchor}</html>")
+    response = web.Response(status=status, text=body, content_type="text/html", headers=headers)
+    response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """The applications' listener answers its own errors with a small page, never a UI page."""
+    try:
+        return await handler(request)
+    except AppError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+        title = "Sign in first" if isinstance(exc, Unauthenticated) else f"Error {exc.status}"
+        return plain_page(exc.status, title, exc.message, headers=headers)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s on the applications' listener", request.method, request.path)
+        return plain_page(500, "Error 500", "internal error")
+
+
+@dataclasses.dataclass
+class Listener:
+    """The applications' own listener: a second aiohttp runner on apps_port."""
+
+    app: web.Application
+    runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int, header_timeout: float) -> int:
+        self.runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=header_timeout, shutdown_timeout=5)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+        return int(self.runner.addresses[0][1])  # the bound port: apps_port 0 takes any free one
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def run_listener(listener: Listener, origin: AppsOrigin, settings: Settings) -> AsyncIterator[None]:
+    origin.port = await listener.start(settings.host, settings.apps_port, settings.header_timeout_seconds)
+    log.info("applications are served on %s:%s%s", settings.host, origin.port,
+             f" and at <subdomain>.{settings.apps_domain}" if settings.apps_domain else "")
+    try:
+        yield
+    finally:
+        await listener.stop()
