@@ -15,6 +15,7 @@ import asyncpg
 import jinja2
 from aiohttp import web
 
+from cml_appliance.api import openapi
 from cml_appliance.applications import api as applications_api
 from cml_appliance.applications import origin as applications_origin
 from cml_appliance.applications import proxy as applications_proxy
@@ -198,6 +199,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.on_shutdown.append(live.end_streams)
 
     app.router.add_routes(health.routes())
+    app.router.add_routes(openapi.routes())
     app.router.add_routes(auth_api.routes())
     app.router.add_routes(jobs_api.legacy_routes())
     app.router.add_routes(projects_api.routes())

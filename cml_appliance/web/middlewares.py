@@ -42,6 +42,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Routes anyone may reach without signing in.
 PUBLIC_ROUTES = frozenset(
     {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "favicon", "api_validate_key", "index",
+     "api_openapi",
      # Authenticates itself with HTTP Basic (CDSW's v1 API).
      "api_v1_start_job", "api_v1_start_job_v2_path",
      # The model endpoint checks the model's access key, and the caller's key when the model asks.

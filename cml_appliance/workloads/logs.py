@@ -69,6 +69,8 @@ class LogStore:
     def read(self, workload_id: str, offset: int, limit: int) -> bytes:
         try:
             with open(self.path(workload_id), "rb") as fh:
+                if offset >= os.fstat(fh.fileno()).st_size:
+                    return b""  # past the end: some file systems refuse to seek that far (EINVAL)
                 fh.seek(max(0, offset))
                 return fh.read(limit)
         except FileNotFoundError:

@@ -149,6 +149,9 @@ async def test_input_that_used_to_be_a_500_is_a_400(client: TestClient, alice: A
     _, session = await alice.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/python3"})
     status, answer = await alice.get(f"/api/v2/projects/{pid}/sessions/{session['id']}/logs", params={"offset": str(2**64)})
     assert status == 400, answer
+    # Within int64 but past what the file system can seek to (found by the fuzzer): an empty chunk.
+    status, answer = await alice.get(f"/api/v2/projects/{pid}/sessions/{session['id']}/logs", params={"offset": "287206280783117"})
+    assert status == 200 and answer["content"] == "" and answer["next_offset"] == "287206280783117", answer
     await alice.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
     # Files: a name past 255 bytes, a move under a file.
     form = aiohttp.FormData()
