@@ -164,6 +164,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             allow_unauthenticated=settings.allow_unauthenticated_apps,
         )
         app[MODELS] = ModelService(pool, app[PROJECTS], service, tasks, builds_dir=settings.data_dir / "model_builds")
+        app[METRICS].watch_gauge("cml_model_replacements_pending", "Lost model replicas waiting to be replaced",
+                                 lambda: app[MODELS].replacements_pending)
         app[APP_PROXY_SESSION] = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
         )

@@ -188,8 +188,8 @@ class ModelService:
         self._links: dict[str, ReplicaLink] = {}
         # Calls waiting for a free replica, per model, longest waiting first.
         self._waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
-        # Deployments with a lost replica being replaced (see _replace).
-        self._replacing: set[int] = set()
+        # Lost replicas being replaced, per deployment (see _replace).
+        self._replacing: collections.Counter[int] = collections.Counter()
         # Calls come many a second: what they look up is kept CALL_CACHE_SECONDS, and forgotten
         # at once when this process changes a model, a deployment or a replica ends.
         self._by_key: dict[str, tuple[float, Model | None]] = {}
@@ -512,11 +512,19 @@ class ModelService:
         pause that doubles with each replica the deployment lost lately. A deployment gets at most
         MAX_REPLACEMENTS new replicas per replica within REPLACE_WINDOW (a crash loop); then it
         shows failed."""
-        self._replacing.add(dead.deployment_id or 0)
+        deployment_id = dead.deployment_id or 0
+        self._replacing[deployment_id] += 1
         try:
             await self._replace_after_pause(dead)
         finally:
-            self._replacing.discard(dead.deployment_id or 0)
+            self._replacing[deployment_id] -= 1
+            if self._replacing[deployment_id] <= 0:
+                del self._replacing[deployment_id]
+
+    @property
+    def replacements_pending(self) -> int:
+        """Lost replicas whose replacement is waiting out its pause or starting (a metric)."""
+        return sum(self._replacing.values())
 
     async def _replace_after_pause(self, dead: Workload) -> None:
         for attempt in range(2):  # look again after the pause: stopped or restarted meanwhile?

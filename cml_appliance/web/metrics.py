@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by route and status, latency, and the database pool."""
+"""Prometheus metrics: requests by route and status, latency, the database pool, and gauges
+the components report (model replicas waiting to be replaced)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ class _PoolCollector(Collector):
         yield GaugeMetricFamily("cml_db_pool_idle_connections", "Idle connections in the database pool", value=idle)
         yield GaugeMetricFamily("cml_db_pool_in_use_connections", "Connections in use", value=size - idle)
         yield GaugeMetricFamily("cml_db_pool_max_connections", "Largest size of the pool", value=max_size)
+
+
+class _GaugeCollector(Collector):
+    def __init__(self, name: str, documentation: str, value: Callable[[], float]):
+        self._name, self._documentation, self._value = name, documentation, value
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=self._value())
 
 
 class Metrics:
@@ -57,6 +66,10 @@ class Metrics:
 
     def watch_pool(self, stats: Callable[[], tuple[int, int, int] | None]) -> None:
         self.registry.register(_PoolCollector(stats))
+
+    def watch_gauge(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+        """A gauge read when /metrics is: `value()` at that moment."""
+        self.registry.register(_GaugeCollector(name, documentation, value))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

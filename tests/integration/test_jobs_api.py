@@ -9,7 +9,8 @@ from typing import Any
 
 import aiohttp
 
-from cml_appliance.web.keys import WORKLOADS
+from cml_appliance.web.keys import POOL, WORKLOADS
+from cml_appliance.workloads import states
 from tests.conftest import Api, assert_error
 
 SCRIPT = b"""import os, sys
@@ -38,6 +39,22 @@ async def wait_run(api: Api, pid: str, jid: str, rid: str, wanted: str, timeout:
             return body
         await asyncio.sleep(0.05)
     raise AssertionError(f"run is {body.get('status')} ({body.get('reason')}), wanted {wanted}")
+
+
+async def wait_until_nothing_is_owed(api: Api, job_id: str, timeout: float = 30) -> None:
+    """Until the job owes nothing: no run active or waiting for its follow-up (a retry, a
+    dependent), no pending fire, no cron fire due. From then on no run starts without a new fire,
+    so what a test counts is final (no "wait a while and see that nothing more comes")."""
+    pool = api.client.app[POOL]
+    deadline = time.monotonic() + timeout
+    while await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM workloads w WHERE w.job_id = j.id AND (w.status = ANY($2::text[]) OR w.followup_due))"
+        " OR EXISTS (SELECT 1 FROM job_fires f WHERE f.job_id = j.id)"
+        " OR (j.schedule <> '' AND NOT j.paused AND j.next_fire_at <= now())"
+        " FROM jobs j WHERE j.public_id = $1", job_id, list(states.ACTIVE),
+    ):
+        assert time.monotonic() < deadline, f"job {job_id} still owes a run after {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 async def test_job_crud_and_runs(alice: Api) -> None:
@@ -87,8 +104,12 @@ async def test_one_active_run_stop_and_timeout(alice: Api) -> None:
     await wait_run(alice, pid, jid, first["id"], "ENGINE_RUNNING")
     status, body = await alice.post(f"/api/v2/projects/{pid}/jobs/{jid}/runs", json={})
     assert_error(status, body, 409)
-    await asyncio.sleep(1.2)
-    assert await alice.client.app[WORKLOADS].enforce_time_limits() == 1
+    workloads = alice.client.app[WORKLOADS]
+    assert await workloads.enforce_time_limits() == 0  # within its second
+    # Its second passes (moved back, not waited for).
+    await alice.client.app[POOL].execute(
+        "UPDATE workloads SET running_at = running_at - interval '2 seconds' WHERE public_id = $1", first["id"])
+    assert await workloads.enforce_time_limits() == 1
     timed = await wait_run(alice, pid, jid, first["id"], "ENGINE_TIMEDOUT")
     assert "timeout of 1 seconds" in timed["reason"]
 
@@ -224,7 +245,7 @@ async def test_cron_jobs_fire_once_per_due_time(alice: Api) -> None:
         if runs["job_runs"]:
             break
         await asyncio.sleep(0.1)
-    await asyncio.sleep(1.5)  # long enough for any second start to show
+    await wait_until_nothing_is_owed(alice, job["id"])
     assert await jobs.fire_due() in (0, None)
     _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs")
     assert len(runs["job_runs"]) == 1
@@ -250,7 +271,7 @@ async def test_failed_runs_are_retried_as_configured(alice: Api) -> None:
             break
         await asyncio.sleep(0.1)
     assert sorted(r["attempt"] for r in finished) == [1, 2, 3]  # the first try and two retries
-    await asyncio.sleep(0.5)
+    await wait_until_nothing_is_owed(alice, job["id"])
     _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs")
     assert len(runs["job_runs"]) == 3  # and no more
     # Without retry_for_script_failure a script failure is not retried.
@@ -259,14 +280,13 @@ async def test_failed_runs_are_retried_as_configured(alice: Api) -> None:
     })
     _, run = await alice.post(f"/api/v2/projects/{pid}/jobs/{other['id']}/runs", json={})
     await wait_run(alice, pid, other["id"], run["id"], "ENGINE_FAILED")
-    await asyncio.sleep(0.5)
+    await wait_until_nothing_is_owed(alice, other["id"])
     _, runs = await alice.get(f"/api/v2/projects/{pid}/jobs/{other['id']}/runs")
     assert len(runs["job_runs"]) == 1
 
 
 async def test_a_fire_during_a_run_is_recorded_as_skipped_and_retried_as_configured(alice: Api, monkeypatch: Any) -> None:
     from cml_appliance.jobs import service as job_service
-    from cml_appliance.web.keys import POOL
 
     # A retry that finds the job busy waits for it, looking again this often (not skipped again,
     # which with retry_delay 0 would owe another retry at once, and so on).
@@ -295,7 +315,7 @@ async def test_a_fire_during_a_run_is_recorded_as_skipped_and_retried_as_configu
     assert skipped["status"] == "ENGINE_SKIPPED" and skipped["attempt"] == 1 and "still running" in skipped["reason"]
     assert skipped["finished_at"] and "running_at" not in skipped
     assert retry["attempt"] == 2  # the retry waited for the manual run to end
-    await asyncio.sleep(1)
+    await wait_until_nothing_is_owed(alice, job["id"])
     _, runs = await alice.get(runs_path)
     assert len(runs["job_runs"]) == 3  # and nothing more
     _, listed = await alice.get(runs_path, params={"search_filter": '{"status": "skipped"}'})

@@ -16,7 +16,8 @@ from cml_appliance.app import create_app
 from cml_appliance.auth import api_keys, users
 from cml_appliance.core.settings import Settings
 from cml_appliance.models import service as model_service
-from cml_appliance.web.keys import POOL
+from cml_appliance.web.keys import MODELS, POOL
+from cml_appliance.workloads import states
 from tests.conftest import Api, assert_error
 
 PREDICT = b'''import json
@@ -207,7 +208,9 @@ async def test_limits_busy_replicas_and_timeouts(aiohttp_client: Any, settings: 
 
     # The one replica is busy for 1.5 s: a second call waits 1 s for it, then gets model.busy.
     slow = asyncio.ensure_future(call(alice, key, {"sleep": 1.5}, bearer=False))
-    await asyncio.sleep(0.2)
+    models = client.app[MODELS]
+    while not any(lock.locked() for lock in models._busy.values()):  # the slow call holds the replica
+        await asyncio.sleep(0.01)
     started = time.monotonic()
     status, body = await call(alice, key, {"sleep": 0}, bearer=False)
     assert (status, body) == (429, {"success": False, "error": {"message": "model.busy"}})
@@ -300,7 +303,10 @@ async def test_a_replica_that_dies_is_replaced_and_a_crash_loop_stops(alice: Api
             break
         assert time.monotonic() < deadline, deployment
         await asyncio.sleep(0.2)
-    await asyncio.sleep(0.5)  # no more replacements come
+    # Failed means given up: nothing of the deployment runs, and nothing more is started.
+    assert await pool.fetchval(
+        "SELECT count(*) FROM workloads w JOIN model_deployments d ON d.id = w.deployment_id"
+        " WHERE d.public_id = $1 AND w.status = ANY($2::text[])", deployment_id, list(states.ACTIVE)) == 0
     tries = await pool.fetchval(
         "SELECT count(*) FROM workloads w JOIN model_deployments d ON d.id = w.deployment_id WHERE d.public_id = $1",
         deployment_id)
@@ -327,5 +333,9 @@ async def test_a_request_that_kills_its_replica_kills_no_more_than_two(alice: Ap
     while (died := await pool.fetchval(query, list(seen))) < 2:
         assert time.monotonic() < deadline, died
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
+    # The third's process is alive (not merely not yet noticed dead), and it is running.
+    (third,) = seen - set(await pool.fetchval(
+        "SELECT array_agg(public_id) FROM workloads WHERE public_id = ANY($1::text[]) AND status = 'ENGINE_FAILED'", list(seen)))
+    handle = await pool.fetchval("SELECT handle FROM workloads WHERE public_id = $1 AND status = 'ENGINE_RUNNING'", third)
+    os.killpg(int(handle.split(":")[0]), 0)  # raises if the process group is gone
     assert await pool.fetchval(query, list(seen)) == 2

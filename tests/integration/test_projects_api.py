@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from pathlib import Path
 
-from cml_appliance.web.keys import SUPERVISOR
+from cml_appliance.web.keys import POOL, SUPERVISOR
 from tests.conftest import Api, assert_error
 
 
@@ -120,7 +119,10 @@ async def _make_projects(api: Api, names: list[str]) -> None:
     for name in names:
         status, body = await api.post("/api/v2/projects", json={"name": name, "description": f"about {name}"})
         assert status == 200, body
-        await asyncio.sleep(0.002)  # distinct updated_at
+    # The ordering tests rely on distinct times: each create is a transaction of its own, whose
+    # now() (microseconds) follows the last one's.
+    pool = api.client.app[POOL]
+    assert await pool.fetchval("SELECT count(DISTINCT updated_at) = count(*) FROM projects") is True
 
 
 async def test_paging_walks_every_project_once(alice: Api) -> None:

@@ -260,7 +260,15 @@ async def test_model_deployments_come_back_after_a_stop_and_a_kill(clean_db: str
             third = await call_model(http, url, model["access_key"])
             assert not killed_sockets[0].exists()  # the killed process's socket directory is swept
             assert third["ReplicaID"] not in (first["ReplicaID"], second["ReplicaID"])
-            await asyncio.sleep(2)  # replacements and resumption both settled: exactly the replicas asked for
+            # Resumption and the replacements of the killed replicas both settled (none waits out
+            # its pause any more): exactly the replicas asked for.
+            deadline = time.monotonic() + 30
+            while True:
+                async with http.get(f"{url}/metrics") as resp:
+                    if "cml_model_replacements_pending 0.0" in await resp.text():
+                        break
+                assert time.monotonic() < deadline, "replacements still pending after 30 s"
+                await asyncio.sleep(0.1)
             assert await conn.fetchval(active) == 2
         finally:
             appliance.stop()

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cml_appliance.web.keys import WORKLOADS
+from cml_appliance.web.keys import POOL, WORKLOADS
 from tests.conftest import Api, assert_error
 from tests.integration.sessions_helpers import (
     open_terminal,
@@ -178,13 +178,18 @@ async def test_bad_session_requests(alice: Api, make_user: Any) -> None:
 
 async def test_idle_and_maximum_duration_end_sessions_with_a_reason(alice: Api) -> None:
     pid = await new_project(alice)
-    idle = await start_running_session(alice, pid, environment={"IDLE_MAXIMUM_MINUTES": "0.005"})
-    longest = await start_running_session(alice, pid, environment={"SESSION_MAXIMUM_MINUTES": "0.005"})
-    await asyncio.sleep(0.5)
-    stopped = await alice.client.app[WORKLOADS].enforce_time_limits()
-    assert stopped == 2
+    idle = await start_running_session(alice, pid, environment={"IDLE_MAXIMUM_MINUTES": "0.5"})
+    longest = await start_running_session(alice, pid, environment={"SESSION_MAXIMUM_MINUTES": "0.5"})
+    workloads = alice.client.app[WORKLOADS]
+    assert await workloads.enforce_time_limits() == 0  # both within their half minute
+    # A minute passes (moved back, not waited for): one was idle that long, the other ran that long.
+    await alice.client.app[POOL].execute(
+        "UPDATE workloads SET last_activity_at = last_activity_at - interval '1 minute' WHERE public_id = $1", idle["id"])
+    await alice.client.app[POOL].execute(
+        "UPDATE workloads SET running_at = running_at - interval '1 minute' WHERE public_id = $1", longest["id"])
+    assert await workloads.enforce_time_limits() == 2
     idle = await wait_status(alice, pid, idle["id"], "ENGINE_TIMEDOUT")
-    assert "idle for 0.005 minutes (IDLE_MAXIMUM_MINUTES)" in idle["reason"]
+    assert "idle for 0.5 minutes (IDLE_MAXIMUM_MINUTES)" in idle["reason"]
     longest = await wait_status(alice, pid, longest["id"], "ENGINE_TIMEDOUT")
     assert "SESSION_MAXIMUM_MINUTES" in longest["reason"]
 
