@@ -8,6 +8,7 @@ import functools
 import os
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import aiohttp_jinja2
@@ -32,6 +33,8 @@ from cml_appliance.engines.base import Engine
 from cml_appliance.engines.container import ContainerEngine
 from cml_appliance.engines.local import LocalEngine
 from cml_appliance.engines.sandbox import find_sandbox
+from cml_appliance.gitserver import http as git_http
+from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs import api as jobs_api
 from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
@@ -57,6 +60,7 @@ from cml_appliance.web.keys import (
     APPS_ORIGIN,
     JOBS,
     METRICS,
+    GIT,
     MODELS,
     POOL,
     PROJECTS,
@@ -100,6 +104,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     templating.setup(app)
     should_migrate = settings.migrate_on_start if migrate_on_start is None else migrate_on_start
     resolved: dict[str, str] = {}  # the database URL once known (embedded Postgres makes its own)
+    found_sandbox: dict[str, Any] = {}  # the local sandbox (or None) and why not, found once
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         async with database_url(settings.database_url, settings.data_dir) as dsn:
@@ -125,7 +130,17 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         settings.projects_dir.mkdir(parents=True, exist_ok=True)
-        projects = ProjectService(app[POOL], settings.projects_dir, app[SUPERVISOR], allow_local_git=allow_local_git,
+        sandbox, why_not = (None, "local_sandbox is off") if settings.local_sandbox == "off" else await asyncio.to_thread(
+            find_sandbox, [settings.data_dir], os.environ.get("PATH", ""))
+        if sandbox is None and settings.local_sandbox == "bubblewrap":
+            raise RuntimeError(f"local_sandbox is bubblewrap, but {why_not}")
+        if sandbox is None:
+            log.warning("local workloads run UNSANDBOXED, with the appliance's own rights: %s", why_not)
+        found_sandbox.update(sandbox=sandbox, why_not=why_not)
+        app[LOCAL_SANDBOX] = "bubblewrap" if sandbox is not None else f"none: {why_not}"
+        # Git on a project runs in the same sandbox as the project's workloads.
+        app[GIT] = Repositories(settings.projects_dir, sandbox)
+        projects = ProjectService(app[POOL], settings.projects_dir, app[SUPERVISOR], app[GIT], allow_local_git=allow_local_git,
                                   allow_private_git_hosts=settings.allow_private_git_hosts)
         failed = await projects.fail_interrupted_creations()
         if failed:
@@ -136,13 +151,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     async def workloads(app: web.Application) -> AsyncIterator[None]:
         pool, tasks = app[POOL], app[SUPERVISOR]
         site_id = await workload_store.site_id(pool)
-        sandbox, why_not = (None, "local_sandbox is off") if settings.local_sandbox == "off" else await asyncio.to_thread(
-            find_sandbox, [settings.data_dir], os.environ.get("PATH", ""))
-        if sandbox is None and settings.local_sandbox == "bubblewrap":
-            raise RuntimeError(f"local_sandbox is bubblewrap, but {why_not}")
-        if sandbox is None:
-            log.warning("local workloads run UNSANDBOXED, with the appliance's own rights: %s", why_not)
-        app[LOCAL_SANDBOX] = "bubblewrap" if sandbox is not None else f"none: {why_not}"
+        sandbox, why_not = found_sandbox["sandbox"], found_sandbox["why_not"]
         engines: dict[str, Engine] = {"local": LocalEngine(site_id, sandbox)}
         if settings.container_engine_url:
             engines["container"] = ContainerEngine(site_id, settings.container_engine_url, network=settings.container_network)
@@ -211,6 +220,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(applications_api.routes())
     app.router.add_routes(applications_proxy.routes())
     app.router.add_routes(models_api.routes())
+    app.router.add_routes(git_http.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

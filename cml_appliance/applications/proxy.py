@@ -44,9 +44,10 @@ APPLIANCE_COOKIE_PREFIX = "cml_"
 # chunked stream); larger or open-ended ones stream as they come.
 WHOLE_BODY_LIMIT = 256 * 1024
 
-# Routes that check their callers themselves and are called many times a second: the gateway
-# sends them straight to their handler, past the API and page middlewares (POST /model).
-SELF_CHECKING_ROUTES = frozenset({"model_endpoint", "model_endpoint_altus"})
+# Routes that check their callers themselves: the gateway sends them straight to their handler,
+# past the API and page middlewares (POST /model, called many times a second; git's smart HTTP,
+# whose clients sign in with HTTP Basic and send no CSRF token).
+SELF_CHECKING_ROUTES = frozenset({"model_endpoint", "model_endpoint_altus", "git_smart_http"})
 
 
 @web.middleware

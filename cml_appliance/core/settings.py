@@ -63,6 +63,8 @@ class Settings:
     apps_url: str
     apps_domain: str
     allow_private_git_hosts: bool
+    git_max_push_mb: int
+    build_snapshot_max_mb: int
     model_request_timeout_seconds: int
     model_max_request_mb: int
     model_busy_wait_seconds: int
@@ -254,6 +256,7 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
         "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
         "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
         "app_ready_timeout_seconds", "model_request_timeout_seconds", "model_max_request_mb", "model_busy_wait_seconds",
+        "git_max_push_mb", "build_snapshot_max_mb",
     ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")

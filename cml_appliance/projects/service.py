@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from cml_appliance.gitserver.repos import GitError, Repositories
 from cml_appliance.api.bodies import check_text
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth import users as users_mod
@@ -109,12 +110,13 @@ def check_name(name: str) -> str:
 
 
 class ProjectService:
-    def __init__(self, pool: asyncpg.Pool, projects_dir: Path, supervisor: Supervisor, *, allow_local_git: bool = False,
-                 allow_private_git_hosts: bool = False):
+    def __init__(self, pool: asyncpg.Pool, projects_dir: Path, supervisor: Supervisor, repos: Repositories, *,
+                 allow_local_git: bool = False, allow_private_git_hosts: bool = False):
         self.pool = pool
         self.projects_dir = projects_dir
         self.supervisor = supervisor
         self.allow_local_git = allow_local_git
+        self.repos = repos
         self.allow_private_git_hosts = allow_private_git_hosts
 
     def directory(self, project: Project) -> Path:
@@ -187,6 +189,11 @@ class ProjectService:
             await audit.record(conn, user.id, "project.create", "project", public_id, {"name": name, "template": template})
             if template != "git":
                 (self.projects_dir / public_id).mkdir(parents=True, exist_ok=False)
+        if template != "git":  # a repository from the start (a git template's clone is one)
+            try:
+                await self.repos.init(self.projects_dir / public_id)
+            except GitError as exc:  # the git server makes it one on first use
+                log.warning("could not make project %s a git repository: %s", public_id, exc)
         if template == "git":
             self.supervisor.spawn(f"clone-{public_id}", self._clone(public_id, git_url, fields.get("git_ref", "")))
         return await self.get(user, public_id)

@@ -12,6 +12,7 @@ from cml_appliance.applications.origin import AppsOrigin
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
 from cml_appliance.projects.service import ProjectService
@@ -35,6 +36,8 @@ APPLICATIONS = web.AppKey("applications", ApplicationService)
 APPS_ORIGIN = web.AppKey("apps_origin", AppsOrigin)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
+# Every project's git repository (gitserver/repos.py): init, snapshots, the smart-HTTP backend.
+GIT = web.AppKey("git", Repositories)
 # Set when the appliance shuts down: the open /live streams end instead of holding it up.
 CLOSING = web.AppKey("closing", asyncio.Event)
 # How local workloads are isolated: "bubblewrap", or "none: <why>" (shown by /readyz).

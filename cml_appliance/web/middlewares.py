@@ -44,7 +44,7 @@ PUBLIC_ROUTES = frozenset(
     {"healthz", "readyz", "metrics", "login", "login_post", "setup", "setup_post", "static", "favicon", "api_validate_key", "index",
      "api_openapi",
      # Authenticates itself with HTTP Basic (CDSW's v1 API).
-     "api_v1_start_job", "api_v1_start_job_v2_path",
+     "api_v1_start_job", "api_v1_start_job_v2_path", "git_smart_http",
      # The model endpoint checks the model's access key, and the caller's key when the model asks.
      "model_endpoint", "model_endpoint_altus",
      # Hands a signed-in user over to the applications' origin, or sends them to sign in.

@@ -22,6 +22,7 @@ RULES: dict[str, str] = {
     "index": "public", "setup": "public", "setup_post": "public", "login": "public", "login_post": "public",
     "logout": "public", "app_open": "skip", "model_endpoint": "public", "model_endpoint_altus": "public",
     "api_validate_key": "public", "api_openapi": "public", "api_v1_start_job": "own_auth", "api_v1_start_job_v2_path": "own_auth",
+    "git_smart_http": "skip",
     # Keys
     "api_list_keys": "self", "api_create_key": "self", "api_delete_keys": "self", "api_delete_key": "self",
     # Projects

@@ -1,0 +1,1 @@
+"""The git server: every project is a repository, served over smart HTTP."""

@@ -1,0 +1,134 @@
+"""Every project directory is a git repository; this is what the appliance does to one.
+
+A project's `.git` is the user's: writers change it through the files API and from their
+sessions, hooks and config included. So every git command the appliance runs on a project runs
+in the local engine's sandbox (engines/sandbox.py), as a workload would: a hostile config
+(core.fsmonitor, a clean filter, a hook) then runs as the project's own code, seeing only the
+project. Hooks are off besides. Without a sandbox (a single-user laptop, see
+allow_unsandboxed_local) git runs directly, with the same config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cml_appliance.engines.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+# Config for every git the appliance runs on a project: no hooks, no fsmonitor, and never a
+# prompt. Hidden refs (refs/cml/...) are the appliance's own: not advertised, not pushable.
+SAFE_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "protocol.allow=never",
+               "-c", "uploadpack.hideRefs=refs/cml", "-c", "receive.hideRefs=refs/cml")
+COMMITTER = ("-c", "user.name=cml-appliance", "-c", "user.email=cml-appliance@localhost")
+HIDDEN_REF_PREFIX = "refs/cml/builds/"
+GIT_TIMEOUT_SECONDS = 600
+
+
+class GitError(Exception):
+    """A git command failed; str() is git's own message."""
+
+
+class SnapshotTooLarge(GitError):
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    commit: str
+    files: int
+    bytes: int
+
+
+class Repositories:
+    def __init__(self, projects_dir: Path, sandbox: Sandbox | None):
+        self.projects_dir = projects_dir
+        self.sandbox = sandbox
+
+    def environment(self) -> dict[str, str]:
+        """A clean environment for git: nothing of the appliance's (no secrets, no credentials)."""
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/home/cdsw", "GIT_CONFIG_NOSYSTEM": "1",
+                "GIT_TERMINAL_PROMPT": "0", "LANG": "C.UTF-8"}
+
+    def command(self, project_dir: Path, args: list[str]) -> list[str]:
+        """`git <args>` on the project, sandboxed where the machine allows."""
+        command = ["git", *SAFE_CONFIG, *args]
+        if self.sandbox is None:
+            return command
+        return self.sandbox.wrap(command, project_dir=project_dir, new_session=False)
+
+    async def run(self, project_dir: Path, args: list[str], *, env: dict[str, str] | None = None,
+                  timeout: float = GIT_TIMEOUT_SECONDS) -> bytes:
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(project_dir, args), cwd=project_dir, env={**self.environment(), **(env or {})},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise GitError(f"git {args[0]} took longer than {timeout:g} s") from None
+        if proc.returncode != 0:
+            raise GitError(err.decode(errors="replace").strip() or f"git {args[0]} exited {proc.returncode}")
+        return out
+
+    def is_repository(self, project_dir: Path) -> bool:
+        return (project_dir / ".git").exists()
+
+    async def ensure(self, project_dir: Path) -> None:
+        """A project made before the git server (or whose .git was deleted) becomes a repository."""
+        if not self.is_repository(project_dir):
+            await self.init(project_dir)
+
+    async def init(self, project_dir: Path) -> None:
+        await self.run(project_dir, ["init", "--quiet", "-b", "main", str(project_dir)])
+
+    async def snapshot(self, project_dir: Path, build_id: str, *, max_bytes: int) -> Snapshot:
+        """The project's files as they are on disk (what .gitignore leaves), as a commit on
+        refs/cml/builds/<build_id>: a temporary index, so the user's branches, index and working
+        tree stay as they are. Its parent is HEAD when there is one."""
+        await self.ensure(project_dir)
+        index = f".git/cml-snapshot-index-{build_id}"
+        env = {"GIT_INDEX_FILE": str(project_dir / index)}
+        try:
+            listed = await self.run(project_dir, ["ls-files", "-z", "--others", "--exclude-standard"], env=env)
+            paths = [p for p in listed.decode(errors="surrogateescape").split("\0") if p]
+            total = 0
+            for path in paths:
+                try:
+                    total += os.lstat(project_dir / path).st_size
+                except OSError:
+                    continue  # gone meanwhile: git will not add it either
+                if total > max_bytes:
+                    raise SnapshotTooLarge(
+                        f"the project's files come to more than {max_bytes // (1024 * 1024)} MB (what .gitignore leaves "
+                        "out is not counted): ignore data and outputs in .gitignore, or raise build_snapshot_max_mb")
+            await self.run(project_dir, ["add", "--all", "--", "."], env=env)
+            tree = (await self.run(project_dir, ["write-tree"], env=env)).decode().strip()
+            parents: list[str] = []
+            try:
+                head = (await self.run(project_dir, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])).decode().strip()
+                parents = ["-p", head]
+            except GitError:
+                pass  # no commit yet
+            message = f"cml-appliance build {build_id}"
+            commit = (await self.run(project_dir, [*COMMITTER, "commit-tree", tree, *parents, "-m", message])).decode().strip()
+            await self.run(project_dir, ["update-ref", HIDDEN_REF_PREFIX + build_id, commit])
+            return Snapshot(commit, len(paths), total)
+        finally:
+            try:
+                os.unlink(project_dir / index)
+            except OSError:
+                pass
+
+    async def forget_snapshot(self, project_dir: Path, build_id: str) -> None:
+        if self.is_repository(project_dir):
+            try:
+                await self.run(project_dir, ["update-ref", "-d", HIDDEN_REF_PREFIX + build_id])
+            except GitError as exc:
+                log.warning("could not delete the snapshot ref of build %s: %s", build_id, exc)
