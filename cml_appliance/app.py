@@ -45,6 +45,8 @@ from cml_appliance.models.service import ModelService
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
 from cml_appliance.projects.service import ProjectService
+from cml_appliance.registry import embedded as embedded_registry
+from cml_appliance.registry import proxy as registry_proxy
 from cml_appliance.runtimes import api as runtimes_api
 from cml_appliance.runtimes import catalog
 from cml_appliance.runtimes import ui as runtimes_ui
@@ -62,6 +64,8 @@ from cml_appliance.web.keys import (
     METRICS,
     GIT,
     MODELS,
+    REGISTRY,
+    REGISTRY_SESSION,
     POOL,
     PROJECTS,
     SESSIONS,
@@ -148,6 +152,14 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         app[PROJECTS] = projects
         yield
 
+    async def image_registry(app: web.Application) -> AsyncIterator[None]:
+        async with embedded_registry.registry(settings.registry_url, settings.data_dir) as status:
+            app[REGISTRY] = status
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+            async with (status.endpoint.session(timeout=timeout) if status.endpoint else aiohttp.ClientSession()) as session:
+                app[REGISTRY_SESSION] = session
+                yield
+
     async def workloads(app: web.Application) -> AsyncIterator[None]:
         pool, tasks = app[POOL], app[SUPERVISOR]
         site_id = await workload_store.site_id(pool)
@@ -205,7 +217,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         async for _ in applications_origin.run_listener(listener, app[APPS_ORIGIN], settings):
             yield
 
-    app.cleanup_ctx.extend([database, supervisor, services, workloads, apps_listener])
+    app.cleanup_ctx.extend([database, supervisor, services, image_registry, workloads, apps_listener])
     app.on_shutdown.append(sessions_api.close_websockets)
     app.on_shutdown.append(live.end_streams)
 
@@ -221,6 +233,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(applications_proxy.routes())
     app.router.add_routes(models_api.routes())
     app.router.add_routes(git_http.routes())
+    app.router.add_routes(registry_proxy.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

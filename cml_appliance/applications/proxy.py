@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from cml_appliance.applications import origin as apps_origin
 from cml_appliance.applications.origin import APPS_COOKIE, HANDOFF_PATH
@@ -47,7 +48,9 @@ WHOLE_BODY_LIMIT = 256 * 1024
 # Routes that check their callers themselves: the gateway sends them straight to their handler,
 # past the API and page middlewares (POST /model, called many times a second; git's smart HTTP,
 # whose clients sign in with HTTP Basic and send no CSRF token).
-SELF_CHECKING_ROUTES = frozenset({"model_endpoint", "model_endpoint_altus", "git_smart_http"})
+SELF_CHECKING_ROUTES = frozenset({"model_endpoint", "model_endpoint_altus", "git_smart_http",
+                                  # the registry proxy: Docker token auth, no cookie
+                                  "registry_base", "registry_token", "registry_catalog", "registry_api"})
 
 
 @web.middleware
@@ -184,7 +187,8 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
         raise Unavailable(f"the application is not running ({route.status})")
     target = f"http://{route.address}{path}"
     # Content-Length stays: many small servers cannot read a chunked request body.
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS}
+    # A multidict: a header a client sends more than once (Accept, Forwarded) goes on as it came.
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS)
     cookies = _forwarded_cookies(request)
     if cookies:
         headers["Cookie"] = cookies
@@ -228,7 +232,7 @@ def _sets_our_cookie(name: str, value: str) -> bool:
 
 
 async def _proxy_websocket(request: web.Request, session: aiohttp.ClientSession, target: str,
-                           headers: dict[str, str]) -> web.StreamResponse:
+                           headers: CIMultiDict[str]) -> web.StreamResponse:
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     forward = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
     try:

@@ -64,6 +64,7 @@ class Settings:
     apps_domain: str
     allow_private_git_hosts: bool
     git_max_push_mb: int
+    registry_url: str
     build_snapshot_max_mb: int
     model_request_timeout_seconds: int
     model_max_request_mb: int
@@ -245,6 +246,9 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
         if values["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             bad("log_level", "use DEBUG, INFO, WARNING or ERROR")
         values["log_level"] = values["log_level"].upper()
+    registry = values.get("registry_url")
+    if registry and (urlsplit(registry).scheme not in ("http", "https") or not urlsplit(registry).netloc):
+        bad("registry_url", "use the base URL of an OCI registry, such as https://registry.example.com, or leave it empty")
     engine_url = values.get("container_engine_url")
     if engine_url and urlsplit(engine_url).scheme not in ("unix", "tcp", "http", "https"):
         bad("container_engine_url", "use unix:///path/to/docker.sock, tcp://host:port or http(s)://..., or leave it empty")

@@ -16,6 +16,7 @@ from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
 from cml_appliance.projects.service import ProjectService
+from cml_appliance.registry.embedded import RegistryStatus
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web.metrics import Metrics
 from cml_appliance.workloads.events import StatusHub
@@ -36,6 +37,9 @@ APPLICATIONS = web.AppKey("applications", ApplicationService)
 APPS_ORIGIN = web.AppKey("apps_origin", AppsOrigin)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
+# The backing OCI registry (registry/embedded.py), and the proxy's connection to it.
+REGISTRY = web.AppKey("registry", RegistryStatus)
+REGISTRY_SESSION = web.AppKey("registry_session", aiohttp.ClientSession)
 # Every project's git repository (gitserver/repos.py): init, snapshots, the smart-HTTP backend.
 GIT = web.AppKey("git", Repositories)
 # Set when the appliance shuts down: the open /live streams end instead of holding it up.

@@ -13,7 +13,8 @@ Rules:
   administrators are admins of every project; a workload's key acts as its user in its project
   only);
 - session_owner: the session's owner or a project admin;
-- skip: not a permission check (static files, the application proxy: tested on their own).
+- skip: checked by its own credentials and tested on its own (static files; the application hand-over,
+  tests/integration/test_applications.py; git, test_git_server.py; the registry, test_registry.py).
 """
 
 RULES: dict[str, str] = {
@@ -22,7 +23,8 @@ RULES: dict[str, str] = {
     "index": "public", "setup": "public", "setup_post": "public", "login": "public", "login_post": "public",
     "logout": "public", "app_open": "skip", "model_endpoint": "public", "model_endpoint_altus": "public",
     "api_validate_key": "public", "api_openapi": "public", "api_v1_start_job": "own_auth", "api_v1_start_job_v2_path": "own_auth",
-    "git_smart_http": "skip",
+    "git_smart_http": "skip", "registry_base": "skip", "registry_token": "skip", "registry_catalog": "skip",
+    "registry_api": "skip",
     # Keys
     "api_list_keys": "self", "api_create_key": "self", "api_delete_keys": "self", "api_delete_key": "self",
     # Projects

@@ -1,0 +1,1 @@
+"""Images: the backing OCI registry, the proxy in front of it, and its tokens."""

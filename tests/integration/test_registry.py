@@ -1,0 +1,150 @@
+"""The registry: Debian's docker-registry run by the appliance on a socket in its data dir, and
+the /v2/ proxy in front of it with Docker token auth, driven by our OCI client and by podman."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cml_appliance.registry.client import RegistryClient, RegistryError, sha256_digest
+from cml_appliance.web.keys import REGISTRY, SETTINGS
+from tests.conftest import Api, require_tool
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+async def push_tiny_image(client: RegistryClient, repository: str, tag: str, payload: bytes = b"layer bytes") -> str:
+    """A one-layer image (not runnable; the registry does not care) pushed as `tag`."""
+    layer, _ = await client.push_blob(repository, payload)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer]},
+                         "config": {}}).encode()
+    config_digest, _ = await client.push_blob(repository, config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": len(payload)}],
+    }).encode()
+    return await client.put_manifest(repository, tag, manifest, OCI_MANIFEST)
+
+
+async def test_the_embedded_registry_lives_on_a_socket_in_the_data_dir(client: Any) -> None:
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    status = client.app[REGISTRY]
+    assert status.endpoint is not None and status.endpoint.unix_socket, status
+    socket_path = Path(status.endpoint.unix_socket)
+    data_dir = client.app[SETTINGS].data_dir
+    assert socket_path.is_relative_to(data_dir) and stat.S_ISSOCK(socket_path.stat().st_mode)
+    assert stat.S_IMODE((data_dir / "registry").stat().st_mode) == 0o700
+    resp = await client.get("/readyz")
+    assert (await resp.json())["registry"] == "embedded"
+
+
+async def test_token_auth_grants_what_the_project_role_allows(alice: Api, bob: Api, make_user: Any) -> None:
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    client = alice.client
+    _, project = await alice.post("/api/v2/projects", json={"name": "Images"})
+    repo = f"alice/{project['slug']}/model"
+    base = str(client.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        # The base answers a challenge that names the token endpoint.
+        async with http.get(base + "/v2/") as resp:
+            assert resp.status == 401
+            assert resp.headers["WWW-Authenticate"].startswith(f'Bearer realm="{base}/v2/token",service="cml-appliance"')
+        async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull,push"}) as resp:
+            assert resp.status == 401  # no credentials
+        owner = RegistryClient(http, base, username="alice", password=alice.key)
+        digest = await push_tiny_image(owner, repo, "v1")
+        raw, media_type, got = await owner.manifest(repo, "v1")
+        assert got == digest and media_type == OCI_MANIFEST
+        assert await owner.tags(repo) == ["v1"]
+        # Bob sees nothing until he is a collaborator; then he pulls, but may not push.
+        outsider = RegistryClient(http, base, username="bob", password=bob.key)
+        for attempt in (outsider.manifest(repo, "v1"), push_tiny_image(outsider, repo, "bob")):
+            try:
+                await attempt
+            except RegistryError as exc:
+                assert exc.status in (401, 403)
+            else:
+                raise AssertionError("a stranger reached another user's repository")
+        await alice.put(f"/api/v2/projects/{project['id']}/collaborators/bob", json={"permission": "read"})
+        reader = RegistryClient(http, base, username="bob", password=bob.key)
+        assert (await reader.manifest(repo, "v1"))[2] == digest
+        try:
+            await push_tiny_image(reader, repo, "bob")
+        except RegistryError as exc:
+            assert exc.status in (401, 403)
+        else:
+            raise AssertionError("a reader pushed")
+        # The token says exactly what was granted.
+        async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull,push", "service": "cml-appliance"},
+                            auth=aiohttp.BasicAuth("bob", bob.key)) as resp:
+            body = await resp.json()
+            assert resp.status == 200 and body["expires_in"] == 300 and body["token"] == body["access_token"]
+        # Another user's key under alice's name is no credential at all.
+        async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull"},
+                            auth=aiohttp.BasicAuth("alice", bob.key)) as resp:
+            assert resp.status == 401
+        # A blob of alice's cannot be mounted into carol's repository: it becomes an upload.
+        carol = await make_user("carol")
+        _, theirs = await carol.post("/api/v2/projects", json={"name": "Theirs"})
+        carols = RegistryClient(http, base, username="carol", password=carol.key)
+        layer = sha256_digest(b"layer bytes")
+        assert await carols.mount(f"carol/{theirs['slug']}/copy", layer, repo) is False
+        assert await owner.mount(f"alice/{project['slug']}/copy", layer, repo) is True
+        # No catalog of everyone's repositories; names outside projects are refused.
+        async with http.get(base + "/v2/_catalog", auth=aiohttp.BasicAuth("alice", alice.key)) as resp:
+            assert resp.status == 403
+        async with http.get(base + "/v2/library/busybox/manifests/latest", auth=aiohttp.BasicAuth("alice", alice.key)) as resp:
+            assert resp.status in (401, 403, 404)
+        # A range request streams part of a blob; an unknown digest is a 404, not a 500.
+        async with http.get(base + f"/v2/{repo}/blobs/{layer}", auth=aiohttp.BasicAuth("alice", alice.key),
+                            headers={"Range": "bytes=0-4"}) as resp:
+            assert resp.status == 206 and await resp.read() == b"layer"
+        async with http.get(base + f"/v2/{repo}/blobs/sha256:{'0' * 64}", auth=aiohttp.BasicAuth("alice", alice.key)) as resp:
+            assert resp.status == 404
+        # Deleting a tag's manifest needs the write role.
+        assert await owner.delete_manifest(repo, "v1") is True
+
+
+async def test_podman_pushes_and_pulls_through_the_appliance(alice: Api, bob: Api, busybox_image: str, tmp_path: Path) -> None:
+    """The real podman: login with an API key, push a runnable image through the proxy (chunked
+    uploads, mounts), pull it back and run it; another user's login pulls nothing."""
+    from tests.conftest import _podman_env
+
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    client = alice.client
+    _, project = await alice.post("/api/v2/projects", json={"name": "Pulled"})
+    host = f"127.0.0.1:{client.server.port}"
+    image = f"{host}/alice/{project['slug']}/busybox:1"
+    env = {**_podman_env(), "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+
+    async def podman(*args: str, stdin: str = "") -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec("podman", *args, env=env, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), 180)
+        return proc.returncode or 0, out.decode(errors="replace")
+
+    code, out = await podman("login", "--tls-verify=false", "-u", "alice", "--password-stdin", host, stdin=alice.key)
+    assert code == 0 and "Login Succeeded" in out, out
+    code, out = await podman("tag", busybox_image, image)
+    assert code == 0, out
+    code, out = await podman("push", "--tls-verify=false", image)
+    assert code == 0, out
+    code, out = await podman("rmi", image)
+    assert code == 0, out
+    code, out = await podman("pull", "--tls-verify=false", image)
+    assert code == 0, out
+    code, out = await podman("run", "--rm", image, "echo", "pulled through the appliance")
+    assert code == 0 and "pulled through the appliance" in out, out
+    await podman("rmi", image)
+    code, out = await podman("login", "--tls-verify=false", "-u", "bob", "--password-stdin", host, stdin=bob.key)
+    assert code == 0, out
+    code, out = await podman("pull", "--tls-verify=false", image)
+    assert code != 0 and any(word in out.lower() for word in ("denied", "unauthorized", "not found")), out
