@@ -53,7 +53,7 @@ from cml_appliance.runtimes import ui as runtimes_ui
 from cml_appliance.sessions import api as sessions_api
 from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
-from cml_appliance.web import health, live, middlewares, templating
+from cml_appliance.web import health, listener, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
     LOCAL_SANDBOX,
@@ -63,6 +63,7 @@ from cml_appliance.web.keys import (
     JOBS,
     METRICS,
     GIT,
+    INTERNAL_URL,
     MODELS,
     REGISTRY,
     REGISTRY_SESSION,
@@ -160,6 +161,17 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
                 app[REGISTRY_SESSION] = session
                 yield
 
+    async def internal_listener(app: web.Application) -> AsyncIterator[None]:
+        """Loopback only: the git server and the registry proxy, for the builders and the container
+        engine, at an address known whatever public_url says."""
+        internal = listener.sharing(app, (POOL, SETTINGS, METRICS, PROJECTS, GIT, REGISTRY, REGISTRY_SESSION),
+                                    middlewares=[middlewares.observe, applications_origin.errors])
+        internal.router.add_routes(git_http.routes())
+        internal.router.add_routes(registry_proxy.routes())
+        async with listener.serving(internal, "127.0.0.1", settings.internal_port, settings.header_timeout_seconds) as port:
+            app[INTERNAL_URL] = f"http://127.0.0.1:{port}"
+            yield
+
     async def workloads(app: web.Application) -> AsyncIterator[None]:
         pool, tasks = app[POOL], app[SUPERVISOR]
         site_id = await workload_store.site_id(pool)
@@ -213,11 +225,14 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
 
     async def apps_listener(app: web.Application) -> AsyncIterator[None]:
         """Applications get a listener (an origin) of their own, once the services they need run."""
-        listener = applications_origin.Listener(applications_proxy.create_listener_app(app))
-        async for _ in applications_origin.run_listener(listener, app[APPS_ORIGIN], settings):
+        apps_app = applications_proxy.create_listener_app(app)
+        async with listener.serving(apps_app, settings.host, settings.apps_port, settings.header_timeout_seconds) as port:
+            app[APPS_ORIGIN].port = port
+            log.info("applications are served on %s:%s%s", settings.host, port,
+                     f" and at <subdomain>.{settings.apps_domain}" if settings.apps_domain else "")
             yield
 
-    app.cleanup_ctx.extend([database, supervisor, services, image_registry, workloads, apps_listener])
+    app.cleanup_ctx.extend([database, supervisor, services, image_registry, internal_listener, workloads, apps_listener])
     app.on_shutdown.append(sessions_api.close_websockets)
     app.on_shutdown.append(live.end_streams)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from html import escape
 from urllib.parse import urlsplit
 
@@ -190,31 +190,3 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
     except Exception:
         log.exception("unexpected error answering %s %s on the applications' listener", request.method, request.path)
         return plain_page(500, "Error 500", "internal error")
-
-
-@dataclasses.dataclass
-class Listener:
-    """The applications' own listener: a second aiohttp runner on apps_port."""
-
-    app: web.Application
-    runner: web.AppRunner | None = None
-
-    async def start(self, host: str, port: int, header_timeout: float) -> int:
-        self.runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=header_timeout, shutdown_timeout=5)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
-        return int(self.runner.addresses[0][1])  # the bound port: apps_port 0 takes any free one
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-
-async def run_listener(listener: Listener, origin: AppsOrigin, settings: Settings) -> AsyncIterator[None]:
-    origin.port = await listener.start(settings.host, settings.apps_port, settings.header_timeout_seconds)
-    log.info("applications are served on %s:%s%s", settings.host, origin.port,
-             f" and at <subdomain>.{settings.apps_domain}" if settings.apps_domain else "")
-    try:
-        yield
-    finally:
-        await listener.stop()

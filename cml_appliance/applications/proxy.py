@@ -32,6 +32,7 @@ from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import until_first_done
 from cml_appliance.web.context import LOGIN, ROUTE_LABEL, SESSION_COOKIE, USER
 from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, APPS_ORIGIN, METRICS
+from cml_appliance.web import listener
 from cml_appliance.web.middlewares import observe
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -144,11 +145,10 @@ async def _handoff(request: web.Request, origin: apps_origin.AppsOrigin, subdoma
 
 def create_listener_app(main: web.Application) -> web.Application:
     """The applications' own listener: the hand-over and the applications, nothing of the UI."""
-    app = web.Application(middlewares=[observe, apps_origin.errors],
-                          client_max_size=main[APPS_ORIGIN].settings.max_upload_mb * 1024 * 1024)
+    app = listener.sharing(main, (APPS_ORIGIN, APPLICATIONS, APP_PROXY_SESSION, METRICS),
+                           middlewares=[observe, apps_origin.errors],
+                           client_max_size=main[APPS_ORIGIN].settings.max_upload_mb * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", serve, name="apps_listener")
-    for key in (APPS_ORIGIN, APPLICATIONS, APP_PROXY_SESSION, METRICS):
-        app[key] = main[key]
     return app
 
 

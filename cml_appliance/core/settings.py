@@ -65,6 +65,9 @@ class Settings:
     allow_private_git_hosts: bool
     git_max_push_mb: int
     registry_url: str
+    internal_port: int
+    build_concurrency: int
+    build_timeout_seconds: int
     build_snapshot_max_mb: int
     model_request_timeout_seconds: int
     model_max_request_mb: int
@@ -214,6 +217,8 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     public = values.get("public_url")
     if ok("port") and not 1 <= values["port"] <= 65535:
         bad("port", "use a port between 1 and 65535 (CML_PORT)")
+    if ok("internal_port") and not 0 <= values["internal_port"] <= 65535:
+        bad("internal_port", "use a port between 1 and 65535, or 0 for any free port (CML_INTERNAL_PORT)")
     if ok("apps_port") and not 0 <= values["apps_port"] <= 65535:
         bad("apps_port", "use a port between 1 and 65535, or 0 for any free port (CML_APPS_PORT)")
     elif ok("apps_port", "port") and values["apps_port"] == values["port"]:
@@ -260,7 +265,7 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
         "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
         "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
         "app_ready_timeout_seconds", "model_request_timeout_seconds", "model_max_request_mb", "model_busy_wait_seconds",
-        "git_max_push_mb", "build_snapshot_max_mb",
+        "git_max_push_mb", "build_snapshot_max_mb", "build_concurrency", "build_timeout_seconds",
     ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")
