@@ -41,7 +41,9 @@ from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models import api as models_api
 from cml_appliance.models import ui as models_ui
-from cml_appliance.models.service import ModelService
+from cml_appliance.builds.image import ImageBuilder
+from cml_appliance.models.service import REPLICA_SERVER, SERVER_NAME, BuildSettings, ModelService
+from cml_appliance.registry.client import RegistryClient
 from cml_appliance.projects import api as projects_api
 from cml_appliance.projects import ui as projects_ui
 from cml_appliance.projects.service import ProjectService
@@ -196,7 +198,18 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             pool, app[PROJECTS], service, tasks, ready_timeout=settings.app_ready_timeout_seconds,
             allow_unauthenticated=settings.allow_unauthenticated_apps,
         )
-        app[MODELS] = ModelService(pool, app[PROJECTS], service, tasks, builds_dir=settings.data_dir / "model_builds")
+        registry = app[REGISTRY]
+        builder = None
+        if registry.endpoint is not None:
+            container = engines.get("container")
+            builder = ImageBuilder(
+                RegistryClient(app[REGISTRY_SESSION], registry.endpoint.url), settings.data_dir / "build-work",
+                settings.data_dir / "model_builds", (SERVER_NAME, REPLICA_SERVER.read_bytes()),
+                (lambda: container.docker) if isinstance(container, ContainerEngine) else None)
+        app[MODELS] = ModelService(pool, app[PROJECTS], service, tasks, builds_dir=settings.data_dir / "model_builds",
+                                   builds=BuildSettings(builder, registry.why_not, app[INTERNAL_URL],
+                                                        settings.build_snapshot_max_mb * 1024 * 1024,
+                                                        settings.build_concurrency, settings.build_timeout_seconds))
         app[METRICS].watch_gauge("cml_model_replacements_pending", "Lost model replicas waiting to be replaced",
                                  lambda: app[MODELS].replacements_pending)
         app[APP_PROXY_SESSION] = aiohttp.ClientSession(
@@ -213,6 +226,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         await app[MODELS].resume_deployments()
         tasks.loop("session-time-limits", service.enforce_time_limits, 15)
         tasks.loop("job-scheduler", app[JOBS].scheduler_tick, 1, wake=app[JOBS].wake)
+        tasks.loop("build-queue", app[MODELS].queue.tick, 5, wake=app[MODELS].queue.wake)
         yield
         try:
             await service.shutdown()
@@ -221,6 +235,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         finally:
             await hub.stop()
             await app[APP_PROXY_SESSION].close()
+            await app[MODELS].queue.close()
             await app[MODELS].close()
 
     async def apps_listener(app: web.Application) -> AsyncIterator[None]:

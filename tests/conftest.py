@@ -205,6 +205,33 @@ def apps_listener(client: TestClient) -> aiohttp.ClientSession:
                                  cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
+BUILD_ACTIVE = ("queued", "pending", "pushing")
+
+
+async def wait_build(api: Api, project_id: str, model_id: str, build_id: str | None = None, *,
+                     deployed: bool = False, timeout: float = 90) -> dict[str, Any]:
+    """A model build once the queue is done with it (the model's latest when no id is given);
+    with `deployed`, also once its automatic deployment exists."""
+    import time
+
+    base = f"/api/v2/projects/{project_id}/models/{model_id}/builds"
+    deadline = time.monotonic() + timeout
+    while True:
+        if build_id is None:
+            _, listed = await api.get(base)
+            build = (listed.get("model_builds") or [{}])[0]
+        else:
+            _, build = await api.get(f"{base}/{build_id}")
+        if build.get("status") and build["status"] not in BUILD_ACTIVE:
+            if not deployed or build["status"] != "built":
+                return dict(build)
+            _, deployments = await api.get(f"{base}/{build['id']}/deployments")
+            if deployments.get("model_deployments"):
+                return dict(build)
+        assert time.monotonic() < deadline, f"the build is still {build.get('status')} after {timeout} s"
+        await asyncio.sleep(0.1)
+
+
 def assert_error(status: int, body: Any, expected_status: int) -> None:
     """Every API error has CML's shape: {error, code, message, details}."""
     assert status == expected_status, body

@@ -143,6 +143,12 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "description": "CML's Model (see its swagger), with the new access key",
         "required": ["id", "access_key"], "properties": {"id": {"type": "string"}, "access_key": {"type": "string"}},
     },
+    "ModelBuild": {
+        "type": "object", "description": "CML's ModelBuild (see its swagger), with the fields the appliance adds",
+        "required": ["id", "status"],
+        "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "built_image": {"type": "string"},
+                       "failure_reason": {"type": "string"}, "snapshot_commit": {"type": "string"}},
+    },
     "StartJobV1Request": {
         "type": "object",
         "properties": {"environment": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -174,6 +180,8 @@ def document() -> dict[str, Any]:
     session = sessions + "/{session_id}"
     run = "/api/v2/projects/{project_id}/jobs/{job_id}/runs/{run_id}"
     app = "/api/v2/projects/{project_id}/applications/{app_id}"
+    build = "/api/v2/projects/{project_id}/models/{model_id}/builds/{build_id}"
+    build_params = [PROJECT, MODEL, _path_param("build_id", "the build's id")]
     v1_start = _op("StartJobV1", "Start a job run, as CDSW's v1 API did (HTTP Basic: the API key as user name)",
                    [_path_param("owner", "the project owner's user name"), _path_param("slug", "the project's slug"), JOB],
                    _json("the run started", _ref("StartJobV1Response")), _ref("StartJobV1Request"),
@@ -202,6 +210,10 @@ def document() -> dict[str, Any]:
         run + "/events": _events("WatchJobRun", "a job run", [PROJECT, JOB, RUN]),
         app + "/logs": _logs("GetApplicationLogs", "an application's current start", [PROJECT, APP]),
         app + "/events": _events("WatchApplication", "an application's current start", [PROJECT, APP]),
+        build + ":cancel": {"post": _op("CancelModelBuild", "Stop a queued or running build (it ends 'build failed', "
+                                        "reason 'cancelled')", build_params, _json("the build", _ref("ModelBuild")))},
+        build + "/logs": _logs("GetModelBuildLogs", "a model build (its progress lines)", build_params),
+        build + "/events": _events("WatchModelBuild", "a model build", build_params),
         "/api/v2/projects/{project_id}/files": {"get": _op(
             "ListProjectRootFiles", "The files at the top of a project (CML's ListProjectFiles with an empty path)",
             [PROJECT], _json("files and folders", _ref("ListProjectFilesResponse")))},

@@ -81,6 +81,8 @@ async def smart_http(request: web.Request) -> web.StreamResponse:
         return _text(409, f"the project is not ready ({project.creation_status})")
     repos = request.app[GIT]
     project_dir = request.app[PROJECTS].directory(project)
+    if not project_dir.is_dir():
+        return _text(409, "the project has no files yet")
     await repos.ensure(project_dir)
     return await _run_backend(request, repos, project_dir, project.public_id, request.match_info["tail"], user.username,
                               request.app[SETTINGS].git_max_push_mb * 1024 * 1024)
@@ -100,7 +102,10 @@ async def _run_backend(request: web.Request, repos: Repositories, project_dir: P
     if request.headers.get("Git-Protocol"):
         env["GIT_PROTOCOL"] = request.headers["Git-Protocol"]
     config = ["-c", "receive.denyCurrentBranch=updateInstead", "-c", f"receive.maxInputSize={max_push}",
-              "-c", "http.receivepack=true", "-c", "uploadpack.allowFilter=true"]
+              "-c", "http.receivepack=true", "-c", "uploadpack.allowFilter=true",
+              # A build fetches its snapshot by commit (refs/cml/ are hidden): any reader may
+              # fetch an object by its id, as they may read every file of the project anyway.
+              "-c", "uploadpack.allowAnySHA1InWant=true"]
     proc = await asyncio.create_subprocess_exec(
         *repos.command(project_dir, [*config, "http-backend"]), cwd=project_dir, env={**repos.environment(), **env},
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

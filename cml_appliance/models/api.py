@@ -34,7 +34,8 @@ from cml_appliance.models.service import (
 )
 from cml_appliance.models.serving import failure
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import MODELS, POOL, SETTINGS
+from cml_appliance.web.keys import MODELS, POOL, SETTINGS, WORKLOADS
+from cml_appliance.workloads.streams import log_chunk_response, polled_event_stream
 
 
 def _dropped_times(data: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +77,8 @@ def build_json(build: Build, model_id: str, creator: dict[str, str]) -> dict[str
         "runtime_addon_identifiers": [], "created_at": rfc3339(build.created_at), "updated_at": rfc3339(build.updated_at),
         "built_at": rfc3339(build.built_at), "status": build.status, "deletion_status": "", "crn": "",
         "registered_model_version_id": "", "model_root_dir": "", "build_script_path": "",
+        # Ours, beside CML's fields: the image, why a build failed, and its snapshot commit.
+        "built_image": build.built_image, "failure_reason": build.failure, "snapshot_commit": build.snapshot_commit,
     })
 
 
@@ -190,6 +193,35 @@ async def create_build(request: web.Request) -> web.Response:
     return await _build_response(request, build, request.match_info["model_id"])
 
 
+async def cancel_build(request: web.Request) -> web.Response:
+    """Ours: stop a queued or running build; it ends `build failed` with the reason `cancelled`."""
+    m = request.match_info
+    build = await request.app[MODELS].cancel_build(current_user(request), m["project_id"], m["model_id"], m["build_id"])
+    return await _build_response(request, build, m["model_id"])
+
+
+async def build_logs(request: web.Request) -> web.Response:
+    """Ours: the build's log (progress lines) from a byte offset, as for workloads."""
+    m = request.match_info
+    _, _, build = await request.app[MODELS].get_build(current_user(request), m["project_id"], m["model_id"], m["build_id"])
+    return log_chunk_response(request, request.app[WORKLOADS].logs, build.public_id, build.status, build.active)
+
+
+async def build_events(request: web.Request) -> web.StreamResponse:
+    """Ours: server-sent events of the build's status and log lines until it ends."""
+    m = request.match_info
+    user = current_user(request)
+    models = request.app[MODELS]
+    _, model, build = await models.get_build(user, m["project_id"], m["model_id"], m["build_id"])
+    people = await _people(request, {build.creator_id})
+
+    async def current() -> tuple[dict[str, Any], bool]:
+        _, _, now = await models.get_build(user, m["project_id"], m["model_id"], m["build_id"])
+        return build_json(now, model.public_id, people.get(now.creator_id, {})), not now.active
+
+    return await polled_event_stream(request, request.app[WORKLOADS].logs, build.public_id, current)
+
+
 async def get_build(request: web.Request) -> web.Response:
     _, model, build = await request.app[MODELS].get_build(current_user(request), request.match_info["project_id"],
                                                           request.match_info["model_id"], request.match_info["build_id"])
@@ -289,6 +321,9 @@ def routes() -> list[web.RouteDef]:
         web.post(model + "/builds", create_build, name="api_create_model_build"),
         web.get(build, get_build, name="api_get_model_build"),
         web.delete(build, delete_build, name="api_delete_model_build"),
+        web.post(build + ":cancel", cancel_build, name="api_cancel_model_build"),
+        web.get(build + "/logs", build_logs, name="api_model_build_logs"),
+        web.get(build + "/events", build_events, name="api_model_build_events"),
         web.get(build + "/deployments", list_deployments, name="api_list_model_deployments"),
         web.post(build + "/deployments", create_deployment, name="api_create_model_deployment"),
         web.get(deployment, get_deployment, name="api_get_model_deployment"),

@@ -3,11 +3,11 @@ the file and function to serve), deployments (replicas as workloads) and calls t
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -31,12 +31,17 @@ from cml_appliance.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from cml_appliance.core.ids import new_public_id
 from cml_appliance.core.processes import process_exists
 from cml_appliance.core.security import token_digest
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.db.pool import try_advisory_lock
+from cml_appliance.builds.image import BuildFailed, BuildSpec, ImageBuilder, function_problem
+from cml_appliance.builds.queue import ACTIVE as BUILD_ACTIVE
+from cml_appliance.builds.queue import BuildQueue
+from cml_appliance.gitserver.repos import GitError, SnapshotTooLarge
 from cml_appliance.models.replica_link import ReplicaLink
 from cml_appliance.projects import files
 from cml_appliance.projects import store as project_store
@@ -58,7 +63,25 @@ REPLICA_SERVER = Path(__file__).with_name("replica_server.py")
 # Where a local replica's Unix socket is (replica_server.py).
 SOCKET_VARIABLE = "CML_MODEL_SOCKET"
 SERVER_NAME = ".cml_model_server.py"
-SNAPSHOT_IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".ipynb_checkpoints")
+
+
+def _function_problem_on_disk(directory: Path, file_path: str, function_name: str) -> str:
+    try:
+        target = files.resolve(Path(os.path.realpath(directory)), file_path)
+        source = target.read_bytes() if target.is_file() else None
+    except (AppError, OSError):
+        source = None
+    return function_problem(source, file_path, function_name)
+
+
+class _NoBuilder:
+    """Stands in for the builder when there is no registry: every build fails saying why."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    async def build(self, *args: Any) -> Any:
+        raise BuildFailed(f"images cannot be built: {self.why}")
 
 
 def new_access_key() -> str:
@@ -110,6 +133,16 @@ class Build:
     created_at: datetime
     updated_at: datetime
     built_at: datetime | None
+    snapshot_commit: str
+    built_image: str
+    image_digest: str
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in BUILD_ACTIVE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +205,29 @@ def _new_sockets_dir() -> Path:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+    builder: ImageBuilder | None  # None: no registry, and why not in no_builder
+    no_builder: str
+    internal_url: str  # the git server, on the internal listener
+    snapshot_max_bytes: int
+    concurrency: int
+    timeout_seconds: float
+
+
 class ModelService:
     def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, supervisor: Supervisor,
-                 *, builds_dir: Path):
+                 *, builds_dir: Path, builds: BuildSettings):
         self.pool = pool
         self.projects = projects
         self.workloads = workloads
         self.supervisor = supervisor
         self.builds_dir = builds_dir
+        self.build_settings = builds
+        self.queue = BuildQueue(pool, builds.builder or _NoBuilder(builds.no_builder), workloads.logs, supervisor,  # type: ignore[arg-type]
+                                concurrency=builds.concurrency, timeout_seconds=builds.timeout_seconds,
+                                spec_for=self._build_spec, release=self._release_build_key, finished=self._build_finished)
+        self._build_keys: dict[str, str] = {}  # build id -> the key_id of its fetch key
         self._next_replica: dict[int, int] = {}
         self._busy: dict[int, asyncio.Lock] = {}
         # Local replicas also listen on a Unix socket in this (short: sun_path has 108 bytes)
@@ -326,12 +374,15 @@ class ModelService:
         deployment made meanwhile waits, then finds the build gone."""
         _, model, build = await self.get_build(user, project_id, model_id, build_id)
         await self.projects.get(user, project_id, Role.WRITE)
+        if build.active:  # a build being made is cancelled first
+            await self.queue.cancel(build.public_id)
+            await self._wait_ended(build.public_id)
         async with self.pool.acquire() as conn, conn.transaction():
             status = await conn.fetchval("SELECT status FROM model_builds WHERE id = $1 FOR UPDATE", build.id)
             if status is None:
                 raise NotFound(f"build {build_id!r} not found")
-            if status == "building":
-                raise FailedPrecondition(f"build {build.public_id} is still being made: delete it once it is done")
+            if status in BUILD_ACTIVE:
+                raise FailedPrecondition(f"build {build.public_id} is still being made ({status}): cancel it, or delete it once it is done")
             serving = await conn.fetchval(
                 "SELECT count(*) FROM model_deployments d LEFT JOIN workloads w ON w.deployment_id = d.id"
                 " AND w.status = ANY($2::text[]) WHERE d.build_id = $1 AND (NOT d.stopped OR w.id IS NOT NULL)",
@@ -344,27 +395,47 @@ class ModelService:
         await asyncio.to_thread(shutil.rmtree, self.builds_dir / build.public_id, True)
 
     async def create_build(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Build:
+        """Snapshot the project's files (a hidden commit) and queue the build; the queue makes the
+        image, and deploys it when the create asked for that."""
         project, model = await self.get_model(user, project_id, model_id, Role.WRITE)
         file_path, function_name, runtime_id = await self._check_build_fields(fields)
-        if fields.get("auto_deploy_model"):
-            await self._check_deployment_fields(fields.get("auto_deployment_config") or {})
-        public_id = new_public_id()
-        await self.pool.execute(
-            "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier, status)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, 'building')",
-            public_id, model.id, user.id, fields.get("comment", ""), file_path, function_name, runtime_id)
         deploy = fields.get("auto_deployment_config") if fields.get("auto_deploy_model") else None
-        await self._build(project, public_id, file_path, function_name)
-        _, _, build = await self.get_build(user, project_id, model_id, public_id)
-        if deploy is not None and build.status == "built":
-            await self.create_deployment(user, project_id, model_id, public_id, dict(deploy))
-        return build
+        if deploy is not None:
+            await self._check_deployment_fields(deploy or {})
+        public_id = new_public_id()
+        commit, failure = "", ""
+        directory = self.projects.directory(project)
+        try:
+            # What the builder checks again on the snapshot, said at once: a missing file or function.
+            failure = await asyncio.to_thread(_function_problem_on_disk, directory, file_path, function_name)
+            if not failure:
+                snapshot = await self.projects.repos.snapshot(directory, public_id,
+                                                              max_bytes=self.build_settings.snapshot_max_bytes)
+                commit = snapshot.commit
+        except SnapshotTooLarge as exc:
+            failure = str(exc)
+        except GitError as exc:
+            failure = f"could not snapshot the project's files: {exc}"[:2000]
+        await self.pool.execute(
+            "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier,"
+            " status, failure, snapshot_commit, deploy_config, finished_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, CASE WHEN $8 = 'build failed' THEN now() END)",
+            public_id, model.id, user.id, fields.get("comment", ""), file_path, function_name, runtime_id,
+            "build failed" if failure else "queued", failure, commit, json.dumps(deploy) if deploy is not None else None)
+        if failure:
+            self.queue.say(public_id, f"Failed: {failure}")
+            self.workloads.logs.close(public_id)
+        else:
+            self.queue.say(public_id, f"Snapshot of the project's files: commit {commit[:12]} "
+                                      f"({snapshot.files} files, {snapshot.bytes / 1e6:.1f} MB)")
+            await self.queue.enqueue(public_id)
+        return (await self.get_build(user, project_id, model_id, public_id))[2]
 
     async def _check_build_fields(self, fields: dict[str, Any]) -> tuple[str, str, str]:
         """(file_path, function_name, runtime) of a build to be made, or a 400 saying what is wrong."""
         for unsupported in ("model_root_dir", "build_script_path"):
             if fields.get(unsupported):
-                raise InvalidArgument(f"{unsupported} is not supported: builds snapshot the project as it is, "
+                raise InvalidArgument(f"{unsupported} is not supported yet: a build is the project's files as they are, "
                                       "and file_path is relative to the project's root")
         file_path = files.clean_relative(fields.get("file_path", ""))
         function_name = (fields.get("function_name") or "").strip()
@@ -383,32 +454,65 @@ class ModelService:
         cpu, memory = await resources_within_profiles(self.pool, fields)
         return cpu, memory, replicas, check_environment(fields.get("environment", {}))
 
-    async def _build(self, project: Project, build_id: str, file_path: str, function_name: str) -> None:
-        """Snapshot the project's files and check the function is there; the build then never changes."""
-        target = self.builds_dir / build_id
-        source = self.projects.projects_dir / project.public_id
-        failure = ""
-        try:
-            await asyncio.to_thread(shutil.copytree, source, target, ignore=SNAPSHOT_IGNORE, symlinks=True)
-            shutil.copy(REPLICA_SERVER, target / SERVER_NAME)
-            code_path = target / file_path
-            if not code_path.is_file():
-                failure = f"{file_path} is not a file in the project"
-            else:
-                # Bytes: Python's own rules find the encoding (a coding line, else UTF-8).
-                tree = ast.parse(code_path.read_bytes(), filename=file_path)
-                names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-                names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-                if function_name not in names:
-                    failure = f"{file_path} has no function named {function_name!r}"
-        except SyntaxError as exc:  # also undecodable bytes and NUL bytes
-            failure = f"{file_path} is not valid Python: {exc.msg} (line {exc.lineno})"
-        except OSError as exc:
-            failure = f"could not snapshot the project: {exc}"
+    async def _wait_ended(self, build_id: str, timeout: float = 30) -> None:
+        """Until a cancelled build has ended (at once here; a worker in another process hears of
+        it when it next renews its lease)."""
+        deadline = time.monotonic() + timeout
+        while await self.pool.fetchval("SELECT status = ANY($2::text[]) FROM model_builds WHERE public_id = $1",
+                                       build_id, list(BUILD_ACTIVE)):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"build {build_id} is still stopping: try again in a moment")
+            await asyncio.sleep(0.1)
+
+    async def cancel_build(self, user: User, project_id: str, model_id: str, build_id: str) -> Build:
+        _, _, build = await self.get_build(user, project_id, model_id, build_id)
+        await self.projects.get(user, project_id, Role.WRITE)
+        if not await self.queue.cancel(build.public_id):
+            raise FailedPrecondition(f"build {build.public_id} has already ended ({build.status})")
+        return (await self.get_build(user, project_id, model_id, build_id))[2]
+
+    async def _build_spec(self, row: asyncpg.Record) -> BuildSpec:
+        """What the builder needs for a claimed build, with a key of its own to fetch the
+        snapshot from the git server (the creator's, reaching this project only, for an hour)."""
+        info = await self.pool.fetchrow(
+            "SELECT m.public_id AS model_id, p.id AS project_id, p.slug, ow.username AS owner, u.username AS creator"
+            " FROM models m JOIN projects p ON p.id = m.project_id JOIN users ow ON ow.id = p.owner_id"
+            " JOIN users u ON u.id = $2 WHERE m.id = $1", row["model_id"], row["creator_id"])
+        if info is None:
+            raise BuildFailed("the model or its project is gone")
+        secret, columns = api_keys.workload_key(row["creator_id"], info["project_id"], f"build {row['public_id']}")
         await self.pool.execute(
-            "UPDATE model_builds SET status = $2, failure = $3, built_at = CASE WHEN $2 = 'built' THEN now() END,"
-            " updated_at = now() WHERE public_id = $1",
-            build_id, "build failed" if failure else "built", failure)
+            "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, scope_project_id, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, now() + interval '1 hour')",
+            columns["key_id"], columns["user_id"], columns["key_digest"], columns["comments"], columns["audiences"],
+            columns["scope_project_id"])
+        self._build_keys[row["public_id"]] = str(columns["key_id"])
+        return BuildSpec(
+            build_id=row["public_id"], model_id=info["model_id"], owner=info["owner"], project_slug=info["slug"],
+            commit=row["snapshot_commit"], runtime_identifier=row["runtime_identifier"], file_path=row["file_path"],
+            function_name=row["function_name"], git_url=f"{self.build_settings.internal_url}/git/{info['owner']}/{info['slug']}.git",
+            git_user=info["creator"], git_password=secret)
+
+    async def _release_build_key(self, row: asyncpg.Record) -> None:
+        key_id = self._build_keys.pop(row["public_id"], None)
+        if key_id is not None:
+            await api_keys.revoke(self.pool, key_id)
+
+    async def _build_finished(self, build_id: str, status: str) -> None:
+        """A build ended: deploy it if its create asked for that."""
+        row = await self.pool.fetchrow(
+            "SELECT b.deploy_config, b.creator_id, m.public_id AS model_id, p.public_id AS project_id FROM model_builds b"
+            " JOIN models m ON m.id = b.model_id JOIN projects p ON p.id = m.project_id WHERE b.public_id = $1", build_id)
+        if row is None or status != "built" or row["deploy_config"] is None:
+            return
+        user = await get_by_id(self.pool, row["creator_id"])
+        if user is None:
+            return
+        try:
+            await self.create_deployment(user, row["project_id"], row["model_id"], build_id, dict(json.loads(row["deploy_config"])))
+        except AppError as exc:
+            self.queue.say(build_id, f"Built, but not deployed: {exc.message}")
+            log.warning("build %s: the automatic deployment failed: %s", build_id, exc.message)
 
     # Deployments -------------------------------------------------------------------------------
 

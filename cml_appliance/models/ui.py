@@ -101,10 +101,11 @@ async def create_model(request: web.Request) -> web.StreamResponse:
         # that a build or deployment that cannot work removes the model again: the form is then
         # shown with the reason and can simply be sent again.
         model, _, _ = await models.create_model(user, pid, fields)
+        build = None
         if build_now:
             build = await models.create_build(user, pid, model.public_id,
                                               build_fields | {"auto_deploy_model": True, "auto_deployment_config": deploy})
-            if build.status != "built":
+            if build.status == "build failed":  # failed at once (its snapshot): the form comes back
                 raise InvalidArgument(f"The build failed: {build.failure}.")
     except REFUSALS:
         raise
@@ -113,8 +114,9 @@ async def create_model(request: web.Request) -> web.StreamResponse:
             await models.delete_model(user, pid, model.public_id)
         message = exc.message if model is None else f"{exc.message.rstrip('.')}. Nothing was created; correct the form and try again."
         return await models_page(request, error=message, form=kept, status=exc.status)
-    text = f"Created model {model.name}" + (", built it and started its deployment." if build_now else ".")
-    raise redirect(request, f"/projects/{pid}/models/{model.public_id}", "ok", text)
+    text = f"Created model {model.name}" + ("; it is being built, and deploys once built." if build_now else ".")
+    where = f"/projects/{pid}/models/{model.public_id}" + (f"?build={build.public_id}#build-output" if build else "")
+    raise redirect(request, where, "ok", text)
 
 
 # One model -------------------------------------------------------------------------------------
@@ -147,6 +149,10 @@ async def model_page(request: web.Request) -> web.StreamResponse:
     replica = next((r for r in everyone if r.public_id == wanted), None)
     if replica is None and active and active["replicas"]:
         replica = active["replicas"][0]
+    # A build's log instead of a replica's: the one asked for, else one being made.
+    shown_build = next((b for b in builds if b.public_id == request.query.get("build")), None)
+    if shown_build is None and not wanted:
+        shown_build = next((b for b in builds if b.active), None)
     # The test box starts from the keys the newest built function reads (the browser puts back
     # the last request that worked, when it has one).
     built = next((b for b in builds if b.status == "built"), None)
@@ -154,7 +160,8 @@ async def model_page(request: web.Request) -> web.StreamResponse:
     shown = example or EXAMPLE_REQUEST
     context = {
         "project": project, "model": model, "builds": builds, "deployments": deployments, "active": active,
-        "replica": replica, "can_write": project.role >= Role.WRITE, "example_request": shown,
+        "replica": replica if shown_build is None else None, "shown_build": shown_build,
+        "can_write": project.role >= Role.WRITE, "example_request": shown,
         "example_from_code": example is not None, "example_function": built.function_name if built else "", "example_compact": json.dumps(json.loads(shown)),
         "base_url": request.app[SETTINGS].base_url,
     } | await workload_choices(request)
@@ -189,10 +196,17 @@ async def create_build(request: web.Request) -> web.StreamResponse:
         raise
     except AppError as exc:
         raise redirect(request, _back(request), "error", exc.message) from None
-    if build.status != "built":
-        raise redirect(request, _back(request), "error", f"Build {build.public_id} failed: {build.failure}")
-    deployed = " and started its deployment" if form.get("deploy") == "on" else ""
-    raise redirect(request, _back(request), "ok", f"Built {build.public_id}{deployed}.")
+    where = f"/projects/{pid}/models/{mid}?build={build.public_id}#build-output"
+    if build.status == "build failed":
+        raise redirect(request, where, "error", f"Build {build.public_id} failed: {build.failure}")
+    deployed = "; it deploys once built" if form.get("deploy") == "on" else ""
+    raise redirect(request, where, "ok", f"Building {build.public_id}{deployed}. Its log follows below.")
+
+
+async def cancel_build(request: web.Request) -> web.StreamResponse:
+    m = request.match_info
+    await request.app[MODELS].cancel_build(current_user(request), m["project_id"], m["model_id"], m["build_id"])
+    raise redirect(request, _back(request), "ok", f"Build {m['build_id']} cancelled.")
 
 
 async def deploy_build(request: web.Request) -> web.StreamResponse:
@@ -279,6 +293,7 @@ def routes() -> list[web.RouteDef]:
         web.post(model + "/delete", delete_model, name="ui_model_delete"),
         web.post(model + "/test", test_request, name="ui_model_test"),
         web.post(model + "/builds", create_build, name="ui_model_build"),
+        web.post(model + "/builds/{build_id}/cancel", cancel_build, name="ui_model_build_cancel"),
         web.post(build + "/deploy", deploy_build, name="ui_model_deploy"),
         web.post(build + "/deployments/{deployment_id:[a-z0-9-]+}/{action:stop|restart}", deployment_action,
                  name="ui_model_deployment_action"),

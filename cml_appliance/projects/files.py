@@ -85,6 +85,8 @@ def list_dir(root: Path, path: str) -> list[dict[str, Any]]:
         return [_info(root_real, target)]
     out = []
     for entry in sorted(target.iterdir(), key=lambda p: (not p.is_dir(), p.name)):
+        if entry.name == ".git" and target == root_real:
+            continue  # the project's repository (gitserver/): git's business, not a folder of files
         real = Path(os.path.realpath(entry))
         if real != root_real and not real.is_relative_to(root_real):
             continue  # a symlink out of the project is not shown

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -153,6 +154,31 @@ class RegistryClient:
                                    headers={"Content-Type": "application/octet-stream"})
         resp.release()
         return digest, True
+
+    async def push_blob_file(self, repository: str, path: Path, digest: str,
+                             progress: Callable[[int], None] | None = None) -> bool:
+        """Upload a file as a blob in chunks, unless the repository has it; whether bytes were sent.
+        `progress` hears the bytes sent so far after each chunk."""
+        if await self.has_blob(repository, digest):
+            return False
+        scope = f"repository:{repository}:pull,push"
+        resp = await self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,))
+        async with resp:
+            location = self._absolute(resp.headers["Location"])
+        sent = 0
+        with open(path, "rb") as fh:
+            while chunk := fh.read(UPLOAD_CHUNK):
+                resp = await self._request("PATCH", location, scope=scope, data=chunk, ok=(202,), headers={
+                    "Content-Type": "application/octet-stream", "Content-Range": f"{sent}-{sent + len(chunk) - 1}"})
+                async with resp:
+                    location = self._absolute(resp.headers["Location"])
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent)
+        resp = await self._request("PUT", str(URL(location).update_query(digest=digest)), scope=scope, data=b"", ok=(201,),
+                                   headers={"Content-Type": "application/octet-stream"})
+        resp.release()
+        return True
 
     async def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> str:
         resp = await self._request("PUT", f"/v2/{repository}/manifests/{reference}", scope=f"repository:{repository}:pull,push",

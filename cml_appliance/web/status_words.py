@@ -50,7 +50,7 @@ WORDS: dict[str, StatusWord] = {
     "APPLICATION_FAILED": FAILED,
     "APPLICATION_UNKNOWN": StatusWord("Unknown", _IDLE, "?"),
     # Model builds and deployments (CML's lower-case words; ModelBuild.status's filter values)
-    "pending": StatusWord("Queued", _BUSY, "◔"),
+    "pending": StatusWord("Building", _BUSY, "◔"),
     "queued": StatusWord("Queued", _BUSY, "◔"),
     "building": StatusWord("Building", _BUSY, "◔"),
     "pushing": StatusWord("Pushing", _BUSY, "◔"),

@@ -1,9 +1,11 @@
-"""HTTP helpers shared by every workload kind: JSON, the logs API, and the live event stream."""
+"""HTTP helpers shared by every workload kind (and builds): JSON, the logs API, and the live event stream."""
 
 from __future__ import annotations
 
 import codecs
+import functools
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +48,13 @@ def workload_json(row: Workload) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v != "" or not k.endswith("_at")}
 
 
+async def _send_event(response: web.StreamResponse, event: str, data: str, event_id: str | None = None) -> None:
+    """One server-sent event; a multi-line payload becomes several data lines."""
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    await response.write(f"{head}event: {event}\n{lines}\n".encode())
+
+
 def _complete_utf8(data: bytes) -> bytes:
     """Drop a multi-byte character cut at the end, so offsets stay on character boundaries."""
     for back in range(1, min(4, len(data)) + 1):
@@ -71,6 +80,11 @@ def _offset(request: web.Request) -> int:
 
 def logs_response(request: web.Request, logs: LogStore, row: Workload) -> web.Response:
     """GET .../logs?offset=N[&limit=M]: output from byte N, and where to continue."""
+    return log_chunk_response(request, logs, row.public_id, row.status, row.active)
+
+
+def log_chunk_response(request: web.Request, logs: LogStore, log_id: str, status: str, active: bool) -> web.Response:
+    """The same for any log (a workload's, a build's)."""
     offset = _offset(request)
     try:
         limit = min(int(request.query.get("limit", str(MAX_LOG_CHUNK))), MAX_LOG_CHUNK)
@@ -78,17 +92,59 @@ def logs_response(request: web.Request, logs: LogStore, row: Workload) -> web.Re
         raise InvalidArgument("limit must be a whole number of bytes") from None
     if limit <= 0:
         raise InvalidArgument("limit must be more than 0")
-    data = _complete_utf8(logs.read(row.public_id, offset, limit))
-    size = logs.size(row.public_id)
+    data = _complete_utf8(logs.read(log_id, offset, limit))
+    size = logs.size(log_id)
     next_offset = offset + len(data)
     return web.json_response({
         "offset": str(offset),
         "next_offset": str(next_offset),
         "size": str(size),
         "content": data.decode("utf-8", errors="replace"),
-        "status": row.status,
-        "complete": not row.active and next_offset >= size,
+        "status": status,
+        "complete": not active and next_offset >= size,
     })
+
+
+async def polled_event_stream(request: web.Request, logs: LogStore, log_id: str,
+                              current: Callable[[], Awaitable[tuple[dict[str, Any], bool]]]) -> web.StreamResponse:
+    """Server-sent events like event_stream's (`status`, `log`, `end`) for something that is not
+    a workload (a build): `current()` gives its JSON and whether it has ended, asked on every
+    poll (half a second) and whenever output comes."""
+    try:
+        offset = int(request.headers.get("Last-Event-ID") or request.query.get("offset", "0") or 0)
+    except ValueError:
+        offset = 0
+    if not 0 <= offset < 2**63:
+        offset = 0
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+
+    send = functools.partial(_send_event, response)
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    shown, ended = await current()
+    await send("status", json.dumps(shown))
+    idle = 0.0
+    async for new_offset, chunk in logs.follow(log_id, offset, poll=0.5):
+        if chunk:
+            idle = 0.0
+            await send("log", json.dumps(decoder.decode(chunk)), str(new_offset + len(chunk)))
+        else:
+            idle += 0.5
+            if idle >= KEEPALIVE_SECONDS:
+                idle = 0.0
+                await response.write(b": keepalive\n\n")
+        now, ended = await current()
+        if now != shown:
+            shown = now
+            await send("status", json.dumps(shown))
+        if ended and logs.size(log_id) <= new_offset + len(chunk):
+            break
+    await send("status", json.dumps((await current())[0]))
+    await send("end", "{}")
+    return response
 
 
 async def event_stream(
@@ -109,10 +165,7 @@ async def event_stream(
     })
     await response.prepare(request)
 
-    async def send(event: str, data: str, event_id: str | None = None) -> None:
-        lines = "".join(f"data: {line}\n" for line in data.split("\n"))
-        head = f"id: {event_id}\n" if event_id is not None else ""
-        await response.write(f"{head}event: {event}\n{lines}\n".encode())
+    send = functools.partial(_send_event, response)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idle = 0.0

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from cml_appliance.web.keys import PROJECTS
-from tests.conftest import Api
+from tests.conftest import Api, wait_build
 
 README = """# Churn model
 
@@ -182,9 +182,9 @@ async def build_site(client: TestClient, alice: Api, bob: Api, tmp_path: Path) -
         "auto_build_model": True, "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
         "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1}})
     assert status == 200, model
+    built = await wait_build(alice, pid, model["id"], deployed=True)
+    assert built["status"] == "built", built
     await alice.post(f"{base}/models/{model['id']}/builds", json={"file_path": "predict.py", "function_name": "absent"})
-    _, builds = await alice.get(f"{base}/models/{model['id']}/builds")
-    built = [b for b in builds["model_builds"] if b["status"] == "built"][0]
     await wait_for(lambda: alice.get(f"{base}/models/{model['id']}/builds/{built['id']}/deployments"),
                    lambda r: r[1]["model_deployments"] and r[1]["model_deployments"][0]["status"] == "deployed")
     return {"project": pid, "cloned": cloned["id"], "failed_clone": failed_clone["id"], "model": model["id"],

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import wait_build
 from tests.e2e.conftest import PASSWORD, TIMEOUT_MS, Browser
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -389,8 +390,7 @@ async def test_model_page_sends_a_test_request(browser: Browser, make_user: Any)
         "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
     })
     assert status == 200, model
-    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds")
-    build_id = builds["model_builds"][0]["id"]
+    build_id = (await wait_build(alice, pid, model["id"], deployed=True))["id"]
     deployments_url = f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build_id}/deployments"
     for _ in range(100):
         _, deployments = await alice.get(deployments_url)

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from cml_appliance.auth import api_keys, users
 from cml_appliance.web.keys import POOL, PROJECTS
-from tests.conftest import Api
+from tests.conftest import Api, wait_build
 from tests.integration.authz_table import RULES
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -89,8 +89,7 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
     _, model = await owner.post(f"/api/v2/projects/{pid}/models", json={
         "name": "m", "auto_build_model": True, "auto_build_config": {"file_path": "predict.py", "function_name": "predict"},
         "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1}})
-    _, builds = await owner.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds")
-    build_id = builds["model_builds"][0]["id"]
+    build_id = (await wait_build(owner, pid, model["id"], deployed=True))["id"]
     _, deployments = await owner.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build_id}/deployments")
     replica_id = await client.app[POOL].fetchval(
         "SELECT public_id FROM workloads WHERE kind = 'model_replica' ORDER BY id DESC LIMIT 1")

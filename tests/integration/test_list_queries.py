@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import Api, assert_error
+from tests.conftest import Api, assert_error, wait_build
 from tests.integration.test_applications import APP, wait_app
 from tests.integration.test_jobs_api import wait_run
 from tests.integration.test_models import call_until_served
@@ -104,6 +104,7 @@ async def test_models_and_builds_filter_sort_creators_and_delete(alice: Api) -> 
     status, scored = await alice.post(models, json={"name": "scorer", "description": "scores rows",
                                                     "auto_build_model": True, "auto_build_config": build})
     assert status == 200, scored
+    assert (await wait_build(alice, pid, scored["id"]))["status"] == "built"
     assert scored["creator"]["username"] == "alice"
     assert scored["project"]["name"] == "listing models" and scored["project"]["slug"]
     assert [m["name"] for m in await listing(alice, models, "models", sort="name")] == ["open", "scorer"]
@@ -120,7 +121,9 @@ async def test_models_and_builds_filter_sort_creators_and_delete(alice: Api) -> 
 
     builds = f"{models}/{scored['id']}/builds"
     status, broken = await alice.post(builds, json={"file_path": "predict.py", "function_name": "missing", "comment": "oops"})
-    assert status == 200 and broken["status"] == "build failed" and broken["creator"]["username"] == "alice"
+    assert status == 200 and broken["creator"]["username"] == "alice"
+    broken = await wait_build(alice, pid, scored["id"], broken["id"])
+    assert broken["status"] == "build failed"
     listed = await listing(alice, builds, "model_builds", sort="-created_at")
     assert [b["id"] for b in listed][0] == broken["id"] and len(listed) == 2
     assert [b["id"] for b in await listing(alice, builds, "model_builds", filters={"status": "failed"})] == [broken["id"]]

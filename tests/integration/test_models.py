@@ -18,7 +18,7 @@ from cml_appliance.core.settings import Settings
 from cml_appliance.models import service as model_service
 from cml_appliance.web.keys import MODELS, POOL
 from cml_appliance.workloads import states
-from tests.conftest import Api, assert_error
+from tests.conftest import Api, assert_error, wait_build
 
 PREDICT = b'''import json
 def predict(args):
@@ -65,9 +65,9 @@ async def test_create_build_deploy_and_call(alice: Api, bob: Api) -> None:
     assert status == 200, model
     assert model["auth_enabled"] is True and model["access_key"].startswith("m") and len(model["access_key"]) == 32
     mid = model["id"]
-    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds")
-    build = builds["model_builds"][0]
-    assert build["status"] == "built" and build["built_at"]
+    build = await wait_build(alice, pid, mid, deployed=True)
+    assert build["status"] == "built" and build["built_at"], build
+    assert build["built_image"] == f"alice/models/model-{mid}:{build['id']}"
     base = f"/api/v2/projects/{pid}/models/{mid}/builds/{build['id']}/deployments"
     _, deployments = await alice.get(base)
     deployment = deployments["model_deployments"][0]
@@ -138,9 +138,11 @@ async def test_builds_that_cannot_work_fail_with_a_reason(alice: Api) -> None:
     assert model["auth_enabled"] is False
     url = f"/api/v2/projects/{pid}/models/{model['id']}/builds"
     _, missing_fn = await alice.post(url, json={"file_path": "predict.py", "function_name": "nope"})
-    assert missing_fn["status"] == "build failed"
+    missing_fn = await wait_build(alice, pid, model["id"], missing_fn["id"])
+    assert missing_fn["status"] == "build failed" and "has no function named 'nope'" in missing_fn["failure_reason"]
     _, missing_file = await alice.post(url, json={"file_path": "absent.py", "function_name": "predict"})
-    assert missing_file["status"] == "build failed"
+    missing_file = await wait_build(alice, pid, model["id"], missing_file["id"])
+    assert missing_file["status"] == "build failed" and "absent.py is not a file" in missing_file["failure_reason"]
     status, body = await alice.post(f"{url}/{missing_fn['id']}/deployments", json={"replicas": 1})
     assert_error(status, body, 400)
     assert "has no function named 'nope'" in body["message"]
@@ -148,6 +150,7 @@ async def test_builds_that_cannot_work_fail_with_a_reason(alice: Api) -> None:
         status, body = await alice.post(url, json=payload)
         assert_error(status, body, 400)
     _, good = await alice.post(url, json={"file_path": "predict.py", "function_name": "predict"})
+    await wait_build(alice, pid, model["id"], good["id"])
     for payload in ({"replicas": 0}, {"replicas": 1, "cpu": 99}, {"replicas": 1, "nvidia_gpus": 1}):
         status, body = await alice.post(f"{url}/{good['id']}/deployments", json=payload)
         assert_error(status, body, 400)
@@ -184,8 +187,7 @@ async def auto_deployed(api: Api, pid: str, name: str, file_path: str, replicas:
 async def deployed_model(api: Api, pid: str, name: str, file_path: str) -> tuple[dict[str, Any], str, str]:
     """(model, build id, deployment id) of a model deployed with one replica and no authentication."""
     model = await auto_deployed(api, pid, name, file_path)
-    _, builds = await api.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds")
-    build = builds["model_builds"][0]
+    build = await wait_build(api, pid, model["id"], deployed=True)
     _, deployments = await api.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build['id']}/deployments")
     await call_until_served(api, model["access_key"], {})
     return model, build["id"], deployments["model_deployments"][0]["id"]
@@ -233,6 +235,7 @@ async def test_limits_busy_replicas_and_timeouts(aiohttp_client: Any, settings: 
     # A file that is not UTF-8 (and says nothing of its encoding) fails its build with the reason.
     url = f"/api/v2/projects/{pid}/models/{model['id']}/builds"
     _, latin1 = await alice.post(url, json={"file_path": "latin1.py", "function_name": "predict"})
+    latin1 = await wait_build(alice, pid, model["id"], latin1["id"])
     assert latin1["status"] == "build failed"
     _, listed = await alice.get(f"{url}/{latin1['id']}")
     assert listed["status"] == "build failed"
@@ -291,8 +294,7 @@ async def test_a_replica_that_dies_is_replaced_and_a_crash_loop_stops(alice: Api
 
     # A replica that cannot even start is replaced a few times, then the deployment shows failed.
     looping = await auto_deployed(alice, pid, "looping", "crashes.py")
-    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{looping['id']}/builds")
-    build = builds["model_builds"][0]
+    build = await wait_build(alice, pid, looping["id"], deployed=True)
     base = f"/api/v2/projects/{pid}/models/{looping['id']}/builds/{build['id']}/deployments"
     _, listed = await alice.get(base)
     deployment_id = listed["model_deployments"][0]["id"]

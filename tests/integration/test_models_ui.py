@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import Api
+from tests.conftest import Api, wait_build
 from tests.integration.test_web_ui import CSRF_RE, csrf_of, sign_in
 
 PREDICT = b'''def predict(args):
@@ -136,7 +136,8 @@ async def test_create_deploy_and_test_a_model_from_the_pages(client: TestClient,
 
     resp = await client.post(models_path, data=form | {"function_name": "predict"}, allow_redirects=False)
     assert resp.status == 302, await resp.text()
-    model_path = resp.headers["Location"]
+    model_path, _, shown = resp.headers["Location"].partition("?")
+    assert shown.startswith("build=") and shown.endswith("#build-output")  # the build's log is shown
     mid = model_path.rsplit("/", 1)[1]
     _, model = await alice.get(f"/api/v2/projects/{pid}/models/{mid}")
     assert model["name"] == "adder" and model["auth_enabled"] is True
@@ -144,7 +145,9 @@ async def test_create_deploy_and_test_a_model_from_the_pages(client: TestClient,
     [build] = builds["model_builds"]
 
     # The flash shows on the first page after the redirect, whatever the deployment's status.
-    assert "Created model adder, built it and started its deployment." in await page(client, model_path)
+    first_page = await page(client, resp.headers["Location"])
+    assert "Created model adder; it is being built, and deploys once built." in first_page
+    assert 'id="build-output"' in first_page and f'/builds/{build["id"]}/events' in first_page
     text = await wait_for_page(client, model_path, r'data-status="deployed"[^>]*id="model-status"')
     assert f'<code id="access-key">{model["access_key"]}</code>' in text
     assert f'data-build="{build["id"]}"' in text and "predict.py" in text
@@ -202,10 +205,17 @@ async def test_create_deploy_and_test_a_model_from_the_pages(client: TestClient,
     resp = await client.post(model_path + "/builds", data={"csrf_token": token, "file_path": "predict.py", "function_name": "predict",
                                                            "runtime_identifier": "host/python3", "comment": "second"})
     text = await resp.text()
-    assert re.search(r"Built [a-z0-9-]+\.", text), text
+    assert re.search(r"Building [a-z0-9-]+\. Its log follows below\.", text), text
     _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds")
     second = next(b for b in builds["model_builds"] if b["comment"] == "second")
+    second = await wait_build(alice, pid, mid, second["id"])
     assert second["status"] == "built" and len(builds["model_builds"]) == 3
+    # Its log says what was done, step by step.
+    status, logged = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds/{second['id']}/logs")
+    assert status == 200 and logged["complete"] is True
+    for step in ("Snapshot of the project's files", "[1/4] Fetching snapshot", "[4/4] Pushing", "Built ", "Done in"):
+        assert step in logged["content"], logged["content"]
+    text = await page(client, model_path)
     assert deployment_ids(text) == [first_deployment]  # built, not deployed
     resp = await client.post(f"{model_path}/builds/{second['id']}/deploy", data={"csrf_token": token, "replicas": "0"})
     assert "replicas must be between 1 and 32" in await resp.text()
@@ -249,7 +259,7 @@ async def test_model_without_build_then_built_from_its_page(client: TestClient, 
     assert re.search(r'data-status="not deployed"[^>]*id="model-status"', text) and "no authentication" in text
     resp = await client.post(model_path + "/builds", data={"csrf_token": token, "file_path": "predict.py", "function_name": "predict",
                                                            "deploy": "on", "replicas": "1"})
-    assert "and started its deployment" in await resp.text()
+    assert "it deploys once built" in await resp.text()
     await wait_for_page(client, model_path, r'data-status="deployed"[^>]*id="model-status"')
     assert (await send_until_served(client, model_path, token, '{"a": 20, "b": 1}'))["response"] == {"sum": 21}
 
@@ -268,8 +278,7 @@ async def test_viewers_see_but_cannot_act_and_strangers_see_nothing(client: Test
         "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1},
     })
     mid = model["id"]
-    _, builds = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds")
-    build_id = builds["model_builds"][0]["id"]
+    build_id = (await wait_build(alice, pid, mid, deployed=True))["id"]
     _, deployments = await alice.get(f"/api/v2/projects/{pid}/models/{mid}/builds/{build_id}/deployments")
     deployment_id = deployments["model_deployments"][0]["id"]
     models_path = f"/projects/{pid}/models"

@@ -1,0 +1,1 @@
+"""Image builds: a durable queue in Postgres, the layer-append builder, reproducible layers."""
