@@ -209,7 +209,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         app[MODELS] = ModelService(pool, app[PROJECTS], service, tasks, builds_dir=settings.data_dir / "model_builds",
                                    builds=BuildSettings(builder, registry.why_not, app[INTERNAL_URL],
                                                         settings.build_snapshot_max_mb * 1024 * 1024,
-                                                        settings.build_concurrency, settings.build_timeout_seconds))
+                                                        settings.build_concurrency, settings.build_timeout_seconds,
+                                                        settings.build_lease_seconds))
         app[METRICS].watch_gauge("cml_model_replacements_pending", "Lost model replicas waiting to be replaced",
                                  lambda: app[MODELS].replacements_pending)
         app[APP_PROXY_SESSION] = aiohttp.ClientSession(

@@ -170,9 +170,8 @@ async def client(aiohttp_client: Any, settings: Settings) -> TestClient:
     return await aiohttp_client(app)
 
 
-@pytest.fixture
-def make_user(client: TestClient) -> Any:
-    """make_user(name, admin=False) -> Api for a new user with a fresh API key."""
+def user_maker(client: TestClient) -> Any:
+    """make(name, admin=False) -> Api for a new user of `client`'s appliance, with a fresh API key."""
 
     async def make(username: str, *, admin: bool = False, password: str = "correct horse") -> Api:
         pool = client.app[POOL]
@@ -181,6 +180,12 @@ def make_user(client: TestClient) -> Any:
         return Api(client, secret, username)
 
     return make
+
+
+@pytest.fixture
+def make_user(client: TestClient) -> Any:
+    """make_user(name, admin=False) -> Api for a new user with a fresh API key."""
+    return user_maker(client)
 
 
 @pytest.fixture
@@ -360,6 +365,12 @@ async def container_settings(settings: Settings, podman_url: str, busybox_image:
 @pytest.fixture
 async def container_client(aiohttp_client: Any, container_settings: Settings) -> TestClient:
     return await aiohttp_client(create_app(container_settings, allow_local_git=True))
+
+
+@pytest.fixture
+def make_container_user(container_client: TestClient) -> Any:
+    """make_user's twin for the appliance whose container engine is Podman."""
+    return user_maker(container_client)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from cml_appliance.api.listing import CREATOR_KEYS, ListQuery, sql_where_and_order
@@ -43,6 +44,7 @@ from cml_appliance.builds.queue import ACTIVE as BUILD_ACTIVE
 from cml_appliance.builds.queue import BuildQueue
 from cml_appliance.gitserver.repos import GitError, SnapshotTooLarge
 from cml_appliance.models.replica_link import ReplicaLink
+from cml_appliance.registry.client import RegistryError
 from cml_appliance.projects import files
 from cml_appliance.projects import store as project_store
 from cml_appliance.projects.service import ProjectService, check_environment, check_name
@@ -213,6 +215,7 @@ class BuildSettings:
     snapshot_max_bytes: int
     concurrency: int
     timeout_seconds: float
+    lease_seconds: float = 30.0
 
 
 class ModelService:
@@ -226,6 +229,7 @@ class ModelService:
         self.build_settings = builds
         self.queue = BuildQueue(pool, builds.builder or _NoBuilder(builds.no_builder), workloads.logs, supervisor,  # type: ignore[arg-type]
                                 concurrency=builds.concurrency, timeout_seconds=builds.timeout_seconds,
+                                lease_seconds=builds.lease_seconds,
                                 spec_for=self._build_spec, release=self._release_build_key, finished=self._build_finished)
         self._build_keys: dict[str, str] = {}  # build id -> the key_id of its fetch key
         self._next_replica: dict[int, int] = {}
@@ -393,6 +397,22 @@ class ModelService:
             await audit.record(conn, user.id, "model_build.delete", "model_build", build.public_id, {"model": model.public_id})
         self.forget_calls()
         await asyncio.to_thread(shutil.rmtree, self.builds_dir / build.public_id, True)
+        await self._forget_build_artifacts(model, build)
+
+    async def _forget_build_artifacts(self, model: Model, build: Build) -> None:
+        """A deleted build's tag in the registry and its snapshot ref go too (best effort: a
+        registry that is away leaves an orphan tag, said in the log)."""
+        builder = self.build_settings.builder
+        if build.built_image and builder is not None:
+            repository, _, tag = build.built_image.rpartition(":")
+            try:
+                await builder.registry.delete_manifest(repository, tag)
+            except (RegistryError, OSError, aiohttp.ClientError) as exc:
+                log.warning("could not delete the image of build %s: %s", build.public_id, exc)
+        project = await self.pool.fetchrow("SELECT public_id FROM projects WHERE id = $1", model.project_id)
+        if project is not None:
+            await self.projects.repos.forget_snapshot(self.projects.projects_dir / project["public_id"], build.public_id)
+        self.workloads.logs.delete(build.public_id)
 
     async def create_build(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Build:
         """Snapshot the project's files (a hidden commit) and queue the build; the queue makes the

@@ -273,3 +273,39 @@ async def test_model_deployments_come_back_after_a_stop_and_a_kill(clean_db: str
         finally:
             appliance.stop()
             await conn.close()
+
+
+async def test_a_build_killed_half_way_is_claimed_again_and_finishes(clean_db: str, tmp_path: Path) -> None:
+    """kill -9 of the appliance while it builds an image: after the restart the build's lease
+    runs out, the queue claims it again, and it ends built, once."""
+    appliance = Appliance(clean_db, tmp_path)
+    appliance.env["CML_BUILD_LEASE_SECONDS"] = "3"
+    key = appliance.key_for_new_user("bo")
+    conn = await asyncpg.connect(clean_db)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        try:
+            await appliance.start(http)
+            url = appliance.url
+            # 60 MB that does not compress: the layer takes seconds to make and to push.
+            pid = await project_with(http, url, "big build", {"predict.py": b"def predict(args):\n    return args\n",
+                                                               "weights.bin": os.urandom(60 * 1024 * 1024)})
+            async with http.post(f"{url}/api/v2/projects/{pid}/models", json={"name": "heavy"}) as resp:
+                model = await resp.json()
+            async with http.post(f"{url}/api/v2/projects/{pid}/models/{model['id']}/builds",
+                                 json={"file_path": "predict.py", "function_name": "predict"}) as resp:
+                build = await resp.json()
+                assert resp.status == 200, build
+            status = f"SELECT status FROM model_builds WHERE public_id = '{build['id']}'"
+            await until(conn, status, lambda s: s in ("pending", "pushing"))
+            appliance.kill()
+            assert await conn.fetchval(status) in ("pending", "pushing")
+            await appliance.start(http)
+            await until(conn, status, lambda s: s not in ("queued", "pending", "pushing"), timeout=120)
+            row = await conn.fetchrow(f"SELECT status, attempts, built_image, failure FROM model_builds WHERE public_id = '{build['id']}'")
+            assert row["status"] == "built" and row["attempts"] == 2, dict(row)
+            async with http.get(f"{url}/api/v2/projects/{pid}/models/{model['id']}/builds/{build['id']}/logs") as resp:
+                content = (await resp.json())["content"]
+            assert "Attempt 2 of 3" in content and "Built " in content, content
+        finally:
+            appliance.stop()
+            await conn.close()

@@ -1,0 +1,133 @@
+"""Builds, end to end with the real layer-append builder: a snapshot fetched from the git server
+becomes one reproducible layer in the registry; an unchanged snapshot pushes nothing; deleting
+a build deletes its tag; a container runtime's image is the base, and podman pulls the result
+through the appliance with the owner's key and not with another user's."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cml_appliance.registry.client import RegistryClient, RegistryError
+from cml_appliance.web.keys import PROJECTS
+from tests.conftest import Api, require_tool, wait_build
+
+PREDICT = b"def predict(args):\n    return {'sum': args['a'] + args['b']}\n"
+
+
+async def project_with_files(api: Api) -> tuple[str, Path]:
+    _, project = await api.post("/api/v2/projects", json={"name": "Built"})
+    directory = api.client.app[PROJECTS].projects_dir / project["id"]
+    (directory / "predict.py").write_bytes(PREDICT)
+    (directory / "lib" / "deep").mkdir(parents=True)
+    (directory / "lib" / "deep" / "helpers.py").write_text("X = 1\n")
+    (directory / "run me.sh").write_text("#!/bin/sh\necho hi\n")
+    (directory / "run me.sh").chmod(0o755)
+    (directory / "empty.txt").write_text("")
+    (directory / "data").mkdir()
+    (directory / "data" / "huge.csv").write_text("x\n" * 10000)
+    (directory / ".gitignore").write_text("data/\n")
+    return project["id"], directory
+
+
+async def build(api: Api, pid: str, mid: str, **fields: Any) -> dict[str, Any]:
+    status, made = await api.post(f"/api/v2/projects/{pid}/models/{mid}/builds",
+                                  json={"file_path": "predict.py", "function_name": "predict", **fields})
+    assert status == 200, made
+    return await wait_build(api, pid, mid, made["id"])
+
+
+async def layer_of(registry: RegistryClient, image: str) -> tuple[str, tarfile.TarFile]:
+    repository, _, tag = image.rpartition(":")
+    raw, _, _ = await registry.manifest(repository, tag)
+    top = json.loads(raw)["layers"][-1]
+    blob = await registry.blob(repository, top["digest"])
+    return top["digest"], tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob)))
+
+
+async def test_a_build_is_a_reproducible_layer_in_the_registry(alice: Api, bob: Api) -> None:
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    pid, directory = await project_with_files(alice)
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={"name": "adder"})
+    first = await build(alice, pid, model["id"], runtime_identifier="host/python3")
+    assert first["status"] == "built", first
+    assert first["built_image"] == f"alice/built/model-{model['id']}:{first['id']}" and first["snapshot_commit"]
+    base = str(alice.client.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        owner = RegistryClient(http, base, username="alice", password=alice.key)
+        digest, layer = await layer_of(owner, first["built_image"])
+        names = layer.getnames()
+        for expected in ("home/cdsw/predict.py", "home/cdsw/lib/deep/helpers.py", "home/cdsw/run me.sh",
+                         "home/cdsw/empty.txt", "home/cdsw/.gitignore", "home/cdsw/.cml_model_server.py"):
+            assert expected in names, names
+        assert not any(n.startswith("home/cdsw/data") for n in names), "an ignored folder got into the image"
+        assert names == sorted(names)
+        assert {(m.mtime, m.uid, m.gid) for m in layer.getmembers()} == {(0, 8536, 8536)}
+        assert layer.getmember("home/cdsw/run me.sh").mode == 0o755
+        assert layer.getmember("home/cdsw/predict.py").mode == 0o644
+        # The same files again: the same layer, and nothing sent.
+        again = await build(alice, pid, model["id"], runtime_identifier="host/python3")
+        assert (await layer_of(owner, again["built_image"]))[0] == digest
+        _, log = await alice.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{again['id']}/logs")
+        assert "nothing to send" in log["content"], log["content"]
+        # One file changed: a new layer.
+        (directory / "lib" / "deep" / "helpers.py").write_text("X = 2\n")
+        changed = await build(alice, pid, model["id"], runtime_identifier="host/python3")
+        assert (await layer_of(owner, changed["built_image"]))[0] != digest
+        # Another user pulls nothing.
+        try:
+            await layer_of(RegistryClient(http, base, username="bob", password=bob.key), first["built_image"])
+        except RegistryError as exc:
+            assert exc.status in (401, 403)
+        else:
+            raise AssertionError("another user pulled the image")
+        # Deleting a build deletes its tag (and keeps the others).
+        status, _ = await alice.delete(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{first['id']}")
+        assert status == 200
+        repository = first["built_image"].rpartition(":")[0]
+        assert sorted(await owner.tags(repository)) == sorted([again["id"], changed["id"]])
+
+
+async def test_a_container_runtime_is_the_base_and_podman_runs_the_image(container_client: Any, make_container_user: Any,
+                                                                         busybox_image: str, tmp_path: Path) -> None:
+    from tests.conftest import _podman_env
+
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    dana, erin = await make_container_user("dana"), await make_container_user("erin")
+    pid, _ = await project_with_files(dana)
+    _, model = await dana.post(f"/api/v2/projects/{pid}/models", json={"name": "boxed"})
+    built = await build(dana, pid, model["id"], runtime_identifier=busybox_image)
+    assert built["status"] == "built", built
+    _, log = await dana.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{built['id']}/logs")
+    assert "exported from the container engine" in log["content"] or "in the registry as" in log["content"], log["content"]
+    host = f"127.0.0.1:{container_client.server.port}"
+    env = {**_podman_env(), "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+
+    async def podman(*args: str, stdin: str = "") -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec("podman", *args, env=env, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), 180)
+        return proc.returncode or 0, out.decode(errors="replace")
+
+    image = f"{host}/{built['built_image']}"
+    code, out = await podman("login", "--tls-verify=false", "-u", "dana", "--password-stdin", host, stdin=dana.key)
+    assert code == 0, out
+    code, out = await podman("pull", "--tls-verify=false", image)
+    assert code == 0, out
+    code, out = await podman("run", "--rm", image, "cat", "/home/cdsw/predict.py")
+    assert code == 0 and "def predict" in out, out
+    code, out = await podman("run", "--rm", image, "sh", "-c", "echo $PWD")
+    assert code == 0 and out.strip().endswith("/home/cdsw"), out
+    await podman("rmi", image)
+    code, out = await podman("login", "--tls-verify=false", "-u", "erin", "--password-stdin", host, stdin=erin.key)
+    assert code == 0, out
+    code, out = await podman("pull", "--tls-verify=false", image)
+    assert code != 0, out
