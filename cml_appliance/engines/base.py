@@ -36,6 +36,10 @@ class LaunchSpec:
     image: str
     cpu: float
     memory_mb: int
+    # An image to pull first, with these credentials (a built model's, from the appliance's
+    # registry proxy); its /home/cdsw is then the workload's, and the project is not mounted.
+    registry_auth: dict[str, str] | None = None
+    mount_project: bool = True
 
 
 class Terminal(Protocol):

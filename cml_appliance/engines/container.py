@@ -9,6 +9,8 @@ and the resource profile as HostConfig limits. Terminals are TTY exec sessions.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import os
 import socket
@@ -19,6 +21,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 
+from cml_appliance.core import ownership
 from cml_appliance.engines.base import (
     KIND_LABEL,
     SITE_LABEL,
@@ -119,14 +122,37 @@ class ContainerEngine:
 
     def _prepare_mount(self, spec: LaunchSpec) -> None:
         # The container user must be able to write the project files it is given.
-        if os.getuid() == 0 and self.user.startswith(f"{CDSW_UID}:"):
-            for root, dirs, files in os.walk(spec.project_dir):
-                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                    if os.lstat(name).st_uid != CDSW_UID:
-                        os.lchown(name, CDSW_UID, CDSW_UID)
+        if self.user.startswith(f"{CDSW_UID}:"):
+            ownership.give_tree(spec.project_dir)
+
+    async def _pull(self, image: str, auth: dict[str, str]) -> None:
+        """Pull a built image from the appliance's registry proxy. Podman is asked through its own
+        API with TLS verification off (the proxy on loopback speaks plain HTTP; Docker trusts
+        127.0.0.0/8 by itself); Docker's API is the fallback."""
+        header = base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()
+        try:
+            async with self.docker._query("v4.0.0/libpod/images/pull", "POST", versioned_api=False,
+                                          params={"reference": image, "tlsVerify": "false", "quiet": "true"},
+                                          headers={"X-Registry-Auth": header}) as response:
+                body = await response.text()
+            if '"error"' in body:
+                raise EngineError(f"the container engine could not pull {image}: {body.strip()[:500]}")
+            return
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise EngineError(f"the container engine could not pull {image}: {exc.message}") from None
+        await self.docker.images.pull(image, auth=auth)
 
     async def start(self, spec: LaunchSpec) -> str:
-        await asyncio.to_thread(self._prepare_mount, spec)
+        if spec.registry_auth is not None:
+            try:
+                await self._pull(spec.image, spec.registry_auth)
+            except aiodocker.DockerError as exc:
+                raise EngineError(f"the container engine could not pull {spec.image}: {exc.message}") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _unavailable(exc) from None
+        if spec.mount_project:
+            await asyncio.to_thread(self._prepare_mount, spec)
         env = spec.env | {"HOME": CONTAINER_HOME, "CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id}
         config: dict[str, Any] = {
             "Image": spec.image,
@@ -138,7 +164,7 @@ class ContainerEngine:
             "OpenStdin": False,
             "Labels": {SITE_LABEL: self.site_id, WORKLOAD_LABEL: spec.workload_id, KIND_LABEL: spec.kind},
             "HostConfig": {
-                "Binds": [f"{spec.project_dir}:{CONTAINER_HOME}"],
+                "Binds": [f"{spec.project_dir}:{CONTAINER_HOME}"] if spec.mount_project else [],
                 "Memory": spec.memory_mb * 1024 * 1024,
                 "MemorySwap": spec.memory_mb * 1024 * 1024,
                 "NanoCpus": int(spec.cpu * 1e9),

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cml_appliance.core import ownership
 from cml_appliance.core.processes import process_exists
 from cml_appliance.engines import sandbox as sandbox_mod
 from cml_appliance.engines.base import EngineError, LaunchSpec
@@ -316,9 +317,18 @@ class LocalEngine:
         return lambda command: sandbox.wrap(command, project_dir=spec.project_dir, extra_writable=writable,
                                             new_session=new_session)
 
+    async def _give(self, spec: LaunchSpec) -> None:
+        """As root, the sandbox runs workloads as uid 8536: their files must be theirs."""
+        if self.sandbox is not None and self.sandbox.privileged:
+            await asyncio.to_thread(ownership.give_tree, spec.project_dir)
+            socket = spec.env.get(REPLICA_SOCKET_VARIABLE)
+            if socket:
+                ownership.give(Path(socket).parent)
+
     async def start(self, spec: LaunchSpec) -> str:
         if self._closing:
             raise EngineError("the local engine is shutting down")
+        await self._give(spec)
         try:
             proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec),
                                            spec.memory_mb * 1024 * 1024, self._launcher, self._wrap(spec))
@@ -389,6 +399,7 @@ class LocalEngine:
         if not _alive(pid, ticks):
             raise EngineError("the session is not running")
         shell = shutil.which("bash") or "/bin/sh"
+        await self._give(spec)
         master, slave = pty.openpty()
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         env = self._env(spec) | {"TERM": "xterm-256color"}

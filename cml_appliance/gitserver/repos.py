@@ -16,13 +16,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cml_appliance.core import ownership
 from cml_appliance.engines.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
 # Config for every git the appliance runs on a project: no hooks, no fsmonitor, and never a
 # prompt. Hidden refs (refs/cml/...) are the appliance's own: not advertised, not pushable.
-SAFE_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "protocol.allow=never",
+# safe.directory: a project's files may belong to the containers' uid 8536 rather than to the
+# appliance (the container engine's mounts); git would refuse such a repository as "dubious",
+# a check that guards against running a stranger's config, which the sandbox already confines.
+SAFE_CONFIG = ("-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "protocol.allow=never",
                "-c", "uploadpack.hideRefs=refs/cml", "-c", "receive.hideRefs=refs/cml")
 COMMITTER = ("-c", "user.name=cml-appliance", "-c", "user.email=cml-appliance@localhost")
 HIDDEN_REF_PREFIX = "refs/cml/builds/"
@@ -93,6 +97,8 @@ class Repositories:
         refs/cml/builds/<build_id>: a temporary index, so the user's branches, index and working
         tree stay as they are. Its parent is HEAD when there is one."""
         await self.ensure(project_dir)
+        if self.sandbox is not None and self.sandbox.privileged:  # git runs as uid 8536: its files are theirs
+            await asyncio.to_thread(ownership.give_tree, project_dir)
         index = f".git/cml-snapshot-index-{build_id}"
         env = {"GIT_INDEX_FILE": str(project_dir / index)}
         try:

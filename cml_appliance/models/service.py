@@ -589,7 +589,25 @@ class ModelService:
 
     async def _start_replica(self, user: User, project: Project, build: Build, deployment: Deployment, name: str) -> Workload:
         environment = dict(deployment.environment)
-        if self.workloads.engine_name_for(build.runtime_identifier) == "local":
+        on_containers = self.workloads.engine_name_for(build.runtime_identifier) == "container"
+        if on_containers and build.built_image:
+            # The built image, pulled through the registry proxy on the internal listener with a
+            # key of the deployer's that reaches this project only and lasts ten minutes.
+            secret, columns = api_keys.workload_key(user.id, project.id, f"pull of build {build.public_id}")
+            await self.pool.execute(
+                "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, scope_project_id, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, now() + interval '10 minutes')",
+                columns["key_id"], columns["user_id"], columns["key_digest"], columns["comments"], columns["audiences"],
+                columns["scope_project_id"])
+            registry = self.build_settings.internal_url.removeprefix("http://")
+            return await self.workloads.launch(user, project, LaunchRequest(
+                kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
+                image=f"{registry}/{build.built_image}", cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
+                command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
+                environment=environment, deployment_id=deployment.id, mount_project=False,
+                registry_auth={"username": user.username, "password": secret, "serveraddress": registry},
+            ))
+        if not on_containers:
             if self._sockets_dir is None:
                 self._sockets_dir = _new_sockets_dir()
             # A folder per replica: a sandboxed replica sees its own socket's folder only.

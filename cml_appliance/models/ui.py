@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
@@ -18,10 +19,11 @@ from cml_appliance.core.errors import (
     InvalidArgument,
     NotFound,
 )
+from cml_appliance.builds.queue import ACTIVE as BUILD_ACTIVE
 from cml_appliance.models import example_request, serving
 from cml_appliance.models.service import Build, Deployment, Model
 from cml_appliance.runtimes.ui import workload_choices
-from cml_appliance.web.context import current_user
+from cml_appliance.web.context import current_user, require_site_admin
 from cml_appliance.web.keys import MODELS, POOL, SETTINGS, STATUS_HUB, WORKLOADS
 from cml_appliance.web.templating import redirect
 from cml_appliance.workloads import store as workload_store
@@ -203,6 +205,27 @@ async def create_build(request: web.Request) -> web.StreamResponse:
     raise redirect(request, where, "ok", f"Building {build.public_id}{deployed}. Its log follows below.")
 
 
+async def admin_builds_page(request: web.Request) -> web.StreamResponse:
+    """Site admins: every build queued or running, oldest first, with a way to cancel it."""
+    require_site_admin(request)
+    rows = await request.app[POOL].fetch(
+        "SELECT b.public_id, b.status, b.attempts, b.created_at, m.public_id AS model_id, m.name AS model_name,"
+        " p.public_id AS project_id, p.name AS project_name, ow.username AS owner, u.username AS creator"
+        " FROM model_builds b JOIN models m ON m.id = b.model_id JOIN projects p ON p.id = m.project_id"
+        " JOIN users ow ON ow.id = p.owner_id JOIN users u ON u.id = b.creator_id"
+        " WHERE b.status = ANY($1::text[]) ORDER BY b.created_at, b.id", list(BUILD_ACTIVE))
+    context = {"builds": rows, "now": datetime.now(UTC), "concurrency": request.app[SETTINGS].build_concurrency}
+    return aiohttp_jinja2.render_template("admin_builds.html", request, context)
+
+
+async def admin_cancel_build(request: web.Request) -> web.StreamResponse:
+    require_site_admin(request)
+    build_id = request.match_info["build_id"]
+    if not await request.app[MODELS].queue.cancel(build_id):
+        raise redirect(request, "/admin/builds", "error", f"Build {build_id} is not queued or running.")
+    raise redirect(request, "/admin/builds", "ok", f"Build {build_id} cancelled.")
+
+
 async def cancel_build(request: web.Request) -> web.StreamResponse:
     m = request.match_info
     await request.app[MODELS].cancel_build(current_user(request), m["project_id"], m["model_id"], m["build_id"])
@@ -294,6 +317,8 @@ def routes() -> list[web.RouteDef]:
         web.post(model + "/test", test_request, name="ui_model_test"),
         web.post(model + "/builds", create_build, name="ui_model_build"),
         web.post(model + "/builds/{build_id}/cancel", cancel_build, name="ui_model_build_cancel"),
+        web.get("/admin/builds", admin_builds_page, name="ui_admin_builds"),
+        web.post("/admin/builds/{build_id}/cancel", admin_cancel_build, name="ui_admin_build_cancel"),
         web.post(build + "/deploy", deploy_build, name="ui_model_deploy"),
         web.post(build + "/deployments/{deployment_id:[a-z0-9-]+}/{action:stop|restart}", deployment_action,
                  name="ui_model_deployment_action"),

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cml_appliance.core import ownership
 from cml_appliance.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -147,7 +148,9 @@ async def write_upload(
                     raise PayloadTooLarge(f"upload is larger than the limit of {max_bytes // (1024 * 1024)} MB")
                 fh.write(chunk)
         final = target if overwrite else free_name(target)
+        ownership.give(tmp_name)
         os.replace(tmp_name, final)
+        ownership.give_path(root_real, final.parent)
     except OSError as exc:
         Path(tmp_name).unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -174,6 +177,7 @@ def move(root: Path, path: str, new_path: str) -> dict[str, Any]:
         raise InvalidArgument("a directory cannot be moved into itself")
     _check_folders_above(root_real, dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    ownership.give_path(root_real, dest.parent)
     os.rename(source, dest)
     return _info(root_real, dest)
 
@@ -185,6 +189,7 @@ def make_dir(root: Path, path: str) -> dict[str, Any]:
         raise AlreadyExists(f"{clean_relative(path)!r} already exists")
     _check_folders_above(root_real, target)
     target.mkdir(parents=True)
+    ownership.give_path(root_real, target)
     return _info(root_real, target)
 
 

@@ -18,16 +18,16 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from cml_appliance.gitserver.repos import GitError, Repositories
 from cml_appliance.api.bodies import check_text
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth import users as users_mod
 from cml_appliance.auth.permissions import PERMISSION_NAMES, Role, require
 from cml_appliance.auth.users import User
-from cml_appliance.core import audit
+from cml_appliance.core import audit, ownership
 from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.core.ids import new_public_id, slugify
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.gitserver.repos import GitError, Repositories
 from cml_appliance.projects import files, store
 from cml_appliance.projects.store import Project
 
@@ -189,6 +189,7 @@ class ProjectService:
             await audit.record(conn, user.id, "project.create", "project", public_id, {"name": name, "template": template})
             if template != "git":
                 (self.projects_dir / public_id).mkdir(parents=True, exist_ok=False)
+                ownership.give(self.projects_dir / public_id)
         if template != "git":  # a repository from the start (a git template's clone is one)
             try:
                 await self.repos.init(self.projects_dir / public_id)
@@ -238,6 +239,7 @@ class ProjectService:
             if ref:
                 # --end-of-options: a ref is never read as an option, whatever it starts with.
                 await self._git(["-C", str(staging), "checkout", "--quiet", "--end-of-options", ref, "--"], env)
+            await asyncio.to_thread(ownership.give_tree, staging)
             os.rename(staging, dest)
         except Exception as exc:  # the reason is kept on the project for the user to read
             status, message = "failure", str(exc)[:2000]

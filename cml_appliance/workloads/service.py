@@ -91,6 +91,9 @@ class LaunchRequest:
     workdir: Path | None = None
     # The pending job fire (job_fires) this run starts: consumed with the insert, exactly once.
     fire_id: int | None = None
+    # A built image to pull (container engine): credentials, and the image's own /home/cdsw.
+    registry_auth: dict[str, str] | None = None
+    mount_project: bool = True
 
 
 class WorkloadService:
@@ -220,6 +223,8 @@ class WorkloadService:
             image=request.image,
             cpu=request.cpu,
             memory_mb=int(request.memory * 1024),
+            registry_auth=request.registry_auth,
+            mount_project=request.mount_project,
         )
         self._specs[row.id] = spec
         self._owned[row.id] = self.supervisor.spawn(f"workload-{public_id}", self._run(row, engine, spec))

@@ -52,7 +52,7 @@ RULES: dict[str, str] = {
     "api_list_all_models": "signed_in", "api_list_models": "read", "api_create_model": "write", "api_get_model": "read",
     "api_update_model": "write", "api_delete_model": "write", "api_regenerate_model_key": "write",
     "api_list_model_builds": "read", "api_create_model_build": "write", "api_get_model_build": "read",
-    "api_delete_model_build": "write", "api_cancel_model_build": "write", "ui_model_build_cancel": "write", "api_model_build_logs": "read", "api_model_build_events": "read", "api_list_model_deployments": "read", "api_create_model_deployment": "write",
+    "api_delete_model_build": "write", "api_cancel_model_build": "write", "ui_model_build_cancel": "write", "ui_admin_builds": "site_admin", "ui_admin_build_cancel": "site_admin", "api_model_build_logs": "read", "api_model_build_events": "read", "api_list_model_deployments": "read", "api_create_model_deployment": "write",
     "api_get_model_deployment": "read", "api_stop_model_deployment": "write", "api_restart_model_deployment": "write",
     # Pages
     "ui_api_keys": "signed_in", "ui_api_keys_create": "signed_in", "ui_api_keys_delete": "signed_in",

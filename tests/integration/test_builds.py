@@ -131,3 +131,42 @@ async def test_a_container_runtime_is_the_base_and_podman_runs_the_image(contain
     assert code == 0, out
     code, out = await podman("pull", "--tls-verify=false", image)
     assert code != 0, out
+
+
+async def test_site_admins_see_the_queue_and_cancel_from_it(aiohttp_client: Any, settings: Any) -> None:
+    """With one build at a time, a slow build runs and the next waits: the admin page lists both
+    with their words and ages, and cancels the waiting one; the model page offers its log."""
+    import dataclasses
+    import os
+    import re
+
+    from cml_appliance.app import create_app
+    from tests.conftest import user_maker
+    from tests.integration.test_web_ui import csrf_of, sign_in
+
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, build_concurrency=1), allow_local_git=True))
+    make = user_maker(client)
+    admin, alice = await make("root", admin=True), await make("alice")
+    pid, directory = await project_with_files(alice)
+    (directory / "weights.bin").write_bytes(os.urandom(40 * 1024 * 1024))  # a slow first build
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={"name": "slow"})
+    builds = f"/api/v2/projects/{pid}/models/{model['id']}/builds"
+    _, first = await alice.post(builds, json={"file_path": "predict.py", "function_name": "predict"})
+    _, second = await alice.post(builds, json={"file_path": "predict.py", "function_name": "predict"})
+    await sign_in(client, "root")
+    resp = await client.get("/admin/builds")
+    text = await resp.text()
+    assert resp.status == 200
+    row = re.search(rf'<tr data-build="{second["id"]}">.*?</tr>', text, re.S)
+    assert row and "Queued" in row.group(0) and "alice/Built" in row.group(0), text
+    token = await csrf_of(client, "/admin/builds")
+    resp = await client.post(f"/admin/builds/{second['id']}/cancel", data={"csrf_token": token})
+    assert resp.status == 200 and "cancelled" in await resp.text()
+    cancelled = await wait_build(alice, pid, model["id"], second["id"])
+    assert (cancelled["status"], cancelled["failure_reason"]) == ("build failed", "cancelled")
+    assert (await wait_build(alice, pid, model["id"], first["id"]))["status"] == "built"
+    # Not for other users.
+    await sign_in(client, "alice")
+    resp = await client.get("/admin/builds")
+    assert resp.status == 403

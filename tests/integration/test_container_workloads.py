@@ -17,7 +17,7 @@ from cml_appliance.app import create_app
 from cml_appliance.auth import api_keys, users
 from cml_appliance.core.settings import Settings
 from cml_appliance.web.keys import POOL
-from tests.conftest import BUSYBOX_IMAGE, Api, apps_listener
+from tests.conftest import BUSYBOX_IMAGE, Api, apps_listener, wait_build
 
 APP = b'''import os
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -117,10 +117,22 @@ async def test_application_and_model_in_containers(dana: Api, python_image: str,
         body = await resp.json()
         return body if resp.status == 200 else None
 
+    built = await wait_build(dana, pid, model["id"], deployed=True)
+    assert built["status"] == "built", built["failure_reason"]
     answer = await until_ok(answered)
     assert answer["success"] is True and answer["response"] == {"double": 42}
-    replicas = await dana.client.app[POOL].fetch("SELECT engine FROM workloads WHERE kind = 'model_replica'")
+    replicas = await dana.client.app[POOL].fetch("SELECT engine, public_id FROM workloads WHERE kind = 'model_replica'")
     assert [r["engine"] for r in replicas] == ["container"]
+    # The replica runs the built image, pulled through the appliance's registry proxy: its
+    # /home/cdsw is the image's, not a folder of the host mounted in.
+    build = await wait_build(dana, pid, model["id"])
+    docker = aiodocker.Docker(url=podman_url)
+    try:
+        info = await docker.containers.container(f"cml-{replicas[0]['public_id']}").show()
+    finally:
+        await docker.close()
+    assert info["Config"]["Image"].endswith(build["built_image"]), (info["Config"]["Image"], build["built_image"])
+    assert not info["HostConfig"].get("Binds"), info["HostConfig"].get("Binds")
 
     status, _ = await dana.post(f"/api/v2/projects/{pid}/applications/{app['id']}:stop")
     assert status == 200

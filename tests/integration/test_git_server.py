@@ -25,7 +25,9 @@ async def git(*args: str, cwd: Path | None = None, check: bool = True) -> subpro
     env = {"PATH": os.environ["PATH"], "HOME": str(cwd or Path.cwd()), "GIT_TERMINAL_PROMPT": "0",
            "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Alice", "GIT_AUTHOR_EMAIL": "a@example.com",
            "GIT_COMMITTER_NAME": "Alice", "GIT_COMMITTER_EMAIL": "a@example.com"}
-    proc = await asyncio.create_subprocess_exec("git", *args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # safe.directory: as root, the test reads project repositories that belong to uid 8536.
+    proc = await asyncio.create_subprocess_exec("git", "-c", "safe.directory=*", *args, cwd=cwd, env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     result = subprocess.CompletedProcess(["git", *args], proc.returncode or 0, out.decode(errors="replace"),
                                          err.decode(errors="replace"))
