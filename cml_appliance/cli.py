@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import json
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -158,11 +159,18 @@ def _serve(settings: Settings) -> int:
     from cml_appliance.app import create_app
 
     app = create_app(settings)
+    # The main port is bound before start-up, which opens listeners on ports the system picks
+    # (internal_port, apps_port 0): one of those may never take the port asked for here.
+    try:
+        sock = socket.create_server((settings.host, settings.port), backlog=128, reuse_port=False,
+                                    family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    except OSError as exc:
+        print(f"cml-appliance: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        return 2
     log.info("cml-appliance listening on %s:%s (public URL %s)", settings.host, settings.port, settings.base_url)
     web.run_app(
         app,
-        host=settings.host,
-        port=settings.port,
+        sock=sock,
         print=None,
         access_log=None,
         shutdown_timeout=15,

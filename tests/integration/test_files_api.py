@@ -118,13 +118,13 @@ async def test_oversized_upload_leaves_nothing(alice: Api) -> None:
     too_big = b"x" * (alice.client.app[SETTINGS].max_upload_mb * 1024 * 1024 + 1)
     status, body = await alice.post(f"/api/v2/projects/{pid}/files", data=multipart("big.bin", too_big, "big.bin"))
     assert_error(status, body, 413)
-    assert list(root.iterdir()) == []
+    assert [p.name for p in root.iterdir()] == [".git"]  # the repository, and nothing else
     # An existing file is untouched by a failed replacement.
     await alice.post(f"/api/v2/projects/{pid}/files", data=multipart("keep.bin", b"original", "keep.bin"))
     status, _ = await alice.post(f"/api/v2/projects/{pid}/files", data=multipart("keep.bin", too_big, "keep.bin"))
     assert status == 413
     assert (root / "keep.bin").read_bytes() == b"original"
-    assert sorted(p.name for p in root.iterdir()) == ["keep.bin"]
+    assert sorted(p.name for p in root.iterdir()) == [".git", "keep.bin"]
 
 
 async def test_bad_file_requests(alice: Api) -> None:

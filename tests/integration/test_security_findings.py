@@ -206,12 +206,12 @@ async def test_an_upload_in_flight_is_never_in_the_projects_tree_and_leftovers_a
             break
         await asyncio.sleep(0.01)
     assert any(staging.iterdir())
-    assert [p.name for p in root.iterdir()] == []
+    assert [p.name for p in root.iterdir()] == [".git"]  # the repository, and no upload
     status, listing = await alice.get(f"/api/v2/projects/{project['id']}/files")
     assert listing["files"] == []
     proceed.set()
     status, info = await upload
-    assert status == 200 and [p.name for p in root.iterdir()] == ["big.bin"]
+    assert status == 200 and sorted(p.name for p in root.iterdir()) == [".git", "big.bin"]
     assert list(staging.iterdir()) == []
     # What a killed process left behind goes at the next start.
     (staging / "upload-left-by-a-crash").write_bytes(b"half")
