@@ -19,7 +19,14 @@ changed, --rounds times, interleaved (appliance, podman, podman, appliance, …)
 time, the medians, and `ratio: X` = podman's median over the appliance's median after one file
 changed (target: 20 or more, and the appliance under 1 s).
 
+With --queue N (200) instead: N builds of a small project (predict.py and 20 files) are queued at
+once on an appliance started with CML_BUILD_CONCURRENCY=--concurrency (4), and the queue's
+throughput (builds a second) and the time each build took from its POST to `built` (p50, p99)
+are printed; the last line is `ratio: X` = builds a second over --concurrency (what a build's
+overhead leaves of the workers).
+
 Usage: DATABASE_URL=... .venv/bin/python bench/build.py [--files N] [--kib K] [--rounds R]
+       DATABASE_URL=... .venv/bin/python bench/build.py --queue 200 [--concurrency 4]
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ TARGET_SECONDS = 1.0
 RUNTIME_ROW = {"image_identifier": BUSYBOX_IMAGE, "editor": "Workbench", "kernel": "Shell", "edition": "Busybox",
                "full_version": "1.0"}
 PREDICT = b"def predict(args):\n    return args\n"
+SHOW_LOG = False
 
 
 def write_project(root: Path, files: int, kib: int) -> None:
@@ -75,6 +83,8 @@ async def appliance_build(api: Api, pid: str, mid: str) -> float:
             break
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - started
+    if SHOW_LOG:
+        print((await api.call("GET", path + "/logs"))["content"], flush=True)
     if build["status"] != "built":
         log = await api.call("GET", path + "/logs")
         raise BenchError(f"the build ended {build['status']}: {build.get('failure_reason')}\n{log['content'][-2000:]}")
@@ -131,13 +141,46 @@ async def measure(h: Harness, podman: Podman, args: argparse.Namespace) -> dict[
     return times
 
 
+async def queue_throughput(h: Harness, builds: int) -> tuple[float, list[float]]:
+    async with h.client(limit=50) as http:
+        api = await h.connect(http)
+        pid = await api.create_project("bench queue")
+        write_project(h.data_dir() / "projects" / pid, 20, 4)
+        model = await api.call("POST", f"/api/v2/projects/{pid}/models", {"name": "queued"})
+        base = f"/api/v2/projects/{pid}/models/{model['id']}/builds"
+        started = time.perf_counter()
+        posted: dict[str, float] = {}
+        for _ in range(builds):
+            made = await api.call("POST", base, {"file_path": "predict.py", "function_name": "predict",
+                                                 "runtime_identifier": BUSYBOX_IMAGE})
+            posted[made["id"]] = time.perf_counter()
+        done: dict[str, float] = {}
+        while len(done) < builds:
+            page = await api.call("GET", f"{base}?page_size=1000")
+            for build in page["model_builds"]:
+                if build["id"] in posted and build["id"] not in done and build["status"] not in ("queued", "pending", "pushing"):
+                    if build["status"] != "built":
+                        raise BenchError(f"build {build['id']} ended {build['status']}: {build.get('failure_reason')}")
+                    done[build["id"]] = time.perf_counter()
+            await asyncio.sleep(0.05)
+        total = time.perf_counter() - started
+        return builds / total, [done[b] - posted[b] for b in posted]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1000, help="files in the project (1000)")
     parser.add_argument("--kib", type=int, default=10, help="KiB per file (10)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds after one file changed (5)")
+    parser.add_argument("--show-log", action="store_true", help="print each appliance build's log (its steps, timed)")
+    parser.add_argument("--queue", type=int, default=0, help="measure the queue's throughput with this many builds")
+    parser.add_argument("--concurrency", type=int, default=4, help="CML_BUILD_CONCURRENCY for --queue (4)")
     args = parser.parse_args()
+    global SHOW_LOG
+    SHOW_LOG = args.show_log
     install_signal_handlers()
+    if args.queue:
+        return queue_main(args)
     h = Harness("build")
     times: dict[str, list[float]] = {}
     try:
@@ -166,6 +209,27 @@ def main() -> int:
     print(f"target: {TARGET_RATIO:g}x faster than podman build and under {TARGET_SECONDS:g} s after one file changed: "
           f"{'met' if met else 'NOT met'} ({appliance:.3f} s); total time {h.elapsed():.0f} s")
     print(f"ratio: {ratio:.1f}", flush=True)
+    return 0
+
+
+def queue_main(args: argparse.Namespace) -> int:
+    h = Harness("build-queue")
+    try:
+        podman = h.podman = Podman(h.workdir)
+        podman.start()
+        podman.ensure_image()
+        h.database(runtimes=[RUNTIME_ROW])
+        h.appliance(None, CML_CONTAINER_ENGINE_URL=podman.url, CML_BUILD_CONCURRENCY=str(args.concurrency))
+        print(f"queue: {args.queue} builds of a 20-file project queued at once, CML_BUILD_CONCURRENCY={args.concurrency}")
+        print(f"database:  {h.where}; dropped at the end")
+        rate, latencies = run_async(queue_throughput(h, args.queue))
+    finally:
+        h.close()
+    from common import percentile
+
+    print(f"throughput: {rate:.2f} builds/s; POST -> built: p50 {percentile(latencies, 0.5):.2f} s, "
+          f"p99 {percentile(latencies, 0.99):.2f} s; total time {h.elapsed():.0f} s")
+    print(f"ratio: {rate / args.concurrency:.2f}", flush=True)
     return 0
 
 

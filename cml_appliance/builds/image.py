@@ -92,6 +92,7 @@ class ImageBuilder:
         self.entry_point = entry_point  # (name under /home/cdsw, contents)
         self.docker = docker
         self._bases: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._cache_locks: dict[str, asyncio.Lock] = {}
 
     async def build(self, spec: BuildSpec, say: Progress, stage: Callable[[str], Any]) -> BuiltImage:
         work = self.work_dir / spec.build_id
@@ -110,25 +111,34 @@ class ImageBuilder:
             base = await self._base(spec.runtime_identifier, work, say)
             await stage("pushing")
             built = await self._push(spec, layer, base, say)
-            # What a local replica runs: the layer's /home/cdsw, unpacked.
-            target = self.builds_dir / spec.build_id
-            shutil.rmtree(target, ignore_errors=True)
-            await asyncio.to_thread(unpack, layer.tar_path, target)
+            if base is None:  # a host/ runtime: what its local replicas run is the layer, unpacked
+                target = self.builds_dir / spec.build_id
+                shutil.rmtree(target, ignore_errors=True)
+                await asyncio.to_thread(unpack, layer.tar_path, target)
             return built
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     async def _fetch(self, spec: BuildSpec, work: Path, say: Progress) -> Path:
+        """The snapshot, from the git server, into a cache repository of the project's (kept
+        between builds, so that a build after a small change fetches only what changed)."""
         say(f"[1/4] Fetching snapshot {spec.commit[:12]} from the git server")
-        repo = work / "source.git"
+        cache = self.work_dir / "cache" / f"{_component(spec.owner)}--{_component(spec.project_slug)}.git"
         auth = base64.b64encode(f"{spec.git_user}:{spec.git_password}".encode()).decode()
         env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"}
-        await _git(["init", "--quiet", "--bare", str(repo)], env)
-        await _git(["-C", str(repo), "-c", f"http.extraHeader=Authorization: Basic {auth}", "fetch", "--quiet",
-                    "--no-tags", "--depth=1", spec.git_url, spec.commit], env)
-        archive = work / "snapshot.tar"
-        await _git(["-C", str(repo), "-c", "core.attributesFile=/dev/null", "archive", "--format=tar",
-                    f"--prefix={PREFIX}", "-o", str(archive), spec.commit], env)
+        async with self._cache_locks.setdefault(cache.name, asyncio.Lock()):
+            if not (cache / "HEAD").exists():
+                shutil.rmtree(cache, ignore_errors=True)
+                await _git(["init", "--quiet", "--bare", str(cache)], env)
+            # The fetched commit is kept as a ref: the next fetch offers it as what the cache has,
+            # and only what changed since comes (without a ref, every fetch is the whole tree).
+            # Not shallow: a cache made of many shallow fetches soon gets answers git cannot read
+            # ("expected 'acknowledgments'"), and the first fetch of a project takes its history once.
+            await _git(["-C", str(cache), "-c", f"http.extraHeader=Authorization: Basic {auth}", "fetch", "--quiet",
+                        "--no-tags", spec.git_url, f"+{spec.commit}:refs/cml/last"], env)
+            archive = work / "snapshot.tar"
+            await _git(["-C", str(cache), "-c", "core.attributesFile=/dev/null", "archive", "--format=tar",
+                        f"--prefix={PREFIX}", "-o", str(archive), spec.commit], env)
         return archive
 
     async def _base(self, runtime: str, work: Path, say: Progress) -> tuple[str, dict[str, Any]] | None:

@@ -64,7 +64,7 @@ class BuildQueue:
     # --- what the API and the UI ask -----------------------------------------------------------
 
     def say(self, build_id: str, line: str) -> None:
-        stamp = datetime.now(UTC).strftime("%H:%M:%S")
+        stamp = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]  # steps take milliseconds: show them
         self.logs.append(build_id, f"{stamp} {line}\n".encode())
 
     async def enqueue(self, build_id: str) -> None:

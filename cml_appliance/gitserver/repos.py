@@ -52,6 +52,7 @@ class Repositories:
     def __init__(self, projects_dir: Path, sandbox: Sandbox | None):
         self.projects_dir = projects_dir
         self.sandbox = sandbox
+        self._locks: dict[str, asyncio.Lock] = {}  # one snapshot at a time per project
 
     def environment(self) -> dict[str, str]:
         """A clean environment for git: nothing of the appliance's (no secrets, no credentials)."""
@@ -66,13 +67,14 @@ class Repositories:
         return self.sandbox.wrap(command, project_dir=project_dir, new_session=False)
 
     async def run(self, project_dir: Path, args: list[str], *, env: dict[str, str] | None = None,
-                  timeout: float = GIT_TIMEOUT_SECONDS) -> bytes:
+                  timeout: float = GIT_TIMEOUT_SECONDS, stdin: bytes | None = None) -> bytes:
         proc = await asyncio.create_subprocess_exec(
             *self.command(project_dir, args), cwd=project_dir, env={**self.environment(), **(env or {})},
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -94,43 +96,49 @@ class Repositories:
 
     async def snapshot(self, project_dir: Path, build_id: str, *, max_bytes: int) -> Snapshot:
         """The project's files as they are on disk (what .gitignore leaves), as a commit on
-        refs/cml/builds/<build_id>: a temporary index, so the user's branches, index and working
-        tree stay as they are. Its parent is HEAD when there is one."""
+        refs/cml/builds/<build_id>: an index of the appliance's own, so the user's branches, index
+        and working tree stay as they are. Its parent is HEAD when there is one."""
         await self.ensure(project_dir)
         if self.sandbox is not None and self.sandbox.privileged:  # git runs as uid 8536: its files are theirs
             await asyncio.to_thread(ownership.give_tree, project_dir)
-        index = f".git/cml-snapshot-index-{build_id}"
+        # An index of the appliance's own, kept between snapshots: git rehashes only the files
+        # that changed since the last one (the user's own index is never touched).
+        index = ".git/cml-snapshot-index"
         env = {"GIT_INDEX_FILE": str(project_dir / index)}
-        try:
-            listed = await self.run(project_dir, ["ls-files", "-z", "--others", "--exclude-standard"], env=env)
-            paths = [p for p in listed.decode(errors="surrogateescape").split("\0") if p]
-            total = 0
-            for path in paths:
-                try:
-                    total += os.lstat(project_dir / path).st_size
-                except OSError:
-                    continue  # gone meanwhile: git will not add it either
-                if total > max_bytes:
-                    raise SnapshotTooLarge(
-                        f"the project's files come to more than {max_bytes // (1024 * 1024)} MB (what .gitignore leaves "
-                        "out is not counted): ignore data and outputs in .gitignore, or raise build_snapshot_max_mb")
-            await self.run(project_dir, ["add", "--all", "--", "."], env=env)
-            tree = (await self.run(project_dir, ["write-tree"], env=env)).decode().strip()
-            parents: list[str] = []
+        async with self._locks.setdefault(str(project_dir), asyncio.Lock()):
+            return await self._snapshot(project_dir, build_id, max_bytes, env)
+
+    async def _snapshot(self, project_dir: Path, build_id: str, max_bytes: int, env: dict[str, str]) -> Snapshot:
+        listed = await self.run(project_dir, ["ls-files", "-z", "--cached", "--others", "--exclude-standard"], env=env)
+        paths = [p for p in listed.decode(errors="surrogateescape").split("\0") if p]
+        total = files = 0
+        for path in paths:
             try:
-                head = (await self.run(project_dir, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])).decode().strip()
-                parents = ["-p", head]
-            except GitError:
-                pass  # no commit yet
-            message = f"cml-appliance build {build_id}"
-            commit = (await self.run(project_dir, [*COMMITTER, "commit-tree", tree, *parents, "-m", message])).decode().strip()
-            await self.run(project_dir, ["update-ref", HIDDEN_REF_PREFIX + build_id, commit])
-            return Snapshot(commit, len(paths), total)
-        finally:
-            try:
-                os.unlink(project_dir / index)
+                total += os.lstat(project_dir / path).st_size
             except OSError:
-                pass
+                continue  # gone meanwhile (or since the last snapshot): git drops it too
+            files += 1
+            if total > max_bytes:
+                raise SnapshotTooLarge(
+                    f"the project's files come to more than {max_bytes // (1024 * 1024)} MB (what .gitignore leaves "
+                    "out is not counted): ignore data and outputs in .gitignore, or raise build_snapshot_max_mb")
+        # What an earlier snapshot took and .gitignore now leaves out goes out of this one.
+        ignored = await self.run(project_dir, ["ls-files", "-z", "--cached", "--ignored", "--exclude-standard"], env=env)
+        if ignored.strip(b"\0"):
+            await self.run(project_dir, ["rm", "-r", "--cached", "--quiet", "--ignore-unmatch", "--pathspec-from-file=-",
+                                         "--pathspec-file-nul"], env=env, stdin=ignored)
+        await self.run(project_dir, ["add", "--all", "--", "."], env=env)
+        tree = (await self.run(project_dir, ["write-tree"], env=env)).decode().strip()
+        parents: list[str] = []
+        try:
+            head = (await self.run(project_dir, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])).decode().strip()
+            parents = ["-p", head]
+        except GitError:
+            pass  # no commit yet
+        message = f"cml-appliance build {build_id}"
+        commit = (await self.run(project_dir, [*COMMITTER, "commit-tree", tree, *parents, "-m", message])).decode().strip()
+        await self.run(project_dir, ["update-ref", HIDDEN_REF_PREFIX + build_id, commit])
+        return Snapshot(commit, files, total)
 
     async def forget_snapshot(self, project_dir: Path, build_id: str) -> None:
         if self.is_repository(project_dir):

@@ -31,7 +31,6 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "authorization", "cookie"})
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+?)/(?P<kind>manifests|blobs|tags|referrers)/(?P<rest>.*)$")
-CHUNK = 256 * 1024
 
 
 def registry_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -147,7 +146,7 @@ async def _forward(request: web.Request, upstream: str, query: Any) -> web.Strea
                 response.content_length = answer.content_length
             await response.prepare(request)
             if request.method != "HEAD":
-                async for chunk in answer.content.iter_chunked(CHUNK):
+                async for chunk in answer.content.iter_any():  # what arrives goes on at once
                     await response.write(chunk)
             await response.write_eof()
             return response

@@ -183,6 +183,12 @@ async def test_a_snapshot_is_a_hidden_commit_of_the_files_on_disk(alice: Api, tm
     # Clones and fetches are not shown the appliance's refs.
     listed = (await git("ls-remote", remote(client, alice, "alice", proj["slug"]), cwd=tmp_path)).stdout
     assert "refs/heads/main" in listed and "refs/cml" not in listed
+    # What .gitignore leaves out later leaves the next snapshot too (the appliance's index is kept).
+    with open(directory / ".gitignore", "a") as fh:
+        fh.write("pkg/\n")
+    later = await repos.snapshot(directory, "build1b", max_bytes=10 * 1024 * 1024)
+    later_files = (await git("ls-tree", "-r", "--name-only", later.commit, cwd=directory)).stdout.splitlines()
+    assert not any(f.startswith("pkg/") for f in later_files) and "train.py" in later_files, later_files
     # Too large: refused before anything is written.
     (directory / "huge.bin").write_bytes(b"\0" * (2 * 1024 * 1024))
     try:
@@ -191,4 +197,4 @@ async def test_a_snapshot_is_a_hidden_commit_of_the_files_on_disk(alice: Api, tm
         assert "more than 1 MB" in str(exc)
     else:
         raise AssertionError("a snapshot over the limit was taken")
-    assert (await git("show-ref", cwd=directory)).stdout.count("refs/cml/builds/") == 1
+    assert (await git("show-ref", cwd=directory)).stdout.count("refs/cml/builds/") == 2
