@@ -205,7 +205,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             builder = ImageBuilder(
                 RegistryClient(app[REGISTRY_SESSION], registry.endpoint.url), settings.data_dir / "build-work",
                 settings.data_dir / "model_builds", (SERVER_NAME, REPLICA_SERVER.read_bytes()),
-                (lambda: container.docker) if isinstance(container, ContainerEngine) else None)
+                (lambda: container.docker) if isinstance(container, ContainerEngine) else None, sandbox)
         app[MODELS] = ModelService(pool, app[PROJECTS], service, tasks, builds_dir=settings.data_dir / "model_builds",
                                    builds=BuildSettings(builder, registry.why_not, app[INTERNAL_URL],
                                                         settings.build_snapshot_max_mb * 1024 * 1024,

@@ -14,14 +14,19 @@ registry or the engine not answering) is the infrastructure's, and the queue tri
 
 from __future__ import annotations
 
-import asyncio
 import ast
+import asyncio
 import base64
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
+import shlex
 import shutil
+import signal
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +34,9 @@ from typing import Any
 
 import aiodocker
 
-from cml_appliance.builds.layers import PREFIX, BadSnapshot, Layer, file_digest, make_layer, unpack
+from cml_appliance.builds.layers import PREFIX, BadSnapshot, Layer, file_digest, make_layer, make_layer_from_dir, unpack
+from cml_appliance.core import ownership
+from cml_appliance.engines.sandbox import Sandbox
 from cml_appliance.registry.client import RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,12 @@ class BuildSpec:
     git_url: str  # the project's repository on the internal listener
     git_user: str
     git_password: str  # a key of the build's own, for this fetch
+    model_root_dir: str = ""  # file_path is relative to it; the build script runs there
+    build_script_path: str = ""  # "": cdsw-build.sh when the model root has one
+
+    @property
+    def model_file(self) -> str:
+        return f"{self.model_root_dir.strip('/')}/{self.file_path}" if self.model_root_dir.strip("/") else self.file_path
 
     @property
     def repository(self) -> str:
@@ -85,12 +98,13 @@ Progress = Callable[[str], None]
 
 class ImageBuilder:
     def __init__(self, registry: RegistryClient, work_dir: Path, builds_dir: Path, entry_point: tuple[str, bytes],
-                 docker: Callable[[], aiodocker.Docker] | None):
+                 docker: Callable[[], aiodocker.Docker] | None, sandbox: Sandbox | None = None):
         self.registry = registry
         self.work_dir = work_dir
         self.builds_dir = builds_dir
         self.entry_point = entry_point  # (name under /home/cdsw, contents)
         self.docker = docker
+        self.sandbox = sandbox  # where a host/ runtime's build script runs
         self._bases: dict[str, tuple[str, dict[str, Any]]] = {}
         self._cache_locks: dict[str, asyncio.Lock] = {}
 
@@ -100,10 +114,16 @@ class ImageBuilder:
         work.mkdir(parents=True)
         try:
             archive = await self._fetch(spec, work, say)
-            say(f"[2/4] Checking {spec.file_path} for {spec.function_name}()")
-            await asyncio.to_thread(_check_function, archive, spec.file_path, spec.function_name)
+            say(f"[2/4] Checking {spec.model_file} for {spec.function_name}()")
+            await asyncio.to_thread(_check_function, archive, spec.model_file, spec.function_name)
+            script = await asyncio.to_thread(_script_for, archive, spec)
+            extra = {self.entry_point[0]: self.entry_point[1]}
             try:
-                layer = await asyncio.to_thread(make_layer, archive, work, {self.entry_point[0]: self.entry_point[1]})
+                if script is None:
+                    layer = await asyncio.to_thread(make_layer, archive, work, extra)
+                else:
+                    home = await self._run_script(spec, archive, work, script, say)
+                    layer = await asyncio.to_thread(make_layer_from_dir, home, work, extra)
             except BadSnapshot as exc:
                 raise BuildFailed(str(exc)) from None
             say(f"      layer {layer.digest[:19]}: {layer.files} files, {layer.tar_size / 1e6:.1f} MB, "
@@ -140,6 +160,78 @@ class ImageBuilder:
             await _git(["-C", str(cache), "-c", "core.attributesFile=/dev/null", "archive", "--format=tar",
                         f"--prefix={PREFIX}", "-o", str(archive), spec.commit], env)
         return archive
+
+    async def _run_script(self, spec: BuildSpec, archive: Path, work: Path, script: tuple[str, str], say: Progress) -> Path:
+        """Run the build script with the snapshot as /home/cdsw, unprivileged: in a container of the
+        runtime's image (all capabilities dropped), or in the local sandbox for host/ runtimes.
+        What /home/cdsw holds afterwards (`pip install --user` puts packages in .local) is the
+        layer. A failing script fails the build with its output's tail; the queue's time limit
+        ends one that does not stop."""
+        label, command = script
+        home = work / "home"
+        try:
+            await asyncio.to_thread(unpack, archive, home, keep_links=True)
+        except BadSnapshot as exc:
+            raise BuildFailed(str(exc)) from None
+        await asyncio.to_thread(ownership.give_tree, home)
+        cwd = f"/home/cdsw/{spec.model_root_dir.strip('/')}".rstrip("/")
+        say(f"      running {label} in {cwd}")
+        tail: collections.deque[str] = collections.deque(maxlen=30)
+
+        def show(line: str) -> None:
+            tail.append(line)
+            say(f"      | {line}")
+
+        if spec.runtime_identifier.startswith("host/"):
+            code = await self._run_locally(home, cwd, command, show)
+        else:
+            code = await self._run_in_container(spec, home, cwd, command, show)
+        if code != 0:
+            raise BuildFailed(f"{label} exited with {code}: " + " / ".join(tail)[-1500:])
+        return home
+
+    async def _run_locally(self, home: Path, cwd: str, command: str, show: Callable[[str], None]) -> int:
+        if self.sandbox is None:
+            raise BuildFailed("build scripts of host/ runtimes need the local sandbox (bubblewrap), which this machine lacks")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/home/cdsw", "LANG": "C.UTF-8"}
+        proc = await asyncio.create_subprocess_exec(
+            *self.sandbox.wrap(["/bin/sh", "-c", f"cd {shlex.quote(cwd)} && {command}"], project_dir=home),
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)
+        assert proc.stdout is not None
+        try:
+            while line := await proc.stdout.readline():
+                show(line.decode(errors="replace").rstrip())
+            return await proc.wait()
+        finally:
+            if proc.returncode is None:  # cancelled or timed out: the script and what it started
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+    async def _run_in_container(self, spec: BuildSpec, home: Path, cwd: str, command: str,
+                                show: Callable[[str], None]) -> int:
+        if self.docker is None:
+            raise BuildFailed(f"the runtime {spec.runtime_identifier} needs the container engine, which is not configured")
+        docker = self.docker()
+        config = {
+            "Image": spec.runtime_identifier, "Cmd": ["/bin/sh", "-c", command], "WorkingDir": cwd,
+            "User": f"{ownership.WORKLOAD_UID}:{ownership.WORKLOAD_UID}" if ownership.giving() else f"{os.getuid()}:{os.getgid()}",
+            "Env": ["HOME=/home/cdsw", f"CML_BUILD_ID={spec.build_id}"], "Tty": False,
+            "Labels": {"cml.build": spec.build_id},
+            "HostConfig": {"Binds": [f"{home}:/home/cdsw"], "CapDrop": ["ALL"], "SecurityOpt": ["no-new-privileges"],
+                           "PidsLimit": 1024, "Memory": 4 * 1024 ** 3, "NetworkMode": "bridge"},
+        }
+        container = await docker.containers.create(config, name=f"cml-build-{spec.build_id}")
+        try:
+            await container.start()
+            async for chunk in container.log(stdout=True, stderr=True, follow=True):
+                for line in chunk.splitlines():
+                    show(line)
+            return int((await container.wait()).get("StatusCode", 1))
+        finally:
+            with contextlib.suppress(aiodocker.DockerError):
+                await container.delete(force=True)
 
     async def _base(self, runtime: str, work: Path, say: Progress) -> tuple[str, dict[str, Any]] | None:
         """(repository, manifest) of the runtime's image in the registry; None for host runtimes."""
@@ -249,6 +341,28 @@ class ImageBuilder:
         digest = await self.registry.put_manifest(repository, spec.build_id, manifest_raw, manifest_type)
         say(f"Built {repository}:{spec.build_id} ({digest[:19]}), {pushed / 1e6:.1f} MB sent")
         return BuiltImage(f"{repository}:{spec.build_id}", digest, layer.digest, pushed)
+
+
+def _script_for(archive: Path, spec: BuildSpec) -> tuple[str, str] | None:
+    """(what to call it, the shell command) of the build's script: build_script_path, else the
+    model root's cdsw-build.sh, else `pip install --user -r requirements.txt` when it has one."""
+    root = spec.model_root_dir.strip("/")
+    with tarfile.open(archive, "r:") as tar:
+        names = set(tar.getnames())
+    def there(relative: str) -> bool:
+        return PREFIX + relative in names
+    if spec.build_script_path:
+        path = spec.build_script_path.strip("/")
+        if not there(path):
+            raise BuildFailed(f"build_script_path {path} is not a file in the snapshot")
+        return path, f"/bin/sh /home/cdsw/{shlex.quote(path)}"
+    default = f"{root}/cdsw-build.sh" if root else "cdsw-build.sh"
+    if there(default):
+        return default, f"/bin/sh /home/cdsw/{shlex.quote(default)}"
+    requirements = f"{root}/requirements.txt" if root else "requirements.txt"
+    if there(requirements):
+        return requirements, "python3 -m pip install --user --no-warn-script-location -r requirements.txt"
+    return None
 
 
 def function_problem(source: bytes | None, file_path: str, function_name: str) -> str:

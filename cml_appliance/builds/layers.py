@@ -14,6 +14,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -103,9 +104,26 @@ def make_layer(archive: Path, work: Path, extra: dict[str, bytes]) -> Layer:
                  tar_path.stat().st_size)
 
 
-def unpack(layer_tar: Path, target: Path) -> None:
-    """The layer's /home/cdsw as a folder (what a local replica runs), through tarfile's `data`
-    filter: nothing is written outside `target`, no device, no setuid bit."""
+def make_layer_from_dir(home: Path, work: Path, extra: dict[str, bytes]) -> Layer:
+    """The layer of a folder that is /home/cdsw (what a build script left), by way of a tar of it
+    made in the same reproducible form as make_layer's."""
+    archive = work / "home.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as out:
+        for folder, dirs, names in os.walk(home):
+            dirs.sort()
+            for name in sorted(dirs) + sorted(names):
+                path = Path(folder) / name
+                if not (path.is_symlink() or path.is_dir() or path.is_file()):
+                    raise BadSnapshot(f"{path.relative_to(home)!s} is neither a file, a folder nor a symbolic link")
+                out.add(path, arcname=PREFIX + str(path.relative_to(home)), recursive=False)
+    return make_layer(archive, work, extra)
+
+
+def unpack(layer_tar: Path, target: Path, *, keep_links: bool = False) -> None:
+    """The /home/cdsw of a layer (or of a snapshot's archive) as a folder, through tarfile's
+    `data` filter: nothing is written outside `target`, no device, no setuid bit, no link that
+    leads out. Links are left out unless asked for (a local replica needs none; a build script's
+    folder keeps the project as it is)."""
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(layer_tar, "r:") as tar:
         members = []
@@ -113,10 +131,13 @@ def unpack(layer_tar: Path, target: Path) -> None:
             if not member.name.startswith(PREFIX):
                 continue
             member.name = member.name[len(PREFIX):]
-            if member.issym() or member.islnk():
-                continue  # links are the project's business inside its container, not on the host
+            if (member.issym() or member.islnk()) and not keep_links:
+                continue
             members.append(member)
-        tar.extractall(target, members=members, filter="data")
+        try:
+            tar.extractall(target, members=members, filter="data")
+        except tarfile.FilterError as exc:
+            raise BadSnapshot(f"the snapshot entry {exc.tarinfo.name!r} would land outside /home/cdsw") from None
 
 
 def file_digest(path: Path) -> str:

@@ -65,6 +65,7 @@ class Settings:
     allow_private_git_hosts: bool
     git_max_push_mb: int
     registry_url: str
+    registry_max_upload_mb: int
     internal_port: int
     build_concurrency: int
     build_timeout_seconds: int
@@ -266,7 +267,7 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
         "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
         "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
         "app_ready_timeout_seconds", "model_request_timeout_seconds", "model_max_request_mb", "model_busy_wait_seconds",
-        "git_max_push_mb", "build_snapshot_max_mb", "build_concurrency", "build_timeout_seconds", "build_lease_seconds",
+        "git_max_push_mb", "build_snapshot_max_mb", "registry_max_upload_mb", "build_concurrency", "build_timeout_seconds", "build_lease_seconds",
     ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")

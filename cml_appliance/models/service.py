@@ -141,10 +141,17 @@ class Build:
     attempts: int
     started_at: datetime | None
     finished_at: datetime | None
+    model_root_dir: str
+    build_script_path: str
 
     @property
     def active(self) -> bool:
         return self.status in BUILD_ACTIVE
+
+    @property
+    def model_file(self) -> str:
+        """file_path within model_root_dir: what the replicas import."""
+        return f"{self.model_root_dir}/{self.file_path}" if self.model_root_dir else self.file_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,9 +432,11 @@ class ModelService:
         public_id = new_public_id()
         commit, failure = "", ""
         directory = self.projects.directory(project)
+        root, script = fields.get("model_root_dir") or "", fields.get("build_script_path") or ""
+        model_file = f"{root}/{file_path}" if root else file_path
         try:
             # What the builder checks again on the snapshot, said at once: a missing file or function.
-            failure = await asyncio.to_thread(_function_problem_on_disk, directory, file_path, function_name)
+            failure = await asyncio.to_thread(_function_problem_on_disk, directory, model_file, function_name)
             if not failure:
                 snapshot = await self.projects.repos.snapshot(directory, public_id,
                                                               max_bytes=self.build_settings.snapshot_max_bytes)
@@ -438,10 +447,11 @@ class ModelService:
             failure = f"could not snapshot the project's files: {exc}"[:2000]
         await self.pool.execute(
             "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier,"
-            " status, failure, snapshot_commit, deploy_config, finished_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, CASE WHEN $8 = 'build failed' THEN now() END)",
+            " status, failure, snapshot_commit, deploy_config, finished_at, model_root_dir, build_script_path)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, CASE WHEN $8 = 'build failed' THEN now() END, $12, $13)",
             public_id, model.id, user.id, fields.get("comment", ""), file_path, function_name, runtime_id,
-            "build failed" if failure else "queued", failure, commit, json.dumps(deploy) if deploy is not None else None)
+            "build failed" if failure else "queued", failure, commit, json.dumps(deploy) if deploy is not None else None,
+            root, script)
         if failure:
             self.queue.say(public_id, f"Failed: {failure}")
             self.workloads.logs.close(public_id)
@@ -452,11 +462,11 @@ class ModelService:
         return (await self.get_build(user, project_id, model_id, public_id))[2]
 
     async def _check_build_fields(self, fields: dict[str, Any]) -> tuple[str, str, str]:
-        """(file_path, function_name, runtime) of a build to be made, or a 400 saying what is wrong."""
-        for unsupported in ("model_root_dir", "build_script_path"):
-            if fields.get(unsupported):
-                raise InvalidArgument(f"{unsupported} is not supported yet: a build is the project's files as they are, "
-                                      "and file_path is relative to the project's root")
+        """(file_path, function_name, runtime) of a build to be made, or a 400 saying what is wrong.
+        model_root_dir and build_script_path are checked here too (paths inside the project)."""
+        for name in ("model_root_dir", "build_script_path"):
+            if fields.get(name):
+                fields[name] = files.clean_relative(str(fields[name]))
         file_path = files.clean_relative(fields.get("file_path", ""))
         function_name = (fields.get("function_name") or "").strip()
         if not file_path or not function_name.isidentifier():
@@ -511,7 +521,8 @@ class ModelService:
             build_id=row["public_id"], model_id=info["model_id"], owner=info["owner"], project_slug=info["slug"],
             commit=row["snapshot_commit"], runtime_identifier=row["runtime_identifier"], file_path=row["file_path"],
             function_name=row["function_name"], git_url=f"{self.build_settings.internal_url}/git/{info['owner']}/{info['slug']}.git",
-            git_user=info["creator"], git_password=secret)
+            git_user=info["creator"], git_password=secret, model_root_dir=row["model_root_dir"],
+            build_script_path=row["build_script_path"])
 
     async def _release_build_key(self, row: asyncpg.Record) -> None:
         key_id = self._build_keys.pop(row["public_id"], None)
@@ -603,7 +614,7 @@ class ModelService:
             return await self.workloads.launch(user, project, LaunchRequest(
                 kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
                 image=f"{registry}/{build.built_image}", cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
-                command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
+                command=["python3", "-u", SERVER_NAME, build.model_file, build.function_name],
                 environment=environment, deployment_id=deployment.id, mount_project=False,
                 registry_auth={"username": user.username, "password": secret, "serveraddress": registry},
             ))
@@ -617,7 +628,7 @@ class ModelService:
         return await self.workloads.launch(user, project, LaunchRequest(
             kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,
             image=build.runtime_identifier, cpu=deployment.cpu, memory=deployment.memory, nvidia_gpu=0,
-            command=["python3", "-u", SERVER_NAME, build.file_path, build.function_name],
+            command=["python3", "-u", SERVER_NAME, build.model_file, build.function_name],
             environment=environment, deployment_id=deployment.id, workdir=self.builds_dir / build.public_id,
         ))
 

@@ -15,6 +15,7 @@ import base64
 import binascii
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -127,14 +128,45 @@ async def api(request: web.Request) -> web.StreamResponse:
     return await _forward(request, status.endpoint.url, query)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it comes, cut off past `limit` bytes."""
+    sent = 0
+    async for chunk in content.iter_any():
+        sent += len(chunk)
+        if sent > limit:
+            raise _TooLarge
+        yield chunk
+
+
+def _upload_end(headers: Any) -> int:
+    """The last byte an upload session holds, from the registry's `Range: 0-N` (else -1)."""
+    first, _, last = headers.get("Range", "").partition("-")
+    return int(last) if first.strip() == "0" and last.strip().isdigit() else -1
+
+
 async def _forward(request: web.Request, upstream: str, query: Any) -> web.StreamResponse:
     # A list, not a dict: clients send one Accept header per manifest type they take.
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
     session: aiohttp.ClientSession = request.app[REGISTRY_SESSION]
-    data = request.content if request.body_exists else None
+    limit = request.app[SETTINGS].registry_max_upload_mb * 1024 * 1024
+    too_large = registry_error(413, "SIZE_INVALID", f"uploads are limited to {limit // (1024 * 1024)} MB "
+                                                    "(registry_max_upload_mb)")
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    data = _limited(request.content, limit) if request.body_exists else None
+    uploading = "/blobs/uploads/" in request.path and request.method in ("PATCH", "PUT")
     try:
         async with session.request(request.method, upstream + request.path, params=query, headers=headers, data=data,
                                    allow_redirects=False) as answer:
+            if uploading and _upload_end(answer.headers) >= limit:  # chunk after chunk, past the limit
+                location = answer.headers.get("Location", "")
+                await answer.release()
+                await _cancel_upload(session, location if location.startswith("http") else upstream + location)
+                return too_large
             response = web.StreamResponse(status=answer.status, reason=answer.reason)
             for key, value in answer.headers.items():
                 if key.lower() in HOP_BY_HOP or key.lower() == "content-length":
@@ -150,9 +182,25 @@ async def _forward(request: web.Request, upstream: str, query: Any) -> web.Strea
                     await response.write(chunk)
             await response.write_eof()
             return response
+    except _TooLarge:
+        if uploading:  # the registry keeps nothing of it: the upload session goes
+            await _cancel_upload(session, upstream + request.path_qs)
+        return too_large
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        if isinstance(exc.__cause__, _TooLarge) or isinstance(exc.__context__, _TooLarge):
+            if uploading:
+                await _cancel_upload(session, upstream + request.path_qs)
+            return too_large
         log.warning("the registry did not answer %s %s: %s", request.method, request.path, exc)
         return registry_error(503, "UNAVAILABLE", "the registry is not answering; try again shortly")
+
+
+async def _cancel_upload(session: aiohttp.ClientSession, url: str) -> None:
+    try:
+        async with session.delete(url) as resp:
+            await resp.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        log.warning("could not cancel an oversized upload at %s: %s", url, exc)
 
 
 def routes() -> list[web.RouteDef]:

@@ -9,6 +9,7 @@ import asyncio
 import gzip
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from cml_appliance.registry.client import RegistryClient, RegistryError
-from cml_appliance.web.keys import PROJECTS
+from cml_appliance.web.keys import POOL, PROJECTS
 from tests.conftest import Api, require_tool, wait_build
 
 PREDICT = b"def predict(args):\n    return {'sum': args['a'] + args['b']}\n"
@@ -40,7 +41,7 @@ async def project_with_files(api: Api) -> tuple[str, Path]:
 
 async def build(api: Api, pid: str, mid: str, **fields: Any) -> dict[str, Any]:
     status, made = await api.post(f"/api/v2/projects/{pid}/models/{mid}/builds",
-                                  json={"file_path": "predict.py", "function_name": "predict", **fields})
+                                  json={"file_path": "predict.py", "function_name": "predict"} | fields)
     assert status == 200, made
     return await wait_build(api, pid, mid, made["id"])
 
@@ -102,7 +103,9 @@ async def test_a_container_runtime_is_the_base_and_podman_runs_the_image(contain
 
     require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
     dana, erin = await make_container_user("dana"), await make_container_user("erin")
-    pid, _ = await project_with_files(dana)
+    pid, directory = await project_with_files(dana)
+    # The build script runs in a container of the runtime's image, unprivileged.
+    (directory / "cdsw-build.sh").write_text("echo built-in-a-container > made.txt\nid -u > uid.txt\ncat /proc/self/status | grep CapEff > caps.txt\n")
     _, model = await dana.post(f"/api/v2/projects/{pid}/models", json={"name": "boxed"})
     built = await build(dana, pid, model["id"], runtime_identifier=busybox_image)
     assert built["status"] == "built", built
@@ -122,8 +125,11 @@ async def test_a_container_runtime_is_the_base_and_podman_runs_the_image(contain
     assert code == 0, out
     code, out = await podman("pull", "--tls-verify=false", image)
     assert code == 0, out
-    code, out = await podman("run", "--rm", image, "cat", "/home/cdsw/predict.py")
-    assert code == 0 and "def predict" in out, out
+    code, out = await podman("run", "--rm", image, "cat", "/home/cdsw/predict.py", "/home/cdsw/made.txt",
+                             "/home/cdsw/uid.txt", "/home/cdsw/caps.txt")
+    assert code == 0 and "def predict" in out and "built-in-a-container" in out, out
+    uid = 8536 if os.geteuid() == 0 else os.getuid()  # as the containers' user, without capabilities
+    assert f"\n{uid}\n" in out and "CapEff:\t0000000000000000" in out, out
     code, out = await podman("run", "--rm", image, "sh", "-c", "echo $PWD")
     assert code == 0 and out.strip().endswith("/home/cdsw"), out
     await podman("rmi", image)
@@ -170,3 +176,58 @@ async def test_site_admins_see_the_queue_and_cancel_from_it(aiohttp_client: Any,
     await sign_in(client, "alice")
     resp = await client.get("/admin/builds")
     assert resp.status == 403
+
+
+async def test_a_build_script_runs_in_the_sandbox_and_its_home_is_the_layer(aiohttp_client: Any, settings: Any) -> None:
+    """cdsw-build.sh (in the model root) runs with the snapshot as /home/cdsw; what it leaves
+    there is the image; a failing script fails the build with its output, a script that never
+    ends is stopped by the time limit, and neither leaves a process behind."""
+    import dataclasses
+    import subprocess
+
+    from cml_appliance.app import create_app
+    from tests.conftest import user_maker
+
+    require_tool(shutil.which("docker-registry") is not None and shutil.which("bwrap") is not None,
+                 "docker-registry and bubblewrap")
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, build_timeout_seconds=4), allow_local_git=True))
+    alice = await user_maker(client)("alice")
+    pid, directory = await project_with_files(alice)
+    (directory / "model").mkdir()
+    (directory / "model" / "predict.py").write_bytes(PREDICT)
+    (directory / "model" / "cdsw-build.sh").write_text(
+        "echo building in $(pwd) as $(id -u)\nmkdir -p /home/cdsw/.local/lib\necho 'VALUE = 42' > /home/cdsw/.local/lib/dep.py\n"
+        "echo made > made-by-script.txt\n")
+    (directory / "fail.sh").write_text("echo about to fail\necho boom >&2\nexit 3\n")
+    (directory / "forever.sh").write_text("echo starting; sleep 600\n")
+    _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={"name": "scripted"})
+    built = await build(alice, pid, model["id"], runtime_identifier="host/python3", model_root_dir="model")
+    assert built["status"] == "built", built["failure_reason"]
+    assert built["model_root_dir"] == "model" and built["build_script_path"] == ""
+    _, log = await alice.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{built['id']}/logs")
+    assert "running model/cdsw-build.sh in /home/cdsw/model" in log["content"], log["content"]
+    assert "| building in /home/cdsw/model as 8536" in log["content"], log["content"]
+    base = str(client.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        _, layer = await layer_of(RegistryClient(http, base, username="alice", password=alice.key), built["built_image"])
+        names = layer.getnames()
+        assert "home/cdsw/model/made-by-script.txt" in names and "home/cdsw/.local/lib/dep.py" in names, names
+    # The script's own failure: the build fails with what it printed; never retried.
+    failed = await build(alice, pid, model["id"], runtime_identifier="host/python3", model_root_dir="model",
+                         build_script_path="fail.sh")
+    assert failed["status"] == "build failed" and "fail.sh exited with 3" in failed["failure_reason"], failed
+    assert "boom" in failed["failure_reason"]
+    assert await client.app[POOL].fetchval("SELECT attempts FROM model_builds WHERE public_id = $1", failed["id"]) == 1
+    # A script that does not end: timedout, and its processes are gone.
+    slow = await build(alice, pid, model["id"], runtime_identifier="host/python3", model_root_dir="model",
+                       build_script_path="forever.sh")
+    assert slow["status"] == "timedout", slow
+    left = subprocess.run(["pgrep", "-f", "sleep 600"], capture_output=True, text=True).stdout.split()
+    assert not left, f"the build script's processes outlived it: {left}"
+    # A script path that is not in the snapshot, or that leaves the project: refused.
+    missing = await build(alice, pid, model["id"], runtime_identifier="host/python3", build_script_path="nope.sh",
+                          file_path="model/predict.py")
+    assert missing["status"] == "build failed" and "nope.sh is not a file" in missing["failure_reason"], missing
+    status, body = await alice.post(f"/api/v2/projects/{pid}/models/{model['id']}/builds", json={
+        "file_path": "predict.py", "function_name": "predict", "build_script_path": "../../etc/passwd"})
+    assert status == 400, body

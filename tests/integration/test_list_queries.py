@@ -160,7 +160,7 @@ async def test_model_create_refuses_bad_auto_settings_before_storing_anything(al
     models = f"/api/v2/projects/{pid}/models"
     build = {"file_path": "predict.py", "function_name": "predict"}
     for bad in ({"auto_build_config": {"file_path": "predict.py", "function_name": "not a name"}},
-                {"auto_build_config": dict(build, model_root_dir="models/")},
+                {"auto_build_config": dict(build, model_root_dir="../outside")},
                 {"auto_build_config": build, "auto_deploy_model": True, "auto_deployment_config": {"replicas": 99}},
                 {"auto_build_config": build, "auto_deploy_model": True,
                  "auto_deployment_config": {"deployment_secrets": {"TOKEN": "x"}}}):

@@ -148,3 +148,62 @@ async def test_podman_pushes_and_pulls_through_the_appliance(alice: Api, bob: Ap
     assert code == 0, out
     code, out = await podman("pull", "--tls-verify=false", image)
     assert code != 0 and any(word in out.lower() for word in ("denied", "unauthorized", "not found")), out
+
+
+async def test_oversized_uploads_and_unknown_things_are_clear_4xx(aiohttp_client: Any, settings: Any) -> None:
+    """A layer past registry_max_upload_mb is refused (413, whether its size is said up front or
+    not) and leaves no blob; unknown digests, tags and repositories are 404s, never a 500."""
+    import dataclasses
+
+    from cml_appliance.app import create_app
+    from tests.conftest import user_maker
+
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, registry_max_upload_mb=1), allow_local_git=True))
+    alice = await user_maker(client)("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Limits"})
+    repo = f"alice/{project['slug']}/big"
+    base = str(client.make_url("")).rstrip("/")
+    big = os.urandom(2 * 1024 * 1024)
+    async with aiohttp.ClientSession() as http:
+        owner = RegistryClient(http, base, username="alice", password=alice.key)
+        for attempt in (owner.push_blob(repo, big), owner.push_blob_file(repo, _write(big), sha256_digest(big))):
+            try:
+                await attempt
+            except RegistryError as exc:
+                assert exc.status == 413 and "registry_max_upload_mb" in str(exc), exc
+            else:
+                raise AssertionError("an oversized layer was taken")
+        assert await owner.has_blob(repo, sha256_digest(big)) is False
+        # A streamed body with no length said up front is cut off too.
+        token = await _token(http, base, alice, repo)
+        async with http.post(f"{base}/v2/{repo}/blobs/uploads/", headers={"Authorization": f"Bearer {token}"}) as resp:
+            location = resp.headers["Location"]
+
+        async def stream() -> Any:
+            for start in range(0, len(big), 256 * 1024):
+                yield big[start:start + 256 * 1024]
+
+        async with http.patch(base + location, data=stream(), headers={"Authorization": f"Bearer {token}",
+                                                                         "Content-Type": "application/octet-stream"}) as resp:
+            assert resp.status == 413, await resp.text()
+        # Small things still work; unknown ones are 404s.
+        assert (await push_tiny_image(owner, repo, "small")).startswith("sha256:")
+        for path in (f"/v2/{repo}/manifests/nosuchtag", f"/v2/{repo}/blobs/sha256:{'1' * 64}",
+                     f"/v2/alice/{project['slug']}/nothing/manifests/latest", f"/v2/{repo}/manifests/sha256:{'2' * 64}"):
+            async with http.get(base + path, headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status in (401, 404), (path, resp.status)  # 401: a repository the token does not name
+
+
+def _write(data: bytes) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="cml-registry-test-")) / "blob"
+    path.write_bytes(data)
+    return path
+
+
+async def _token(http: aiohttp.ClientSession, base: str, api: Api, repo: str) -> str:
+    async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull,push", "service": "cml-appliance"},
+                        auth=aiohttp.BasicAuth(api.username, api.key)) as resp:
+        return str((await resp.json())["token"])
