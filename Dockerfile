@@ -27,6 +27,11 @@ RUN pip wheel --no-deps --wheel-dir /wheels /src
 
 # ---- runtime
 FROM ${BASE_IMAGE}
+# git: every project is a repository (the git server, build snapshots); docker-registry: the
+# embedded OCI registry; bubblewrap: the local sandbox, where the container may make one.
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends git docker-registry bubblewrap \
+ && rm -rf /var/lib/apt/lists/*
 # Fixed uid/gid so volume ownership is predictable across rebuilds and hosts.
 ARG CML_UID=10001
 RUN groupadd --system --gid ${CML_UID} cml \

@@ -210,6 +210,9 @@ def _run_and_check(ctr: str, app_dsn: str, timings: dict[str, float]) -> None:
         assert status == 200, f"/readyz not 200 within {READY_DEADLINE_S:.0f}s: {status} {body}"
         payload = json.loads(body)
         assert isinstance(payload, dict) and payload, f"/readyz body is not a JSON object: {body!r}"
+        # The image ships the registry (run by the appliance) and git (every project's repository).
+        assert payload.get("registry") == "embedded", payload
+        assert _podman("exec", ctr, "git", "--version").stdout.startswith("git version")
 
         assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
 
