@@ -252,6 +252,15 @@ def assert_error(status: int, body: Any, expected_status: int) -> None:
 BUSYBOX_IMAGE = "localhost/cml-test-busybox:1"
 
 
+async def podman_cli(env: dict[str, str], *args: str, stdin: str = "", timeout: float = 180) -> tuple[int, str]:
+    """The podman CLI (as a user would type it), without blocking the loop that serves the
+    appliance under test: (exit code, output)."""
+    proc = await asyncio.create_subprocess_exec("podman", *args, env=env, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
 def _podman_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("CONTAINERS_CONF", str(REPO / "config" / "podman" / "containers.conf"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import secrets
 from datetime import UTC, datetime
@@ -153,3 +155,27 @@ async def check(pool: asyncpg.Pool, secret: str, audience: str = "API") -> KeyCh
     if key.scope_project_id is not None:
         user = dataclasses.replace(user, is_admin=False, scope_project_id=key.scope_project_id)
     return KeyCheck(user, key, "")
+
+
+def basic_credentials(authorization: str) -> tuple[str, str] | None:
+    """(user name, password) of an `Authorization: Basic …` header, or None."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user, password
+
+
+async def check_basic(pool: asyncpg.Pool, authorization: str) -> KeyCheck:
+    """HTTP Basic with a user name and one of that user's API keys as the password (git and
+    registry clients sign in so): the key's check, refused when the name is not its user's."""
+    credentials = basic_credentials(authorization)
+    if credentials is None or not credentials[1]:
+        return KeyCheck(None, None, "sign in with your user name and an API key as the password")
+    found = await check(pool, credentials[1], "API")
+    if not found.problem and (found.user is None or found.user.username != credentials[0]):
+        return KeyCheck(None, None, "the API key is not the named user's")
+    return found

@@ -11,8 +11,6 @@ updateInstead), and is refused with git's own message otherwise.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 from pathlib import Path
@@ -36,17 +34,6 @@ def _text(status: int, message: str, headers: dict[str, str] | None = None) -> w
     return web.Response(status=status, text=message.rstrip("\n") + "\n", headers=headers)
 
 
-def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
-    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return user, password
-
-
 def _service(request: web.Request, tail: str) -> str | None:
     """Which git service a smart-HTTP request asks for; None for anything else (the dumb
     protocol, a file of the repository, a path that is not git's)."""
@@ -63,14 +50,10 @@ async def smart_http(request: web.Request) -> web.StreamResponse:
     service = _service(request, request.match_info["tail"])
     if service is None:
         return _text(404, "not a git smart-HTTP request: clone https://<host>/git/<owner>/<project>.git")
-    credentials = _basic_credentials(request)
-    unauthorized = {"WWW-Authenticate": REALM}
-    if credentials is None or not credentials[1]:
-        return _text(401, "sign in with your user name and an API key as the password", unauthorized)
     pool = request.app[POOL]
-    check = await api_keys.check(pool, credentials[1], "API")
-    if check.problem or check.user is None or check.user.username != credentials[0]:
-        return _text(401, check.problem or "the API key is not the named user's", unauthorized)
+    check = await api_keys.check_basic(pool, request.headers.get("Authorization", ""))
+    if check.problem or check.user is None:
+        return _text(401, check.problem, {"WWW-Authenticate": REALM})
     user = check.user
     project = await project_store.get_by_owner_slug(pool, user, request.match_info["owner"], request.match_info["slug"])
     if project is None or project.role < Role.READ:

@@ -11,8 +11,6 @@ list every team's repositories, is not served.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -49,17 +47,8 @@ def _challenge(request: web.Request, scope: str | None = None) -> dict[str, str]
 
 async def _basic_user(request: web.Request) -> Any:
     """The user behind HTTP Basic (user name, API key), or None."""
-    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        name, _, secret = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    check = await api_keys.check(request.app[POOL], secret, "API")
-    if check.problem or check.user is None or check.user.username != name:
-        return None
-    return check.user
+    check = await api_keys.check_basic(request.app[POOL], request.headers.get("Authorization", ""))
+    return None if check.problem else check.user
 
 
 async def _grant(request: web.Request, scopes: list[str]) -> tokens.Grant | None:

@@ -48,6 +48,22 @@ def workload_json(row: Workload) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v != "" or not k.endswith("_at")}
 
 
+async def _open_event_stream(request: web.Request) -> tuple[int, web.StreamResponse]:
+    """(the log offset to start from, the prepared response) of an event stream. A browser that
+    reconnects sends Last-Event-ID and continues where it stopped; a bad offset starts over."""
+    try:
+        offset = int(request.headers.get("Last-Event-ID") or request.query.get("offset", "0") or 0)
+    except ValueError:
+        offset = 0
+    if not 0 <= offset < 2**63:
+        offset = 0
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    return offset, response
+
+
 async def _send_event(response: web.StreamResponse, event: str, data: str, event_id: str | None = None) -> None:
     """One server-sent event; a multi-line payload becomes several data lines."""
     lines = "".join(f"data: {line}\n" for line in data.split("\n"))
@@ -110,17 +126,7 @@ async def polled_event_stream(request: web.Request, logs: LogStore, log_id: str,
     """Server-sent events like event_stream's (`status`, `log`, `end`) for something that is not
     a workload (a build): `current()` gives its JSON and whether it has ended, asked on every
     poll (half a second) and whenever output comes."""
-    try:
-        offset = int(request.headers.get("Last-Event-ID") or request.query.get("offset", "0") or 0)
-    except ValueError:
-        offset = 0
-    if not 0 <= offset < 2**63:
-        offset = 0
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-    })
-    await response.prepare(request)
-
+    offset, response = await _open_event_stream(request)
     send = functools.partial(_send_event, response)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -154,17 +160,7 @@ async def event_stream(
 
     A browser that reconnects sends Last-Event-ID and continues where it stopped.
     """
-    try:
-        offset = int(request.headers.get("Last-Event-ID") or request.query.get("offset", "0") or 0)
-    except ValueError:
-        offset = 0
-    if not 0 <= offset < 2**63:
-        offset = 0
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-    })
-    await response.prepare(request)
-
+    offset, response = await _open_event_stream(request)
     send = functools.partial(_send_event, response)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -99,7 +99,7 @@ async def test_a_build_is_a_reproducible_layer_in_the_registry(alice: Api, bob: 
 
 async def test_a_container_runtime_is_the_base_and_podman_runs_the_image(container_client: Any, make_container_user: Any,
                                                                          busybox_image: str, tmp_path: Path) -> None:
-    from tests.conftest import _podman_env
+    from tests.conftest import _podman_env, podman_cli
 
     require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
     dana, erin = await make_container_user("dana"), await make_container_user("erin")
@@ -114,11 +114,8 @@ async def test_a_container_runtime_is_the_base_and_podman_runs_the_image(contain
     host = f"127.0.0.1:{container_client.server.port}"
     env = {**_podman_env(), "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
 
-    async def podman(*args: str, stdin: str = "") -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec("podman", *args, env=env, stdin=asyncio.subprocess.PIPE,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), 180)
-        return proc.returncode or 0, out.decode(errors="replace")
+    def podman(*args: str, stdin: str = "") -> Any:
+        return podman_cli(env, *args, stdin=stdin)
 
     image = f"{host}/{built['built_image']}"
     code, out = await podman("login", "--tls-verify=false", "-u", "dana", "--password-stdin", host, stdin=dana.key)

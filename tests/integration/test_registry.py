@@ -116,7 +116,7 @@ async def test_token_auth_grants_what_the_project_role_allows(alice: Api, bob: A
 async def test_podman_pushes_and_pulls_through_the_appliance(alice: Api, bob: Api, busybox_image: str, tmp_path: Path) -> None:
     """The real podman: login with an API key, push a runnable image through the proxy (chunked
     uploads, mounts), pull it back and run it; another user's login pulls nothing."""
-    from tests.conftest import _podman_env
+    from tests.conftest import _podman_env, podman_cli
 
     require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
     client = alice.client
@@ -125,11 +125,8 @@ async def test_podman_pushes_and_pulls_through_the_appliance(alice: Api, bob: Ap
     image = f"{host}/alice/{project['slug']}/busybox:1"
     env = {**_podman_env(), "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
 
-    async def podman(*args: str, stdin: str = "") -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec("podman", *args, env=env, stdin=asyncio.subprocess.PIPE,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out, _ = await asyncio.wait_for(proc.communicate(stdin.encode()), 180)
-        return proc.returncode or 0, out.decode(errors="replace")
+    def podman(*args: str, stdin: str = "") -> Any:
+        return podman_cli(env, *args, stdin=stdin)
 
     code, out = await podman("login", "--tls-verify=false", "-u", "alice", "--password-stdin", host, stdin=alice.key)
     assert code == 0 and "Login Succeeded" in out, out
