@@ -66,6 +66,7 @@ from cml_appliance.web.keys import (
     METRICS,
     GIT,
     INTERNAL_URL,
+    TLS_CONTEXT,
     MODELS,
     REGISTRY,
     REGISTRY_SESSION,
@@ -242,7 +243,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     async def apps_listener(app: web.Application) -> AsyncIterator[None]:
         """Applications get a listener (an origin) of their own, once the services they need run."""
         apps_app = applications_proxy.create_listener_app(app)
-        async with listener.serving(apps_app, settings.host, settings.apps_port, settings.header_timeout_seconds) as port:
+        async with listener.serving(apps_app, settings.host, settings.apps_port, settings.header_timeout_seconds,
+                                    app.get(TLS_CONTEXT)) as port:
             app[APPS_ORIGIN].port = port
             log.info("applications are served on %s:%s%s", settings.host, port,
                      f" and at <subdomain>.{settings.apps_domain}" if settings.apps_domain else "")

@@ -9,8 +9,10 @@ import getpass
 import json
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -74,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--comments", default="created with the command line")
     kcreate.add_argument("--audience", action="append", choices=["API", "Application"])
     kcreate.add_argument("--expires", help="expiry as an RFC 3339 time, e.g. 2027-01-01T00:00:00Z")
+
+    certs = sub.add_parser("certs", help="the appliance's own certificate authority (data_dir/pki)")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    cca = certs_sub.add_parser("ca", help="print the CA's certificate (to trust the self-signed HTTPS, or gRPC)")
+    _add_common(cca)
+    cclient = certs_sub.add_parser("client", help="write ca.pem, tls.crt and tls.key of a client certificate for NAME")
+    _add_common(cclient)
+    cclient.add_argument("name")
+    cclient.add_argument("--out", required=True, help="the folder to write them to")
     return parser
 
 
@@ -152,11 +163,43 @@ async def _create_key(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cml_appliance.core import pki
+
+    if args.certs_command == "ca":
+        sys.stdout.write(pki.CertificateAuthority.load_or_create(settings.pki_dir).cert_pem.decode())
+        return 0
+    pki.write_client(settings.pki_dir, args.name, Path(args.out))
+    print(f"wrote ca.pem, tls.crt and tls.key for {args.name} to {args.out}")
+    return 0
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTPS context of the UI's (and the applications') listener, or None without TLS."""
+    if not settings.tls_enabled:
+        return None
+    if settings.tls == "self-signed":
+        from cml_appliance.core import pki
+
+        hosts = [h for h in (urlsplit(settings.base_url).hostname, None if settings.host in ("0.0.0.0", "::", "") else settings.host,
+                             "localhost", "127.0.0.1", socket.gethostname()) if h]
+        cert, key = pki.server_certificate(settings.pki_dir, hosts)
+    else:
+        cert, key = settings.tls_cert_file, settings.tls_key_file
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
 def _serve(settings: Settings) -> int:
     import uvloop
     from aiohttp import web
 
     from cml_appliance.app import create_app
+    from cml_appliance.web.keys import TLS_CONTEXT
 
     app = create_app(settings)
     # The main port is bound before start-up, which opens listeners on ports the system picks
@@ -167,10 +210,17 @@ def _serve(settings: Settings) -> int:
     except OSError as exc:
         print(f"cml-appliance: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 2
+    try:
+        context = tls_context(settings)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        print(f"cml-appliance: cannot use the TLS certificate: {exc}", file=sys.stderr)
+        return 2
+    app[TLS_CONTEXT] = context
     log.info("cml-appliance listening on %s:%s (public URL %s)", settings.host, settings.port, settings.base_url)
     web.run_app(
         app,
         sock=sock,
+        ssl_context=context,
         print=None,
         access_log=None,
         shutdown_timeout=15,
@@ -205,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_list_users(settings))
         if args.command == "api-keys":
             return asyncio.run(_create_key(settings, args))
+        if args.command == "certs":
+            return _certs(settings, args)
     except migrations.SchemaError as exc:
         print(f"cml-appliance: {exc}", file=sys.stderr)
         return 3

@@ -40,6 +40,9 @@ class Settings:
     database_pool_max: int
     data_dir: Path
     secret_key: str
+    tls: str
+    tls_cert_file: str
+    tls_key_file: str
     migrate_on_start: bool
     log_format: str
     log_level: str
@@ -89,7 +92,11 @@ class Settings:
         if self.public_url:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls_enabled else 'http'}://{host}:{self.port}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls == "self-signed" or bool(self.tls_cert_file)
 
     @property
     def domain(self) -> str:
@@ -102,6 +109,10 @@ class Settings:
     @property
     def projects_dir(self) -> Path:
         return self.data_dir / "projects"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
 
     @property
     def logs_dir(self) -> Path:
@@ -259,6 +270,13 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     engine_url = values.get("container_engine_url")
     if engine_url and urlsplit(engine_url).scheme not in ("unix", "tcp", "http", "https"):
         bad("container_engine_url", "use unix:///path/to/docker.sock, tcp://host:port or http(s)://..., or leave it empty")
+    if ok("tls") and values["tls"] not in ("off", "self-signed"):
+        bad("tls", "use off, or self-signed (a certificate from the appliance's own CA); for your own certificate set "
+                   "tls_cert_file and tls_key_file instead")
+    if bool(values.get("tls_cert_file")) != bool(values.get("tls_key_file")):
+        problems.append("tls_cert_file and tls_key_file go together: set both (PEM files), or neither")
+    elif values.get("tls_cert_file") and values.get("tls") == "self-signed":
+        problems.append("tls is self-signed but tls_cert_file is set too: choose one")
     if ok("local_sandbox") and values["local_sandbox"] not in ("auto", "bubblewrap", "off"):
         bad("local_sandbox", "use auto (bubblewrap where it works), bubblewrap (required) or off")
     if ok("container_network") and values["container_network"] not in ("bridge", "host", "none"):

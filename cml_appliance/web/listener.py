@@ -24,12 +24,13 @@ def sharing(main: web.Application, keys: Iterable[web.AppKey[Any]], *, middlewar
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application, host: str, port: int, header_timeout: float) -> AsyncIterator[int]:
+async def serving(app: web.Application, host: str, port: int, header_timeout: float,
+                  ssl_context: Any = None) -> AsyncIterator[int]:
     """Serve `app` on host:port (0: any free port) until the block ends; yields the bound port."""
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout, shutdown_timeout=5)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         yield int(runner.addresses[0][1])
     finally:
         await runner.cleanup()

@@ -117,6 +117,8 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
         return
     for name, value in UI_SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    if request.secure:  # over HTTPS: browsers keep to it for a year
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
 
 
 async def favicon(request: web.Request) -> web.StreamResponse:

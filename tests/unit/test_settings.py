@@ -83,3 +83,16 @@ def test_secret_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     assert len(first) >= 32
     assert ensure_secret_key(s).secret_key == first
     assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_tls_settings_are_checked_and_turn_the_public_url_to_https(tmp_path: Path) -> None:
+    env = {"CML_DATA_DIR": str(tmp_path)}
+    s = load_settings(environ=env | {"CML_TLS": "self-signed"})
+    assert s.tls_enabled and s.base_url == "https://127.0.0.1:8080" and s.secure_cookies
+    assert not load_settings(environ=env).tls_enabled
+    with pytest.raises(SettingsError) as bad:
+        load_settings(environ=env | {"CML_TLS": "on"})
+    assert "use off, or self-signed" in str(bad.value)
+    with pytest.raises(SettingsError) as half:
+        load_settings(environ=env | {"CML_TLS_CERT_FILE": "/x.pem"})
+    assert "go together" in str(half.value)
