@@ -580,6 +580,7 @@ def main() -> int:
             CML_HOST="127.0.0.1",
             CML_PORT=str(free_port()),
             CML_APPS_PORT="0",
+            CML_GRPC_PORT="0",
             CML_LOG_LEVEL="WARNING",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
         )

@@ -494,6 +494,7 @@ class Harness:
             CML_HOST="127.0.0.1",
             CML_PORT=str(port),
             CML_APPS_PORT=str(self.apps_port),
+            CML_GRPC_PORT="0",
             CML_LOG_LEVEL="WARNING",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
         )

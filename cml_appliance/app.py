@@ -24,6 +24,7 @@ from cml_appliance.applications import ui as applications_ui
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.auth import api as auth_api
 from cml_appliance.auth import ui as auth_ui
+from cml_appliance.core import pki
 from cml_appliance.core.paths import static_dir
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
@@ -34,6 +35,8 @@ from cml_appliance.engines.container import ContainerEngine
 from cml_appliance.engines.local import LocalEngine
 from cml_appliance.engines.sandbox import find_sandbox
 from cml_appliance.gitserver import http as git_http
+from cml_appliance.grpc import server as grpc_server
+from cml_appliance.grpc.certificates import WorkloadCertificates
 from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs import api as jobs_api
 from cml_appliance.jobs import notify
@@ -65,6 +68,7 @@ from cml_appliance.web.keys import (
     JOBS,
     METRICS,
     GIT,
+    GRPC_PORT,
     INTERNAL_URL,
     TLS_CONTEXT,
     MODELS,
@@ -80,6 +84,7 @@ from cml_appliance.web.keys import (
     WORKLOADS,
 )
 from cml_appliance.web.metrics import Metrics
+from cml_appliance.workloads import states as workload_states
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.workloads.events import StatusHub
 from cml_appliance.workloads.logs import LogStore
@@ -240,6 +245,32 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             await app[MODELS].queue.close()
             await app[MODELS].close()
 
+    async def grpc_listener(app: web.Application) -> AsyncIterator[None]:
+        """gRPC with mutual TLS on grpc_port; every workload started from now on gets its own
+        client certificate."""
+        ca = await asyncio.to_thread(pki.CertificateAuthority.load_or_create, settings.pki_dir)
+        hosts = [h for h in ("localhost", "127.0.0.1", settings.host if settings.host not in ("0.0.0.0", "::", "") else None) if h]
+        server = grpc_server.make_server(app[POOL], app[WORKLOADS].logs)
+        await server.start(settings.host, settings.grpc_port, ssl=grpc_server.server_tls(ca, hosts))
+        port = server._server.sockets[0].getsockname()[1] if server._server and server._server.sockets else settings.grpc_port
+        app[GRPC_PORT] = port
+        connect = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        certificates = WorkloadCertificates(ca, settings.data_dir / "workload-tls", f"{connect}:{port}")
+        app[WORKLOADS].certificates = certificates
+
+        async def renew() -> None:
+            rows = await app[POOL].fetch("SELECT public_id FROM workloads WHERE status = ANY($1::text[])", list(workload_states.ACTIVE))
+            await asyncio.to_thread(certificates.renew_due, {r["public_id"] for r in rows})
+
+        app[SUPERVISOR].loop("grpc-certificates", renew, 3600)
+        log.info("gRPC (mutual TLS) on %s:%s", settings.host, port)
+        try:
+            yield
+        finally:
+            app[WORKLOADS].certificates = None
+            server.close()
+            await server.wait_closed()
+
     async def apps_listener(app: web.Application) -> AsyncIterator[None]:
         """Applications get a listener (an origin) of their own, once the services they need run."""
         apps_app = applications_proxy.create_listener_app(app)
@@ -250,7 +281,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
                      f" and at <subdomain>.{settings.apps_domain}" if settings.apps_domain else "")
             yield
 
-    app.cleanup_ctx.extend([database, supervisor, services, image_registry, internal_listener, workloads, apps_listener])
+    app.cleanup_ctx.extend([database, supervisor, services, image_registry, internal_listener, workloads, grpc_listener,
+                            apps_listener])
     app.on_shutdown.append(sessions_api.close_websockets)
     app.on_shutdown.append(live.end_streams)
 

@@ -70,6 +70,7 @@ class Settings:
     registry_url: str
     registry_max_upload_mb: int
     internal_port: int
+    grpc_port: int
     build_concurrency: int
     build_timeout_seconds: int
     build_lease_seconds: int
@@ -230,6 +231,8 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
     public = values.get("public_url")
     if ok("port") and not 1 <= values["port"] <= 65535:
         bad("port", "use a port between 1 and 65535 (CML_PORT)")
+    if ok("grpc_port") and not 0 <= values["grpc_port"] <= 65535:
+        bad("grpc_port", "use a port between 1 and 65535, or 0 for any free port (CML_GRPC_PORT)")
     if ok("internal_port") and not 0 <= values["internal_port"] <= 65535:
         bad("internal_port", "use a port between 1 and 65535, or 0 for any free port (CML_INTERNAL_PORT)")
     if ok("apps_port") and not 0 <= values["apps_port"] <= 65535:

@@ -40,6 +40,8 @@ class LaunchSpec:
     # registry proxy); its /home/cdsw is then the workload's, and the project is not mounted.
     registry_auth: dict[str, str] | None = None
     mount_project: bool = True
+    # The workload's own gRPC client certificate (grpc/certificates.py), shown at /run/cml/tls.
+    tls_dir: Path | None = None
 
 
 class Terminal(Protocol):

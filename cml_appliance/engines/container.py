@@ -164,7 +164,8 @@ class ContainerEngine:
             "OpenStdin": False,
             "Labels": {SITE_LABEL: self.site_id, WORKLOAD_LABEL: spec.workload_id, KIND_LABEL: spec.kind},
             "HostConfig": {
-                "Binds": [f"{spec.project_dir}:{CONTAINER_HOME}"] if spec.mount_project else [],
+                "Binds": ([f"{spec.project_dir}:{CONTAINER_HOME}"] if spec.mount_project else [])
+                         + ([f"{spec.tls_dir}:/run/cml/tls:ro"] if spec.tls_dir is not None else []),
                 "Memory": spec.memory_mb * 1024 * 1024,
                 "MemorySwap": spec.memory_mb * 1024 * 1024,
                 "NanoCpus": int(spec.cpu * 1e9),

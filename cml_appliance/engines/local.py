@@ -314,8 +314,9 @@ class LocalEngine:
         # A local model replica listens on a Unix socket in a directory of its own.
         socket = spec.env.get(REPLICA_SOCKET_VARIABLE)
         writable = [Path(socket).parent] if socket else []
+        readonly = {"/run/cml/tls": spec.tls_dir} if spec.tls_dir is not None else None
         return lambda command: sandbox.wrap(command, project_dir=spec.project_dir, extra_writable=writable,
-                                            new_session=new_session)
+                                            readonly=readonly, new_session=new_session)
 
     async def _give(self, spec: LaunchSpec) -> None:
         """As root, the sandbox runs workloads as uid 8536: their files must be theirs."""

@@ -76,7 +76,7 @@ class Sandbox:
         return chosen
 
     def wrap(self, command: list[str], *, project_dir: Path, extra_writable: Iterable[Path] = (),
-             new_session: bool = True) -> list[str]:
+             readonly: dict[str, Path] | None = None, new_session: bool = True) -> list[str]:
         project = os.path.realpath(project_dir)
         args = [self.bwrap]
         if self.setpriv is None:
@@ -109,6 +109,8 @@ class Sandbox:
         args += ["--bind", project, project, "--bind", project, str(HOME)]
         for real in writable:
             args += ["--bind", real, real]
+        for inside, source in (readonly or {}).items():  # under /run (a tmpfs here): its folders are made
+            args += ["--perms", "0755", "--dir", str(Path(inside).parent), "--ro-bind", os.path.realpath(source), inside]
         args += ["--chdir", project, "--"]
         if self.setpriv is not None:
             args += [self.setpriv, f"--reuid={WORKLOAD_UID}", f"--regid={WORKLOAD_UID}", "--clear-groups",

@@ -42,6 +42,8 @@ REGISTRY = web.AppKey("registry", RegistryStatus)
 REGISTRY_SESSION = web.AppKey("registry_session", aiohttp.ClientSession)
 # The internal loopback listener's base URL (http://127.0.0.1:<internal_port>): git and /v2/.
 INTERNAL_URL = web.AppKey("internal_url", str)
+# The gRPC listener's bound port (grpc/server.py).
+GRPC_PORT = web.AppKey("grpc_port", int)
 # The HTTPS context `serve` listens with (None: plain HTTP); the applications' listener uses it too.
 TLS_CONTEXT = web.AppKey("tls_context", object)
 # Every project's git repository (gitserver/repos.py): init, snapshots, the smart-HTTP backend.

@@ -32,6 +32,7 @@ from cml_appliance.engines.base import (
     EngineUnavailable,
     LaunchSpec,
 )
+from cml_appliance.grpc.certificates import WorkloadCertificates
 from cml_appliance.projects.store import Project
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
@@ -118,6 +119,8 @@ class WorkloadService:
         # Why local workloads run unsandboxed, when they do and the administrator has not accepted it.
         self.unsandboxed_local = ""
         # Called with each workload that reached its final status (dependent jobs, notifications).
+        # Every workload's gRPC client certificate (set by the app when the gRPC port is on).
+        self.certificates: WorkloadCertificates | None = None
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
@@ -214,17 +217,25 @@ class WorkloadService:
             raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
         if row is None:
             raise FireTaken(f"job fire {request.fire_id} has already started a run")
+        env = self._environment(row, project, secret, request)
+        tls_dir = None
+        if self.certificates is not None:
+            tls_dir = await asyncio.to_thread(self.certificates.issue, public_id)
+            # Shown at /run/cml/tls in a container or the sandbox; an unsandboxed process reads it in place.
+            mounted = not (getattr(engine, "name", "") == "local" and getattr(engine, "sandbox", None) is None)
+            env |= self.certificates.environment(tls_dir, mounted=mounted)
         spec = LaunchSpec(
             workload_id=public_id,
             kind=request.kind,
             command=request.command,
-            env=self._environment(row, project, secret, request),
+            env=env,
             project_dir=request.workdir or self.projects_dir / project.public_id,
             image=request.image,
             cpu=request.cpu,
             memory_mb=int(request.memory * 1024),
             registry_auth=request.registry_auth,
             mount_project=request.mount_project,
+            tls_dir=tls_dir,
         )
         self._specs[row.id] = spec
         self._owned[row.id] = self.supervisor.spawn(f"workload-{public_id}", self._run(row, engine, spec))
@@ -305,6 +316,8 @@ class WorkloadService:
         final = await store.transition(self.pool, row.id, target, revoke_key=row.api_key_id, **fields)
         self.logs.close(row.public_id)
         self._specs.pop(row.id, None)
+        if self.certificates is not None:
+            self.certificates.remove(row.public_id)
         if final is None:
             return  # someone else ended it meanwhile, and told the listeners
         # Listeners get the final row (dependent jobs, retries, notifications, replicas).
