@@ -220,10 +220,14 @@ class WorkloadService:
         env = self._environment(row, project, secret, request)
         tls_dir = None
         if self.certificates is not None:
-            tls_dir = await asyncio.to_thread(self.certificates.issue, public_id)
-            # Shown at /run/cml/tls in a container or the sandbox; an unsandboxed process reads it in place.
-            mounted = not (getattr(engine, "name", "") == "local" and getattr(engine, "sandbox", None) is None)
-            env |= self.certificates.environment(tls_dir, mounted=mounted)
+            try:
+                tls_dir = await asyncio.to_thread(self.certificates.issue, public_id)
+            except OSError as exc:  # a full disk: the workload runs, without gRPC
+                log.warning("workload %s starts without its gRPC certificate: %s", public_id, exc)
+            else:
+                # Shown at /run/cml/tls in a container or the sandbox; an unsandboxed process reads it in place.
+                mounted = not (getattr(engine, "name", "") == "local" and getattr(engine, "sandbox", None) is None)
+                env |= self.certificates.environment(tls_dir, mounted=mounted)
         spec = LaunchSpec(
             workload_id=public_id,
             kind=request.kind,
