@@ -86,3 +86,33 @@ async def test_a_full_disk_refuses_uploads_loses_only_new_output_and_keeps_servi
     status, listing = await alice.get(f"/api/v2/projects/{pid}/files")
     assert status == 200 and sorted(f["path"] for f in listing["files"]) == ["after.bin", "keep.bin", "loud.py"]
     assert (small_disk / "projects" / pid / "keep.bin").read_bytes() == b"k" * 1_000_000
+
+
+async def test_a_build_script_that_fills_the_disk_fails_the_build_and_frees_its_space(
+        aiohttp_client: Any, settings: Settings, small_disk: Path) -> None:
+    """A cdsw-build.sh that writes until the disk is full: the build fails with the script's own
+    words (no space left), its work folder is removed, and the appliance goes on serving."""
+    import shutil
+
+    from tests.conftest import wait_build
+
+    require_tool(shutil.which("docker-registry") is not None and shutil.which("bwrap") is not None,
+                 "docker-registry and bubblewrap")
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, data_dir=small_disk)))
+    pool = client.app[POOL]
+    user = await users.create_user(pool, "bea", "bea@example.com", "correct horse")
+    bea = Api(client, (await api_keys.create(pool, user))[0], "bea")
+    _, project = await bea.post("/api/v2/projects", json={"name": "Greedy"})
+    pid = project["id"]
+    directory = small_disk / "projects" / pid
+    (directory / "predict.py").write_text("def predict(args):\n    return args\n")
+    (directory / "cdsw-build.sh").write_text("dd if=/dev/zero of=/home/cdsw/fill bs=1M count=100\n")
+    _, model = await bea.post(f"/api/v2/projects/{pid}/models", json={"name": "greedy"})
+    _, made = await bea.post(f"/api/v2/projects/{pid}/models/{model['id']}/builds", json={
+        "file_path": "predict.py", "function_name": "predict", "runtime_identifier": "host/python3"})
+    build = await wait_build(bea, pid, model["id"], made["id"])
+    assert build["status"] == "build failed", build
+    assert "exited with" in build["failure_reason"] and "No space left" in build["failure_reason"], build["failure_reason"]
+    assert not (small_disk / "build-work" / made["id"]).exists(), "the build's work folder was left behind"
+    status, _ = await bea.get(f"/api/v2/projects/{pid}")
+    assert status == 200
