@@ -147,6 +147,7 @@ def test_image_builds_and_serves_readyz_against_postgres() -> None:
     try:
         _build_images(timings)
         _run_and_check(ctr, app_dsn, timings)
+        _run_with_tls(ctr + "-tls", app_dsn, timings)
     finally:
         _podman("rm", "-f", "-v", "-t", "2", ctr, check=False, timeout=60)
         try:
@@ -154,6 +155,40 @@ def test_image_builds_and_serves_readyz_against_postgres() -> None:
         except Exception as exc:  # never mask the test's own failure
             print(f"warning: could not drop database {db_name}: {exc!r}")
         print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+def _run_with_tls(ctr: str, app_dsn: str, timings: dict[str, float]) -> None:
+    """The image serves HTTPS with CML_TLS=self-signed; its CA (from `cml-appliance certs ca`
+    inside the container) is what a client trusts."""
+    import ssl
+
+    port = _free_port()
+    try:
+        t0 = time.monotonic()
+        _podman("run", "-d", "--name", ctr, "--network", "host", "-e", f"CML_DATABASE_URL={app_dsn}",
+                "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0", "-e", "CML_GRPC_PORT=0", "-e", "CML_TLS=self-signed", IMAGE)
+        status, body = 0, ""
+        while time.monotonic() - t0 < READY_DEADLINE_S:
+            ca = _podman("exec", ctr, "cml-appliance", "certs", "ca", check=False).stdout
+            if ca.startswith("-----BEGIN CERTIFICATE-----"):
+                try:
+                    context = ssl.create_default_context(cadata=ca)
+                    with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", timeout=3, context=context) as resp:
+                        status, body = resp.status, resp.read().decode()
+                except (urllib.error.URLError, OSError) as exc:
+                    status, body = 0, repr(exc)
+                if status == 200:
+                    break
+            assert _running(ctr), f"the TLS container exited (last: {status} {body})"
+            time.sleep(0.25)
+        timings["run with TLS -> https /readyz 200"] = time.monotonic() - t0
+        assert status == 200, f"https /readyz not 200 within {READY_DEADLINE_S:.0f}s: {status} {body}"
+    except BaseException:
+        logs = _podman("logs", "--tail", "100", ctr, check=False)
+        print(f"--- container {ctr} logs\n{logs.stdout}{logs.stderr}")
+        raise
+    finally:
+        _podman("rm", "-f", "-v", "-t", "2", ctr, check=False, timeout=60)
 
 
 def _build_images(timings: dict[str, float]) -> None:
@@ -191,7 +226,7 @@ def _run_and_check(ctr: str, app_dsn: str, timings: dict[str, float]) -> None:
         _podman(
             "run", "-d", "--name", ctr, "--network", "host",
             "-e", f"CML_DATABASE_URL={app_dsn}", "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0",
-            IMAGE,
+            "-e", "CML_GRPC_PORT=0", IMAGE,
         )
 
         # /readyz from the host until 200.
