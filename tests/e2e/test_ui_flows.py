@@ -246,3 +246,34 @@ async def test_the_new_project_form_shows_only_the_chosen_templates_fields(brows
     await expect(git_url).to_be_visible()
     await expect(git_url).to_have_value("ftp://example.org/x")
     browser.assert_clean()
+
+
+async def test_a_builds_log_streams_on_the_model_page(browser: Browser, client: TestClient, make_user: Any) -> None:
+    """Building from the model page shows the build's log as it is made, and its word when done."""
+    import shutil
+
+    from playwright.async_api import expect
+
+    from tests.conftest import require_tool
+
+    require_tool(shutil.which("docker-registry") is not None, "docker-registry (Debian package)")
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "Logged builds"})
+    root = client.app[PROJECTS].projects_dir / project["id"]
+    (root / "pkg" / "deep").mkdir(parents=True)
+    (root / "pkg" / "deep" / "util.py").write_text("X = 1\n")
+    (root / "predict.py").write_text("def predict(args):\n    return args\n")
+    _, model = await alice.post(f"/api/v2/projects/{project['id']}/models", json={"name": "logged"})
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url(f"/projects/{project['id']}/models/{model['id']}"))
+    await page.fill("#new-build input[name=file_path]", "predict.py")
+    await page.fill("#new-build input[name=function_name]", "predict")
+    await page.uncheck("#new-build input[name=deploy]")
+    await page.click("#new-build button[type=submit]")
+    await expect(page.locator(".flash.ok")).to_contain_text("Its log follows below")
+    console = page.locator("#build-output #console")
+    await expect(console).to_contain_text("[1/4] Fetching snapshot", timeout=20_000)
+    await expect(console).to_contain_text("Done in", timeout=20_000)
+    await expect(page.locator("#builds tr[data-build] .status").first).to_have_text("Built", timeout=20_000)
+    browser.assert_clean()
