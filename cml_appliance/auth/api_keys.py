@@ -112,6 +112,19 @@ def workload_key(user_id: int, project_id: int, comments: str) -> tuple[str, dic
     }
 
 
+async def short_lived_key(pool: asyncpg.Pool, user_id: int, project_id: int, comments: str, seconds: int) -> tuple[str, str]:
+    """(secret, key_id) of a key the appliance uses on a user's behalf for a moment (a build's
+    fetch of its snapshot, an engine's pull of a built image): this project only, gone after
+    `seconds`; like a workload's key, no audit entry of its own."""
+    secret, columns = workload_key(user_id, project_id, comments)
+    await pool.execute(
+        "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, scope_project_id, expires_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))",
+        columns["key_id"], columns["user_id"], columns["key_digest"], columns["comments"], columns["audiences"],
+        columns["scope_project_id"], seconds)
+    return secret, str(columns["key_id"])
+
+
 async def revoke(pool: asyncpg.Pool, key_id: str) -> None:
     """Remove a key without an audit entry of its own (a workload's key when the workload ends)."""
     await pool.execute("DELETE FROM api_keys WHERE key_id = $1", key_id)

@@ -37,6 +37,7 @@ import aiodocker
 from cml_appliance.builds.layers import PREFIX, BadSnapshot, Layer, file_digest, make_layer, make_layer_from_dir, unpack
 from cml_appliance.core import ownership
 from cml_appliance.engines.sandbox import Sandbox
+from cml_appliance.gitserver.repos import run_git
 from cml_appliance.registry.client import RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
@@ -393,14 +394,5 @@ def _check_function(archive: Path, file_path: str, function_name: str) -> None:
 
 
 async def _git(args: list[str], env: dict[str, str]) -> None:
-    proc = await asyncio.create_subprocess_exec("git", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT_SECONDS)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise OSError(f"git {args[2] if len(args) > 2 else args[0]} took longer than {GIT_TIMEOUT_SECONDS} s") from None
-    if proc.returncode != 0:
-        raise OSError(f"git failed: {out.decode(errors='replace').strip()[:1000]}")
+    await run_git(["git", *args], env=env, timeout=GIT_TIMEOUT_SECONDS)
 

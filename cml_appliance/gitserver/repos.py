@@ -48,6 +48,25 @@ class Snapshot:
     bytes: int
 
 
+async def run_git(command: list[str], *, env: dict[str, str], cwd: Path | None = None,
+                  timeout: float = GIT_TIMEOUT_SECONDS, stdin: bytes | None = None) -> bytes:
+    """Run a git command line (the whole argv: git's, or a sandbox around it): its output, or a
+    GitError with git's own words (or the time it took too long)."""
+    proc = await asyncio.create_subprocess_exec(
+        *command, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise GitError(f"git took longer than {timeout:g} s") from None
+    if proc.returncode != 0:
+        words = (err or out).decode(errors="replace").strip()
+        raise GitError(words[:2000] or f"git exited {proc.returncode}")
+    return out
+
+
 class Repositories:
     def __init__(self, projects_dir: Path, sandbox: Sandbox | None):
         self.projects_dir = projects_dir
@@ -68,20 +87,8 @@ class Repositories:
 
     async def run(self, project_dir: Path, args: list[str], *, env: dict[str, str] | None = None,
                   timeout: float = GIT_TIMEOUT_SECONDS, stdin: bytes | None = None) -> bytes:
-        proc = await asyncio.create_subprocess_exec(
-            *self.command(project_dir, args), cwd=project_dir, env={**self.environment(), **(env or {})},
-            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise GitError(f"git {args[0]} took longer than {timeout:g} s") from None
-        if proc.returncode != 0:
-            raise GitError(err.decode(errors="replace").strip() or f"git {args[0]} exited {proc.returncode}")
-        return out
+        return await run_git(self.command(project_dir, args), env={**self.environment(), **(env or {})},
+                             cwd=project_dir, timeout=timeout, stdin=stdin)
 
     def is_repository(self, project_dir: Path) -> bool:
         return (project_dir / ".git").exists()

@@ -510,13 +510,8 @@ class ModelService:
             " JOIN users u ON u.id = $2 WHERE m.id = $1", row["model_id"], row["creator_id"])
         if info is None:
             raise BuildFailed("the model or its project is gone")
-        secret, columns = api_keys.workload_key(row["creator_id"], info["project_id"], f"build {row['public_id']}")
-        await self.pool.execute(
-            "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, scope_project_id, expires_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, now() + interval '1 hour')",
-            columns["key_id"], columns["user_id"], columns["key_digest"], columns["comments"], columns["audiences"],
-            columns["scope_project_id"])
-        self._build_keys[row["public_id"]] = str(columns["key_id"])
+        secret, self._build_keys[row["public_id"]] = await api_keys.short_lived_key(
+            self.pool, row["creator_id"], info["project_id"], f"build {row['public_id']}", 3600)
         return BuildSpec(
             build_id=row["public_id"], model_id=info["model_id"], owner=info["owner"], project_slug=info["slug"],
             commit=row["snapshot_commit"], runtime_identifier=row["runtime_identifier"], file_path=row["file_path"],
@@ -604,12 +599,7 @@ class ModelService:
         if on_containers and build.built_image:
             # The built image, pulled through the registry proxy on the internal listener with a
             # key of the deployer's that reaches this project only and lasts ten minutes.
-            secret, columns = api_keys.workload_key(user.id, project.id, f"pull of build {build.public_id}")
-            await self.pool.execute(
-                "INSERT INTO api_keys (key_id, user_id, key_digest, comments, audiences, scope_project_id, expires_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, now() + interval '10 minutes')",
-                columns["key_id"], columns["user_id"], columns["key_digest"], columns["comments"], columns["audiences"],
-                columns["scope_project_id"])
+            secret, _ = await api_keys.short_lived_key(self.pool, user.id, project.id, f"pull of build {build.public_id}", 600)
             registry = self.build_settings.internal_url.removeprefix("http://")
             return await self.workloads.launch(user, project, LaunchRequest(
                 kind="model_replica", name=f"{build.public_id} {name}", runtime_identifier=build.runtime_identifier,

@@ -27,7 +27,7 @@ from cml_appliance.core import audit, ownership
 from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.core.ids import new_public_id, slugify
 from cml_appliance.core.tasks import Supervisor
-from cml_appliance.gitserver.repos import GitError, Repositories
+from cml_appliance.gitserver.repos import GitError, Repositories, run_git
 from cml_appliance.projects import files, store
 from cml_appliance.projects.store import Project
 
@@ -254,18 +254,10 @@ class ProjectService:
         )
 
     async def _git(self, args: list[str], env: dict[str, str]) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            "git", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), GIT_CLONE_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise RuntimeError(f"git {args[-3] if len(args) > 3 else ''} timed out after {GIT_CLONE_TIMEOUT} s") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"git failed: {out.decode(errors='replace').strip()}")
+            await run_git(["git", *args], env=env, timeout=GIT_CLONE_TIMEOUT)
+        except GitError as exc:  # kept on the project as why its creation failed
+            raise GitError(f"git failed: {exc}") from None
 
     async def fail_interrupted_creations(self) -> int:
         """At start-up: a clone cut short by a crash will never finish; say so. Clones' and uploads'

@@ -121,14 +121,20 @@ class _TooLarge(Exception):
     pass
 
 
-async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it comes, cut off past `limit` bytes."""
-    sent = 0
-    async for chunk in content.iter_any():
-        sent += len(chunk)
-        if sent > limit:
-            raise _TooLarge
-        yield chunk
+class _Limited:
+    """The request body as it comes, cut off past `limit` bytes (`exceeded` says it was)."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int):
+        self.content, self.limit, self.exceeded = content, limit, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in self.content.iter_any():
+            sent += len(chunk)
+            if sent > self.limit:
+                self.exceeded = True
+                raise _TooLarge
+            yield chunk
 
 
 def _upload_end(headers: Any) -> int:
@@ -146,7 +152,7 @@ async def _forward(request: web.Request, upstream: str, query: Any) -> web.Strea
                                                     "(registry_max_upload_mb)")
     if request.content_length is not None and request.content_length > limit:
         return too_large
-    data = _limited(request.content, limit) if request.body_exists else None
+    data = _Limited(request.content, limit) if request.body_exists else None
     uploading = "/blobs/uploads/" in request.path and request.method in ("PATCH", "PUT")
     try:
         async with session.request(request.method, upstream + request.path, params=query, headers=headers, data=data,
@@ -171,13 +177,9 @@ async def _forward(request: web.Request, upstream: str, query: Any) -> web.Strea
                     await response.write(chunk)
             await response.write_eof()
             return response
-    except _TooLarge:
-        if uploading:  # the registry keeps nothing of it: the upload session goes
-            await _cancel_upload(session, upstream + request.path_qs)
-        return too_large
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-        if isinstance(exc.__cause__, _TooLarge) or isinstance(exc.__context__, _TooLarge):
-            if uploading:
+    except (_TooLarge, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        if data is not None and data.exceeded:  # however aiohttp passed the cut-off on
+            if uploading:  # the registry keeps nothing of it: the upload session goes
                 await _cancel_upload(session, upstream + request.path_qs)
             return too_large
         log.warning("the registry did not answer %s %s: %s", request.method, request.path, exc)
