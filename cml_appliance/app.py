@@ -32,6 +32,8 @@ from cml_appliance.db import migrate
 from cml_appliance.db.pool import create_pool, database_url
 from cml_appliance.engines.base import Engine
 from cml_appliance.engines.container import ContainerEngine
+from cml_appliance.engines.kubernetes.engine import KubernetesEngine, KubernetesSettings, load_configuration
+from cml_appliance.engines.kubernetes.watcher import PodWatcher
 from cml_appliance.engines.local import LocalEngine
 from cml_appliance.engines.sandbox import find_sandbox
 from cml_appliance.gitserver import http as git_http
@@ -62,6 +64,7 @@ from cml_appliance.web import health, listener, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
     LOCAL_SANDBOX,
+    POD_WATCHER,
     APP_PROXY_SESSION,
     APPLICATIONS,
     APPS_ORIGIN,
@@ -187,9 +190,19 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         engines: dict[str, Engine] = {"local": LocalEngine(site_id, sandbox)}
         if settings.container_engine_url:
             engines["container"] = ContainerEngine(site_id, settings.container_engine_url, network=settings.container_network)
+        if settings.kubernetes_enabled:
+            kube_settings = KubernetesSettings(
+                kubeconfig=settings.kubeconfig, in_cluster=settings.kubernetes_in_cluster,
+                namespace_prefix=settings.kubernetes_namespace_prefix, projects_volume=settings.kubernetes_projects_volume,
+                quota=settings.kubernetes_namespace_quota, appliance_cidrs=settings.kubernetes_appliance_cidrs,
+                appliance_namespace=settings.kubernetes_appliance_namespace)
+            engines["kubernetes"] = KubernetesEngine(site_id, kube_settings, await load_configuration(kube_settings),
+                                                     projects_dir=settings.projects_dir,
+                                                     stop_grace=settings.stop_grace_seconds)
         service = WorkloadService(
             pool, engines, LogStore(settings.logs_dir, settings.workload_log_max_mb * 1024 * 1024), tasks,
             projects_dir=settings.projects_dir, base_url=settings.base_url, stop_grace=settings.stop_grace_seconds,
+            runtime_engine=settings.runtime_engine,
         )
         app[WORKLOADS] = service
         if sandbox is None and not settings.allow_unsandboxed_local:
@@ -227,6 +240,18 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         await hub.start(resolved["dsn"])
         app[STATUS_HUB] = hub
         # Before serving: nothing stays active that no longer runs, nothing runs that nobody owns.
+        kubernetes = engines.get("kubernetes")
+        if isinstance(kubernetes, KubernetesEngine):
+            watcher = PodWatcher(kubernetes, pool, functools.partial(service.apply_observed, "kubernetes"),
+                                 timeout_seconds=settings.kubernetes_watch_timeout_seconds,
+                                 stale_seconds=settings.kubernetes_watch_stale_seconds)
+            app[POD_WATCHER] = watcher
+            tasks.spawn("kubernetes-pod-watch", watcher.run())
+            app[METRICS].watch_gauge("cml_kubernetes_watch_cache_age_seconds",
+                                     "Seconds since the pod watcher last knew the cluster's state (-1: not watching here)",
+                                     lambda: -1 if watcher.cache_age() is None else watcher.cache_age())
+            app[METRICS].watch_gauge("cml_kubernetes_watch_restarts", "Pod watches restarted (cut, failed or stale)",
+                                     lambda: watcher.restarts)
         for name in engines:
             await service.reconcile(name, starting_up=True)
             tasks.loop(f"reconcile-{name}", functools.partial(service.reconcile, name), settings.reconcile_interval_seconds)

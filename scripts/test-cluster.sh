@@ -330,7 +330,7 @@ start_etcd() {
   "$K/root/usr/bin/etcd" --name local --data-dir "$R/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT+10))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT+10))" \
-    --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT+10))" --logger zap --log-level warn >> "$R/etcd.log" 2>&1 &
+    --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT+10))" --logger zap --log-level warn >> "$R/etcd.log" 2>&1 8>&- 9>&- &
   echo $! > "$R/etcd.pid"
   for _ in $(seq 1 100); do
     "$K/root/usr/bin/etcdctl" --endpoints="127.0.0.1:$ETCD_PORT" endpoint health >/dev/null 2>&1 && return
@@ -354,7 +354,7 @@ start_apiserver() {
     --kubelet-client-certificate="$P/admin.crt" --kubelet-client-key="$P/admin.key" \
     --kubelet-certificate-authority="$P/ca.crt" --kubelet-preferred-address-types=Hostname,InternalIP,ExternalIP \
     --etcd-compaction-interval="${COMPACT:-5m}" --watch-cache="${WATCH_CACHE:-true}" \
-    --disable-admission-plugins=TaintNodesByCondition --profiling=false --v=1 >> "$R/kube-apiserver.log" 2>&1 &
+    --disable-admission-plugins=TaintNodesByCondition --profiling=false --v=1 >> "$R/kube-apiserver.log" 2>&1 8>&- 9>&- &
   echo $! > "$R/kube-apiserver.pid"
   for _ in $(seq 1 240); do
     [ "$(curl -s --cacert "$P/ca.crt" -H "Authorization: Bearer admin-token-0123456789" "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ] && return
@@ -370,14 +370,14 @@ start_kcm() {
     --use-service-account-credentials=true --service-account-private-key-file="$P/sa.key" \
     --root-ca-file="$P/ca.crt" --cluster-signing-cert-file="$P/ca.crt" --cluster-signing-key-file="$P/ca.key" \
     --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-pvc-protection,-pv-protection,-ttl,-bootstrapsigner,-tokencleaner' \
-    --v=1 >> "$R/kube-controller-manager.log" 2>&1 &
+    --v=1 >> "$R/kube-controller-manager.log" 2>&1 8>&- 9>&- &
   echo $! > "$R/kube-controller-manager.pid"
 }
 
 start_scheduler() {
   "$K/bin/kube-scheduler" --kubeconfig="$K/kubeconfig" --authentication-kubeconfig="$K/kubeconfig" \
     --authorization-kubeconfig="$K/kubeconfig" --bind-address=127.0.0.1 --secure-port="$SCHED_PORT" --port=0 \
-    --leader-elect=false --v=1 >> "$R/kube-scheduler.log" 2>&1 &
+    --leader-elect=false --v=1 >> "$R/kube-scheduler.log" 2>&1 8>&- 9>&- &
   echo $! > "$R/kube-scheduler.pid"
 }
 
@@ -387,17 +387,19 @@ start_scheduler() {
 start_mount_namespace() {
   mkdir -p "$K/hostfs/var-log" "$K/hostfs/var-lib"
   unshare --mount --propagation private -- /bin/sh -c \
-    "mount --bind $K/hostfs/var-log /var/log && mount --bind $K/hostfs/var-lib /var/lib && exec sleep infinity" >> "$R/mntns.log" 2>&1 &
+    "mount --bind $K/hostfs/var-log /var/log && mount --bind $K/hostfs/var-lib /var/lib && exec sleep infinity" >> "$R/mntns.log" 2>&1 8>&- 9>&- &
   echo $! > "$R/mntns.pid"
   for _ in $(seq 1 50); do grep -q ' /var/lib ' "/proc/$(cat "$R/mntns.pid")/mountinfo" 2>/dev/null && return; sleep 0.1; done
   log "mount namespace setup failed; see $R/mntns.log"; exit 1
 }
 
-in_node() { nsenter --mount="/proc/$(cat "$R/mntns.pid")/ns/mnt" -- "$@"; }
+# Run in the node's mount namespace, in place of the calling (background) shell, so that the
+# recorded $! is the program's own pid.
+exec_in_node() { exec nsenter --mount="/proc/$(cat "$R/mntns.pid")/ns/mnt" -- "$@" 8>&- 9>&-; }
 
 start_containerd() {
   ulimit -n 20000 2>/dev/null || true
-  in_node containerd --config "$K/containerd.toml" >> "$R/containerd.log" 2>&1 &
+  exec_in_node containerd --config "$K/containerd.toml" >> "$R/containerd.log" 2>&1 &
   echo $! > "$R/containerd.pid"
   for _ in $(seq 1 100); do ctr --address "$R/containerd.sock" version >/dev/null 2>&1 && return; sleep 0.1; done
   log "containerd did not start; see $R/containerd.log"; exit 1
@@ -409,7 +411,7 @@ import_image() {
 
 start_kubelet() {
   mkdir -p "$K/kubelet/root" "$K/kubelet/pki" "$K/kubelet/volume-plugins" "$K/cni-ipam"
-  in_node "$K/bin/kubelet" --config="$K/kubelet-config.yaml" --kubeconfig="$K/kubeconfig" \
+  exec_in_node "$K/bin/kubelet" --config="$K/kubelet-config.yaml" --kubeconfig="$K/kubeconfig" \
     --container-runtime=remote --container-runtime-endpoint="unix://$R/containerd.sock" \
     --root-dir="$K/kubelet/root" --cert-dir="$K/kubelet/pki" \
     --hostname-override=localhost --pod-infra-container-image=k8s.gcr.io/pause:3.4 --v=1 >> "$R/kubelet.log" 2>&1 &

@@ -389,3 +389,89 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+# Kubernetes: a real one-node cluster (scripts/test-cluster.sh) -------------------------------
+
+TEST_CLUSTER = REPO / "scripts" / "test-cluster.sh"
+# The node's pod network gateway: the address the appliance's connections to pods come from.
+POD_GATEWAY = "10.88.93.1"
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[Path]:
+    """The test cluster's admin kubeconfig. Built on first use (about 7 minutes, then cached
+    under /var/tmp/cml-test-cluster), started when it is not up, stopped after the run if this
+    run started it."""
+    import subprocess
+
+    require_tool(os.getuid() == 0, "root, for the test cluster's kubelet and containerd (scripts/test-cluster.sh)")
+    already_up = subprocess.run([str(TEST_CLUSTER), "status"], capture_output=True).returncode == 0
+    proc = subprocess.run([str(TEST_CLUSTER), "up"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"scripts/test-cluster.sh up failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    kubeconfig = Path(proc.stdout.strip().splitlines()[-1])
+    assert kubeconfig.is_file(), proc.stdout
+    try:
+        yield kubeconfig
+    finally:
+        if not already_up:
+            subprocess.run([str(TEST_CLUSTER), "down"], capture_output=True, timeout=300)
+
+
+def _containerd_has(image: str) -> bool:
+    import subprocess
+
+    sock = Path(os.environ.get("CML_TEST_CLUSTER_DIR", "/var/tmp/cml-test-cluster")) / "run" / "containerd.sock"
+    listed = subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "ls", "-q"],
+                            capture_output=True, text=True).stdout.split()
+    return any(name in (image, f"docker.io/{image}") for name in listed)
+
+
+@pytest.fixture(scope="session")
+def kube_images(kube_cluster: Path, busybox_image: str, python_image: str) -> tuple[str, str]:
+    """The test runtimes, loaded into the node's containerd (nothing can be pulled here)."""
+    import subprocess
+
+    for image in (busybox_image, python_image):
+        if _containerd_has(image):
+            continue
+        with tempfile.TemporaryDirectory(prefix="cml-image-") as folder:
+            archive = Path(folder) / "image.tar"
+            subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), image],
+                           env=_podman_env(), check=True, capture_output=True, timeout=600)
+            subprocess.run([str(TEST_CLUSTER), "import", str(archive)], check=True, capture_output=True, timeout=600)
+        assert _containerd_has(image), f"{image} is not in the node's containerd after the import"
+    return busybox_image, python_image
+
+
+@pytest.fixture
+async def kube_settings(container_settings: Settings, kube_cluster: Path, kube_images: tuple[str, str]) -> AsyncIterator[Settings]:
+    """An appliance whose runtimes run as pods on the test cluster, in namespaces of this test's
+    own (a fresh prefix), which are deleted afterwards."""
+    busybox, python = kube_images
+    prefix = "t" + uuid.uuid4().hex[:8]
+    python_runtime = {
+        "image_identifier": python, "editor": "Workbench", "kernel": "Python 3.11", "edition": "Standard",
+        "description": "Debian's Python, for tests", "full_version": "1.0", "status": "ENABLED",
+    }
+    yield dataclasses.replace(
+        container_settings, kubeconfig=str(kube_cluster), workload_engine="kubernetes",
+        kubernetes_namespace_prefix=prefix, kubernetes_appliance_cidrs=f"{POD_GATEWAY}/32",
+        kubernetes_watch_stale_seconds=5, kubernetes_watch_timeout_seconds=4, runtimes=(*container_settings.runtimes, python_runtime),
+        # A profile larger than the node (2 cores): what waits for a node that never comes.
+        cpu_profiles=({"cpu": 1, "memory": 2}, {"cpu": 2, "memory": 4}, {"cpu": 8, "memory": 4}),
+    )
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kube_cluster), client_configuration=configuration)
+    async with client.ApiClient(configuration) as api:
+        core = client.CoreV1Api(api)
+        for namespace in (await core.list_namespace()).items:
+            if namespace.metadata.name.startswith(prefix + "-"):
+                await core.delete_namespace(namespace.metadata.name, grace_period_seconds=0)
+
+
+@pytest.fixture
+async def kube_client(aiohttp_client: Any, kube_settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(kube_settings, allow_local_git=True))

@@ -53,6 +53,16 @@ class Settings:
     login_max_failures: int
     container_engine_url: str
     container_network: str
+    workload_engine: str
+    kubeconfig: str
+    kubernetes_in_cluster: bool
+    kubernetes_namespace_prefix: str
+    kubernetes_projects_volume: str
+    kubernetes_namespace_quota: str
+    kubernetes_appliance_cidrs: str
+    kubernetes_appliance_namespace: str
+    kubernetes_watch_timeout_seconds: int
+    kubernetes_watch_stale_seconds: int
     local_sandbox: str
     allow_unsandboxed_local: bool
     workload_log_max_mb: int
@@ -106,6 +116,15 @@ class Settings:
     @property
     def secure_cookies(self) -> bool:
         return self.base_url.startswith("https://")
+
+    @property
+    def kubernetes_enabled(self) -> bool:
+        return bool(self.kubeconfig) or self.kubernetes_in_cluster
+
+    @property
+    def runtime_engine(self) -> str:
+        """Where runtimes that are not host/... run: kubernetes (when configured) or container."""
+        return self.workload_engine or ("kubernetes" if self.kubernetes_enabled else "container")
 
     @property
     def projects_dir(self) -> Path:
@@ -284,11 +303,27 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
         bad("local_sandbox", "use auto (bubblewrap where it works), bubblewrap (required) or off")
     if ok("container_network") and values["container_network"] not in ("bridge", "host", "none"):
         bad("container_network", "use bridge, host or none")
+    kubernetes_on = bool(values.get("kubeconfig")) or bool(values.get("kubernetes_in_cluster"))
+    if values.get("kubeconfig") and not Path(str(values["kubeconfig"])).expanduser().is_file():
+        bad("kubeconfig", "use the path of a kubeconfig file (CML_KUBECONFIG), or leave it empty")
+    if values.get("kubeconfig") and values.get("kubernetes_in_cluster"):
+        problems.append("kubeconfig and kubernetes_in_cluster are both set: choose one way to reach the cluster")
+    if ok("workload_engine"):
+        if values["workload_engine"] not in ("", "kubernetes", "container"):
+            bad("workload_engine", "use kubernetes or container, or leave it empty (kubernetes when it is configured)")
+        elif values["workload_engine"] == "kubernetes" and not kubernetes_on:
+            bad("workload_engine", "kubernetes needs CML_KUBECONFIG or CML_KUBERNETES_IN_CLUSTER=true")
+    prefix = values.get("kubernetes_namespace_prefix")
+    if prefix is not None and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,28}[a-z0-9])?", prefix):
+        bad("kubernetes_namespace_prefix", "use up to 30 lower-case letters, digits and dashes (a DNS label)")
+    quota = values.get("kubernetes_namespace_quota")
+    if quota and not all(re.fullmatch(r"\s*[a-zA-Z0-9./-]+\s*=\s*[0-9][0-9.]*[a-zA-Z]*\s*", part) for part in quota.split(",")):
+        bad("kubernetes_namespace_quota", "use name=quantity pairs, such as requests.cpu=8,requests.memory=32Gi,pods=50")
     for name in (
         "max_json_body_mb", "max_upload_mb", "session_hours", "login_max_failures", "workload_log_max_mb",
         "stop_grace_seconds", "idle_maximum_minutes", "session_maximum_minutes", "reconcile_interval_seconds",
         "app_ready_timeout_seconds", "model_request_timeout_seconds", "model_max_request_mb", "model_busy_wait_seconds",
-        "git_max_push_mb", "build_snapshot_max_mb", "registry_max_upload_mb", "build_concurrency", "build_timeout_seconds", "build_lease_seconds",
+        "git_max_push_mb", "build_snapshot_max_mb", "kubernetes_watch_timeout_seconds", "kubernetes_watch_stale_seconds", "registry_max_upload_mb", "build_concurrency", "build_timeout_seconds", "build_lease_seconds",
     ):
         if ok(name) and values[name] < 1:
             bad(name, "use a whole number of at least 1")

@@ -1,4 +1,4 @@
-"""The engine contract: what every engine (local processes, containers, later Kubernetes) does.
+"""The engine contract: what every engine (local processes, containers, Kubernetes) does.
 
 An engine runs a workload's main process, hands back its output and exit code, stops it, opens
 terminals inside it, and lists what it really runs (for reconciliation). Engines import no
@@ -42,6 +42,9 @@ class LaunchSpec:
     mount_project: bool = True
     # The workload's own gRPC client certificate (grpc/certificates.py), shown at /run/cml/tls.
     tls_dir: Path | None = None
+    # Who started it (Kubernetes: the namespace is the user's) and the GPUs it asked for.
+    owner: str = ""
+    gpus: int = 0
 
 
 class Terminal(Protocol):

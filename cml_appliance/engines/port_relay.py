@@ -9,10 +9,13 @@ are refused: they would otherwise reach apps and models past the appliance's che
 connection made before the target listens waits for it (up to WAIT_SECONDS) rather than failing,
 as the workload starting up is no error. Standard library only.
 
-Usage: python3 port_relay.py LISTEN_PORT TARGET_PORT ALLOWED_PEER_ADDRESS
+Usage: python3 port_relay.py LISTEN_PORT TARGET_PORT ALLOWED_PEERS
+ALLOWED_PEERS: addresses or networks, comma-separated (10.88.0.1,10.1.0.0/16), or * for any peer
+(on Kubernetes, where the namespace's NetworkPolicy admits only the appliance).
 """
 
 import asyncio
+import ipaddress
 import sys
 
 WAIT_SECONDS = 10
@@ -32,9 +35,25 @@ async def pump(reader, writer):
         pass
 
 
+def admitted(address, allowed):
+    if allowed is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    return any(ip in network for network in allowed)
+
+
+def parse_peers(text):
+    if text.strip() == "*":
+        return None
+    return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
+
+
 async def relay(target_port, allowed, client_reader, client_writer):
     peer = client_writer.get_extra_info("peername")
-    if not peer or peer[0] != allowed:
+    if not peer or not admitted(peer[0], allowed):
         client_writer.close()
         return
     loop = asyncio.get_running_loop()
@@ -63,4 +82,4 @@ async def main(listen_port, target_port, allowed):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), parse_peers(sys.argv[3])))

@@ -595,7 +595,8 @@ class ModelService:
 
     async def _start_replica(self, user: User, project: Project, build: Build, deployment: Deployment, name: str) -> Workload:
         environment = dict(deployment.environment)
-        on_containers = self.workloads.engine_name_for(build.runtime_identifier) == "container"
+        # Built images run on the container engine and on Kubernetes; local replicas run the snapshot.
+        on_containers = self.workloads.engine_name_for(build.runtime_identifier) != "local"
         if on_containers and build.built_image:
             # The built image, pulled through the registry proxy on the internal listener with a
             # key of the deployer's that reaches this project only and lasts ten minutes.

@@ -56,10 +56,13 @@ class SessionService:
             raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
         if runtime["status"] == "DISABLED":
             raise InvalidArgument(f"runtime {runtime_id!r} is disabled")
-        if fields.get("nvidia_gpu", 0) > 0:
-            raise InvalidArgument("this site has no GPUs: nvidia_gpu must be 0")
-        if fields.get("nvidia_gpu", 0) < 0:
+        gpus = fields.get("nvidia_gpu", 0)
+        if gpus < 0:
             raise InvalidArgument("nvidia_gpu must not be negative")
+        if gpus > 0 and self.workloads.engine_name_for(runtime_id) != "kubernetes":
+            # Only pods can ask for GPUs (nvidia.com/gpu); a cluster without any leaves the
+            # session waiting for a node, with the scheduler's reason.
+            raise InvalidArgument("GPUs need a runtime that runs on Kubernetes: nvidia_gpu must be 0 here")
         cpu, memory = await self._resources(fields)
         environment = check_environment(fields.get("environment", {}))
         merged = project.environment | environment
@@ -74,7 +77,7 @@ class SessionService:
             image=runtime_id,
             cpu=cpu,
             memory=memory,
-            nvidia_gpu=0,
+            nvidia_gpu=gpus,
             command=["/bin/sh", "-c", SESSION_MAIN],
             environment=environment,
             idle_timeout_minutes=idle,

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from cml_appliance import __version__
-from cml_appliance.web.keys import LOCAL_SANDBOX, METRICS, POOL, REGISTRY
+from cml_appliance.web.keys import LOCAL_SANDBOX, METRICS, POD_WATCHER, POOL, REGISTRY
 from cml_appliance.web.metrics import CONTENT_TYPE
 
 
@@ -22,11 +22,16 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure to reach the database means not ready
         return web.json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, status=503)
     registry = request.app.get(REGISTRY)
-    return web.json_response({
+    body = {
         "status": "ready", "database": "ok", "local_sandbox": request.app.get(LOCAL_SANDBOX, ""),
         "registry": ("embedded" if registry.endpoint.unix_socket else "external") if registry and registry.endpoint
         else f"none: {registry.why_not if registry else 'not started'}",
-    })
+    }
+    watcher = request.app.get(POD_WATCHER)
+    if watcher is not None:
+        # Where this process watches pods: how old its picture of the cluster is.
+        body["kubernetes"] = watcher.describe()  # type: ignore[attr-defined]
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

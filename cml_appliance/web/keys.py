@@ -52,3 +52,5 @@ GIT = web.AppKey("git", Repositories)
 CLOSING = web.AppKey("closing", asyncio.Event)
 # How local workloads are isolated: "bubblewrap", or "none: <why>" (shown by /readyz).
 LOCAL_SANDBOX = web.AppKey("local_sandbox", str)
+# The Kubernetes pod watcher (engines/kubernetes/watcher.py), when Kubernetes is configured.
+POD_WATCHER = web.AppKey("pod_watcher", object)

@@ -47,6 +47,9 @@ CONTAINER_APP_PORT, CONTAINER_READONLY_PORT = 8100, 8101
 RECONCILE_LOCK_BASE = 0x434D4C10
 # A workload that is still being launched by some appliance process is left alone this long.
 LAUNCH_GRACE_SECONDS = 60
+# An ended pod that no process here follows is removed after this long (one that follows its
+# output, perhaps in another appliance process, removes it as soon as it has read it).
+REPORTED_CLEANUP_DELAY = 15
 # Variables the platform sets; user environments cannot change them.
 PLATFORM_VARIABLES = frozenset(
     {"CDSW_PROJECT", "CDSW_PROJECT_ID", "CDSW_ENGINE_ID", "CDSW_APIV2_KEY", "CDSW_API_URL", "CDSW_DOMAIN",
@@ -108,6 +111,7 @@ class WorkloadService:
         projects_dir: Path,
         base_url: str,
         stop_grace: float,
+        runtime_engine: str = "container",
     ):
         self.pool = pool
         self.engines = dict(engines)
@@ -116,6 +120,10 @@ class WorkloadService:
         self.projects_dir = projects_dir
         self.base_url = base_url
         self.stop_grace = stop_grace
+        # Where runtimes that are not host/... run: "container" or "kubernetes".
+        self.runtime_engine = runtime_engine
+        # Reported engines (Kubernetes): rows this process waits on, set when they end.
+        self._ended: dict[int, asyncio.Event] = {}
         # Why local workloads run unsandboxed, when they do and the administrator has not accepted it.
         self.unsandboxed_local = ""
         # Called with each workload that reached its final status (dependent jobs, notifications).
@@ -140,10 +148,13 @@ class WorkloadService:
             )
 
     def engine_name_for(self, runtime_identifier: str) -> str:
-        return "local" if runtime_identifier.startswith(HOST_RUNTIME_PREFIX) else "container"
+        return "local" if runtime_identifier.startswith(HOST_RUNTIME_PREFIX) else self.runtime_engine
 
     def engine(self, name: str) -> Engine:
         engine = self.engines.get(name)
+        if engine is None and name == "kubernetes":
+            raise Unavailable("this workload runs on Kubernetes, which is not configured: set CML_KUBECONFIG "
+                              "or CML_KUBERNETES_IN_CLUSTER=true")
         if engine is None:
             raise Unavailable(
                 "this runtime needs the container engine, which is not configured: set CML_CONTAINER_ENGINE_URL "
@@ -240,12 +251,17 @@ class WorkloadService:
             registry_auth=request.registry_auth,
             mount_project=request.mount_project,
             tls_dir=tls_dir,
+            owner=user.username,
+            gpus=request.nvidia_gpu,
         )
         self._specs[row.id] = spec
         self._owned[row.id] = self.supervisor.spawn(f"workload-{public_id}", self._run(row, engine, spec))
         return row
 
     async def _run(self, row: Workload, engine: Engine, spec: LaunchSpec) -> None:
+        if getattr(engine, "reports_status", False):
+            await self._run_reported(row, engine, spec)
+            return
         handle = ""
         try:
             if await store.transition(self.pool, row.id, states.STARTING) is None:
@@ -268,6 +284,107 @@ class WorkloadService:
         finally:
             self._owned.pop(row.id, None)
 
+    # Engines whose status comes from a watcher (Kubernetes) ---------------------------------
+
+    async def _run_reported(self, row: Workload, engine: Engine, spec: LaunchSpec) -> None:
+        """Create the workload's objects, then keep its output until it ends. Its status moves
+        as the pod watcher reports (apply_observed), in whichever appliance process watches."""
+        handle = ""
+        self._ended[row.id] = asyncio.Event()
+        try:
+            current = await store.get_by_id(self.pool, row.id)
+            if current is None or not current.active or current.status == states.STOPPING:
+                await self._finish(row.id, None)  # stopped before it started
+                return
+            handle = await engine.start(spec)
+            await store.update(self.pool, row.id, handle=handle)
+            current = await store.get_by_id(self.pool, row.id)
+            if current is not None and current.status == states.STOPPING:
+                await engine.stop(handle, self.stop_grace)  # a stop came while it was created
+            elif current is None or not current.active:
+                await self._cleanup(engine, handle)  # it ended meanwhile (a stop before it had a handle)
+                return
+            await self._follow_reported(row, engine, handle)
+        except (EngineError, EngineUnavailable) as exc:
+            await self._fail(row.id, str(exc))
+            if handle:
+                await self._cleanup(engine, handle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("workload %s failed inside the appliance", row.public_id)
+            await self._fail(row.id, f"internal error: {exc}")
+            if handle:
+                await self._cleanup(engine, handle)
+        finally:
+            self._owned.pop(row.id, None)
+            self._ended.pop(row.id, None)
+
+    async def _follow_reported(self, row: Workload, engine: Engine, handle: str, *, new_only: bool = False) -> None:
+        """Keep the pod's output; then wait for the watcher to record how it ended, and remove
+        the pod (its output is all read by then)."""
+        output = engine.output(handle, new_only=new_only)  # type: ignore[call-arg]
+        async for chunk in output:
+            self.logs.append(row.public_id, chunk)
+        ended = self._ended.get(row.id)
+        while True:
+            current = await store.get_by_id(self.pool, row.id)
+            if current is None or not current.active:
+                await self._cleanup(engine, handle)
+                return
+            try:
+                if ended is None:
+                    await asyncio.sleep(2)
+                else:
+                    await asyncio.wait_for(ended.wait(), 2)  # ended here, or (by another process) seen in a poll
+            except TimeoutError:
+                pass
+
+    async def apply_observed(self, engine_name: str, observed: list[Any]) -> None:
+        """What the pod watcher saw, applied to Postgres. Progress (scheduling, starting,
+        running, a reason, the node) in one statement for the whole batch; an end through _end,
+        one by one (the workload's key dies with it, and listeners hear of it)."""
+        progress = [o for o in observed if not o.final]
+        if progress:
+            await self.pool.execute(
+                """
+                UPDATE workloads w SET status = u.status, reason = u.reason, node = u.node, updated_at = now(),
+                  starting_at = CASE WHEN u.status IN ('ENGINE_STARTING', 'ENGINE_RUNNING')
+                                     THEN coalesce(w.starting_at, now()) ELSE w.starting_at END,
+                  running_at = CASE WHEN u.status = 'ENGINE_RUNNING' THEN coalesce(w.running_at, now()) ELSE w.running_at END
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(public_id, status, reason, node)
+                WHERE w.public_id = u.public_id AND w.engine = $5
+                  AND (w.status = u.status OR (w.status = 'ENGINE_SCHEDULING' AND u.status IN ('ENGINE_STARTING', 'ENGINE_RUNNING'))
+                       OR (w.status = 'ENGINE_STARTING' AND u.status = 'ENGINE_RUNNING'))
+                  AND (w.status, w.reason, w.node) IS DISTINCT FROM (u.status, u.reason, u.node)
+                """,
+                [o.workload_id for o in progress], [o.status for o in progress], [o.reason for o in progress],
+                [o.node for o in progress], engine_name,
+            )
+        for o in observed:
+            if o.final:
+                await self._end_observed(engine_name, o)
+
+    async def _end_observed(self, engine_name: str, o: Any) -> None:
+        row = await store.get(self.pool, o.workload_id)
+        if row is None or row.engine != engine_name:
+            return
+        engine = self.engines.get(engine_name)
+        if row.active:
+            if row.status == states.STOPPING or row.stop_status:
+                target, reason = row.stop_status or states.STOPPED, row.reason
+            else:
+                target, reason = o.status, o.reason
+            await self._end(row, target, exit_code=o.exit_code, reason=reason[:2000], node=o.node or row.node)
+            event = self._ended.get(row.id)
+            if event is not None:
+                event.set()
+        if engine is not None and row.handle and row.id not in self._owned:
+            # Its pod has ended: the pod, Service and Secrets go. A process that follows its
+            # output removes them once it has read it all; nobody here does, so give whoever
+            # may (another appliance process) time to.
+            self.supervisor.spawn(f"cleanup-{row.public_id}", self._cleanup_later(engine, row.handle))
+
     async def _watch(self, row: Workload, engine: Engine, handle: str, *, follow_output: bool = True) -> None:
         """Keep the output until the main process ends, then record how it ended."""
 
@@ -287,6 +404,10 @@ class WorkloadService:
             if pumping is not None and not pumping.done():
                 pumping.cancel()
         await self._finish(row.id, code)
+        await self._cleanup(engine, handle)
+
+    async def _cleanup_later(self, engine: Engine, handle: str, delay: float = REPORTED_CLEANUP_DELAY) -> None:
+        await asyncio.sleep(delay)
         await self._cleanup(engine, handle)
 
     async def _cleanup(self, engine: Engine, handle: str) -> None:
@@ -348,10 +469,13 @@ class WorkloadService:
         owned = row.id in self._owned
         if row.handle:
             try:
-                await self.engine(row.engine).stop(row.handle, self.stop_grace)
+                engine = self.engine(row.engine)
+                await engine.stop(row.handle, self.stop_grace)
             except (EngineError, EngineUnavailable, Unavailable) as exc:
                 await self._fail(row.id, f"could not be stopped: {exc}")
                 return
+            if getattr(engine, "reports_status", False):
+                return  # it ends when the pod watcher sees its pod end
         if not owned:
             # Nobody watches it here (not started yet, or found by reconciliation): settle it now.
             await self._finish(row.id, None)
@@ -397,6 +521,10 @@ class WorkloadService:
         try:
             real = await engine.list_running()
         except EngineUnavailable as exc:
+            if getattr(engine, "reports_status", False):
+                # Pods run on whether or not the apiserver answers us: nothing is failed for it.
+                log.warning("cannot reconcile the %s engine: %s", engine.name, exc)
+                return
             for row in await store.list_active(self.pool, engine.name):
                 task = self._owned.pop(row.id, None)
                 if task is not None:
@@ -413,7 +541,10 @@ class WorkloadService:
                 continue  # another appliance process may still be launching it
             handle = real.get(row.public_id)
             if handle is None:
-                what = "process" if engine.name == "local" else "container"
+                what = {"local": "process", "container": "container"}.get(engine.name, "pod")
+                if row.status == states.STOPPING:
+                    await self._finish(row.id, None)  # asked to stop, and it is gone: stopped
+                    continue
                 if row.status in (states.SCHEDULING, states.STARTING):
                     reason = "interrupted by a restart of the appliance before it started"
                 elif engine.name == "local" and starting_up:  # it died with the appliance (a sandbox takes all of it)
@@ -422,6 +553,12 @@ class WorkloadService:
                     reason = f"its {what} is gone (it ended while the appliance was not watching, or was removed)"
                 await self._fail(row.id, reason)
                 counts["failed"] += 1
+            elif getattr(engine, "reports_status", False):
+                # Pods outlive the appliance; the watcher reports their status. Keep their output
+                # from now on (what came while nobody followed stays in the pod's own log).
+                self._owned[row.id] = self.supervisor.spawn(
+                    f"workload-{row.public_id}", self._adopt_reported(row, engine, handle))
+                counts["adopted"] += 1
             elif engine.name == "container" and row.status == states.RUNNING:
                 # Containers outlive the appliance: watch this one again (its earlier output is kept).
                 self._owned[row.id] = self.supervisor.spawn(
@@ -445,6 +582,14 @@ class WorkloadService:
         return bool(await self.pool.fetchval(
             "SELECT updated_at > now() - make_interval(secs => $2) FROM workloads WHERE id = $1", row.id, seconds
         ))
+
+    async def _adopt_reported(self, row: Workload, engine: Engine, handle: str) -> None:
+        self._ended[row.id] = asyncio.Event()
+        try:
+            await self._follow_reported(row, engine, handle, new_only=True)
+        finally:
+            self._owned.pop(row.id, None)
+            self._ended.pop(row.id, None)
 
     async def _adopt(self, row: Workload, engine: Engine, handle: str) -> None:
         try:

@@ -19,7 +19,8 @@ FINISHED = (STOPPED, SUCCEEDED, FAILED, TIMEDOUT, SKIPPED)
 
 # status -> the statuses it may move to. Finished states are final.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    SCHEDULING: frozenset({STARTING, STOPPING, STOPPED, FAILED}),
+    # Kubernetes may show a pod running before the watcher saw it start: SCHEDULING -> RUNNING.
+    SCHEDULING: frozenset({STARTING, RUNNING, STOPPING, STOPPED, SUCCEEDED, FAILED}),
     STARTING: frozenset({RUNNING, STOPPING, STOPPED, SUCCEEDED, FAILED, TIMEDOUT}),
     RUNNING: frozenset({STOPPING, STOPPED, SUCCEEDED, FAILED, TIMEDOUT}),
     STOPPING: frozenset({STOPPED, SUCCEEDED, FAILED, TIMEDOUT}),

@@ -31,6 +31,7 @@ class Workload:
     arguments: str
     environment: dict[str, str]
     handle: str
+    node: str
     exit_code: int | None
     reason: str
     stop_status: str | None
@@ -55,6 +56,11 @@ class Workload:
     @property
     def active(self) -> bool:
         return self.status in states.ACTIVE
+
+    @property
+    def namespace(self) -> str:
+        """A Kubernetes workload's namespace (its handle is namespace/pod)."""
+        return self.handle.partition("/")[0] if self.engine == "kubernetes" and "/" in self.handle else ""
 
 
 SELECT = """

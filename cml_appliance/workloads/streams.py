@@ -30,6 +30,9 @@ def workload_json(row: Workload) -> dict[str, Any]:
         "reason": row.reason,
         "exit_code": row.exit_code,
         "engine": row.engine,
+        # Where it runs on Kubernetes (empty elsewhere): the user's namespace and the pod's node.
+        "namespace": row.namespace,
+        "node": row.node,
         "runtime_identifier": row.runtime_identifier,
         "cpu": row.cpu,
         "memory": row.memory,

@@ -1,0 +1,420 @@
+"""The Kubernetes engine against a real one-node cluster (scripts/test-cluster.sh): kube-apiserver,
+scheduler, controller-manager and a kubelet with containerd, all v1.20.2 built from Debian's
+sources. Pods really run: terminals, output, exit codes and OOM kills are the node's own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.rest import ApiException
+
+from cml_appliance.auth import api_keys, users
+from cml_appliance.web.keys import POD_WATCHER, POOL, SETTINGS
+from tests.conftest import BUSYBOX_IMAGE, PYTHON_IMAGE, Api
+from tests.integration.sessions_helpers import open_terminal, wait_status
+
+
+@pytest.fixture
+async def kate(kube_client: Any) -> Api:
+    pool = kube_client.app[POOL]
+    user = await users.create_user(pool, "kate", "kate@example.com", "correct horse")
+    secret, _ = await api_keys.create(pool, user)
+    return Api(kube_client, secret, "kate")
+
+
+@pytest.fixture
+async def core(kube_cluster: Any) -> Any:
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kube_cluster), client_configuration=configuration)
+    async with client.ApiClient(configuration) as api:
+        yield client.CoreV1Api(api)
+
+
+async def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def pod_of(core: Any, namespace: str, workload_id: str) -> Any:
+    try:
+        return await core.read_namespaced_pod(f"cml-{workload_id}", namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def test_session_runs_as_a_locked_down_pod_with_terminal_and_output(kate: Api, core: Any) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "on k8s"})
+    pid = project["id"]
+    status, session = await kate.post(f"/api/v2/projects/{pid}/sessions",
+                                      json={"runtime_identifier": BUSYBOX_IMAGE, "resource_profile_id": 1})
+    assert status == 200, session
+    assert session["engine"] == "kubernetes"
+    sid = session["id"]
+    running = await wait_status(kate, pid, sid, "ENGINE_RUNNING", timeout=60)
+    prefix = kate.client.app[SETTINGS].kubernetes_namespace_prefix
+    namespace = f"{prefix}-user-kate"
+    assert running["namespace"] == namespace and running["node"] == "localhost"
+
+    pod = await pod_of(core, namespace, sid)
+    spec = pod.spec
+    assert spec.automount_service_account_token is False and spec.security_context.run_as_user == 8536
+    main = spec.containers[0]
+    assert main.security_context.allow_privilege_escalation is False
+    assert main.security_context.capabilities.drop == ["ALL"]
+    assert main.resources.limits == {"cpu": "1", "memory": "2Gi"}
+    assert pod.metadata.labels["cml.appliance/project"] == pid
+    # The namespace came with a quota, container defaults and a default-deny policy.
+    quota = await core.read_namespaced_resource_quota("cml-quota", namespace)
+    assert quota.spec.hard["pods"] == "100"
+    assert (await core.read_namespaced_limit_range("cml-limits", namespace)).spec.limits[0].type == "Container"
+    policy = await client.NetworkingV1Api(core.api_client).read_namespaced_network_policy("cml-default-deny", namespace)
+    assert policy.spec.policy_types == ["Ingress"] and policy.spec.pod_selector.match_labels is None
+
+    term = await open_terminal(kate, pid, sid)
+    await term.send("id -u; echo $((6*7))-$CDSW_ENGINE_ID; touch made-in-pod; pwd\n")
+    await term.expect(f"42-{sid}", timeout=20)
+    screen = await term.expect("/home/cdsw")
+    # A resize travels on its own channel, which the node applies independently of the input:
+    # ask until the shell sees it.
+    await term.resize(100, 40)
+    for _ in range(50):
+        await term.send("stty size\n")
+        try:
+            await term.expect("40 100", timeout=0.2)
+            break
+        except AssertionError:
+            continue
+    await term.expect("40 100")
+    assert "8536" in screen
+    assert (kate.client.app[SETTINGS].projects_dir / pid / "made-in-pod").exists()
+
+    async def logged() -> bool:
+        _, logs = await kate.get(f"/api/v2/projects/{pid}/sessions/{sid}/logs")
+        return f"Session {sid} is running" in logs["content"]
+
+    await wait_for(logged, 20, "the session's output")
+
+    await kate.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
+    await term.wait_closed(30)
+    final = await wait_status(kate, pid, sid, "ENGINE_STOPPED", timeout=60)
+    assert final["finished_at"]
+
+    async def pod_gone() -> bool:
+        found = await pod_of(core, namespace, sid)
+        return found is None or found.metadata.deletion_timestamp is not None
+
+    await wait_for(pod_gone, 30, "the pod to be deleted")
+
+
+async def run_job(api: Api, pid: str, script: str, body: str, **fields: Any) -> dict[str, Any]:
+    (api.client.app[SETTINGS].projects_dir / pid / script).write_text(body)
+    status, job = await api.post(f"/api/v2/projects/{pid}/jobs", json={
+        "name": script, "script": script, "runtime_identifier": fields.pop("runtime", BUSYBOX_IMAGE), **fields})
+    assert status == 200, job
+    status, run = await api.post(f"/api/v2/projects/{pid}/jobs/{job['id']}/runs", json={})
+    assert status == 200, run
+    return run
+
+
+async def wait_run(api: Api, pid: str, job_id: str, run_id: str, wanted: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        _, run = await api.get(f"/api/v2/projects/{pid}/jobs/{job_id}/runs/{run_id}")
+        return run if run["status"] in wanted else None
+
+    return await wait_for(done, timeout, f"run {run_id} to reach {wanted}")
+
+
+async def test_job_runs_end_with_their_exit_code_and_output(kate: Api) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "jobs on k8s"})
+    pid = project["id"]
+    run = await run_job(kate, pid, "fail.sh", "echo first line; echo to stderr >&2; exit 3\n")
+    ended = await wait_run(kate, pid, run["job_id"], run["id"], ("ENGINE_FAILED", "ENGINE_SUCCEEDED"))
+    assert ended["status"] == "ENGINE_FAILED"
+    _, logs = await kate.get(f"/api/v2/projects/{pid}/jobs/{run['job_id']}/runs/{run['id']}/logs")
+    assert "first line" in logs["content"] and "to stderr" in logs["content"]
+
+    run = await run_job(kate, pid, "ok.sh", "echo all good\n")
+    ended = await wait_run(kate, pid, run["job_id"], run["id"], ("ENGINE_FAILED", "ENGINE_SUCCEEDED"))
+    assert ended["status"] == "ENGINE_SUCCEEDED", ended
+
+
+async def test_memory_limit_kills_with_oomkilled(kate: Api) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "oom"})
+    pid = project["id"]
+    # 1 GB into a shell variable: far past the smallest profile's memory.
+    run = await run_job(kate, pid, "oom.sh", "x=$(head -c 1000000000 /dev/zero | tr '\\0' a); echo survived\n",
+                        cpu=1, memory=0.25)
+    await wait_run(kate, pid, run["job_id"], run["id"], ("ENGINE_FAILED", "ENGINE_SUCCEEDED"), timeout=90)
+    row = await kate.client.app[POOL].fetchrow("SELECT status, reason, exit_code FROM workloads WHERE public_id = $1", run["id"])
+    assert row["status"] == "ENGINE_FAILED" and "OOMKilled" in row["reason"], dict(row)
+
+
+async def test_an_image_that_cannot_be_pulled_fails_fast_naming_it(kate: Api, kube_settings: Any) -> None:
+    from cml_appliance.runtimes import catalog
+
+    await catalog.seed_runtimes(kate.client.app[POOL], [{
+        "image_identifier": "localhost/no-such-image:1", "editor": "Workbench", "kernel": "Shell", "edition": "None",
+        "description": "missing", "full_version": "1", "status": "ENABLED"}])
+    _, project = await kate.post("/api/v2/projects", json={"name": "missing image"})
+    pid = project["id"]
+    started = time.monotonic()
+    _, session = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "localhost/no-such-image:1"})
+    failed = await wait_status(kate, pid, session["id"], "ENGINE_FAILED", timeout=60)
+    assert "localhost/no-such-image:1" in failed["reason"] and "pulled" in failed["reason"], failed
+    assert time.monotonic() - started < 45
+
+
+async def test_unschedulable_waits_with_the_schedulers_reason_then_stops(kate: Api, core: Any) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "too big"})
+    pid = project["id"]
+    # The site offers 8 vCPU (kube_settings); the node has 2.
+    _, session = await kate.post(f"/api/v2/projects/{pid}/sessions",
+                                 json={"runtime_identifier": BUSYBOX_IMAGE, "cpu": 8, "memory": 1})
+    sid = session["id"]
+
+    async def waiting() -> dict[str, Any] | None:
+        _, body = await kate.get(f"/api/v2/projects/{pid}/sessions/{sid}")
+        return body if "Insufficient cpu" in body.get("reason", "") else None
+
+    body = await wait_for(waiting, 30, "the scheduler's reason")
+    assert body["status"] == "ENGINE_SCHEDULING", body
+    await kate.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
+    await wait_status(kate, pid, sid, "ENGINE_STOPPED", timeout=60)
+
+
+async def test_a_start_over_the_namespace_quota_is_refused_with_the_quota_named(kate: Api, core: Any) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "quota"})
+    pid = project["id"]
+    _, first = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+    await wait_status(kate, pid, first["id"], "ENGINE_RUNNING", timeout=60)
+    namespace = (await kate.get(f"/api/v2/projects/{pid}/sessions/{first['id']}"))[1]["namespace"]
+    await core.patch_namespaced_resource_quota("cml-quota", namespace, {"spec": {"hard": {"pods": "1"}}})
+
+    async def quota_counts() -> bool:
+        quota = await core.read_namespaced_resource_quota("cml-quota", namespace)
+        return (quota.status.hard or {}).get("pods") == "1"
+
+    await wait_for(quota_counts, 20, "the quota to take effect")
+    _, second = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+    failed = await wait_status(kate, pid, second["id"], "ENGINE_FAILED", timeout=30)
+    assert "quota" in failed["reason"] and "pods=1" in failed["reason"], failed
+    await kate.post(f"/api/v2/projects/{pid}/sessions/{first['id']}:stop")
+    await wait_status(kate, pid, first["id"], "ENGINE_STOPPED", timeout=60)
+
+
+async def test_a_pod_deleted_by_hand_fails_its_workload_with_a_reason(kate: Api, core: Any) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "deleted"})
+    pid = project["id"]
+    _, session = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+    running = await wait_status(kate, pid, session["id"], "ENGINE_RUNNING", timeout=60)
+    await core.delete_namespaced_pod(f"cml-{session['id']}", running["namespace"], grace_period_seconds=0)
+    failed = await wait_status(kate, pid, session["id"], "ENGINE_FAILED", timeout=60)
+    assert failed["reason"], failed
+    assert kate.client.app[POD_WATCHER].describe()["watch"] == "active"
+
+
+async def test_sigkill_and_restart_adopt_running_pods_and_fail_lost_ones(
+    clean_db: str, tmp_path: Any, kube_cluster: Any, kube_images: tuple[str, str], core: Any
+) -> None:
+    """kill -9 of `serve` while pods run; one pod is deleted and an unowned one appears while it
+    is down; the restarted appliance adopts the survivor (and can stop it), fails the lost
+    one with a reason and deletes the stranger."""
+    import os
+    import signal
+    import subprocess
+    import uuid
+
+    import aiohttp
+    import asyncpg
+
+    from tests.integration.test_cli import CLI, free_port
+    from tests.integration.test_reconcile_after_crash import serve, status_of, wait_ready
+
+    busybox, _ = kube_images
+    conn = await asyncpg.connect(clean_db)
+    try:
+        await conn.execute("INSERT INTO runtimes (image_identifier, editor, kernel, edition, full_version)"
+                           " VALUES ($1, 'Workbench', 'Shell', 'Busybox', '1')", busybox)
+    finally:
+        await conn.close()
+    prefix = "t" + uuid.uuid4().hex[:8]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CML_")}
+    env.update({
+        "CML_DATABASE_URL": clean_db, "CML_DATA_DIR": str(tmp_path / "data"), "CML_KUBECONFIG": str(kube_cluster),
+        "CML_KUBERNETES_NAMESPACE_PREFIX": prefix, "CML_LOG_LEVEL": "WARNING", "CML_STOP_GRACE_SECONDS": "2",
+        "CML_APPS_PORT": "0", "CML_GRPC_PORT": "0",
+    })
+    assert subprocess.run(CLI + ["users", "create", "kim", "--email", "k@example.com", "--password-stdin"],
+                          env=env, input=b"longpassword\n", capture_output=True).returncode == 0
+    key = subprocess.run(CLI + ["api-keys", "create", "kim"], env=env, capture_output=True, text=True).stdout.split()[-1]
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    namespace = f"{prefix}-user-kim"
+    proc = serve(env, port, log)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+            await wait_ready(http, url, proc, log)
+            async with http.post(url + "/api/v2/projects", json={"name": "crash"}) as resp:
+                pid = (await resp.json())["id"]
+            sids = []
+            for _ in range(2):
+                async with http.post(f"{url}/api/v2/projects/{pid}/sessions", json={"runtime_identifier": busybox}) as resp:
+                    body = await resp.json()
+                    assert resp.status == 200, body
+                sids.append(body["id"])
+            for sid in sids:
+                await status_of(http, url, pid, sid, "ENGINE_RUNNING", timeout=60)
+            survivor, lost = sids
+            site = (await core.read_namespaced_pod(f"cml-{survivor}", namespace)).metadata.labels["cml.appliance/site"]
+
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            await core.delete_namespaced_pod(f"cml-{lost}", namespace, grace_period_seconds=0)
+            stranger = {"metadata": {"name": "cml-zzzorphan", "labels": {"cml.appliance/site": site,
+                                                                         "cml.appliance/workload": "zzzorphan"}},
+                        "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                                 "containers": [{"name": "main", "image": busybox, "command": ["sleep", "600"],
+                                                 "imagePullPolicy": "IfNotPresent"}]}}
+            await core.create_namespaced_pod(namespace, stranger)
+
+            proc = serve(env, port, log)
+            await wait_ready(http, url, proc, log)
+            failed = await status_of(http, url, pid, lost, "ENGINE_FAILED", timeout=60)
+            assert "pod" in failed["reason"], failed
+            adopted = await status_of(http, url, pid, survivor, "ENGINE_RUNNING")
+            assert adopted["namespace"] == namespace
+
+            async def stranger_gone() -> bool:
+                found = await pod_of(core, namespace, "zzzorphan")
+                return found is None or found.metadata.deletion_timestamp is not None
+
+            await wait_for(stranger_gone, 60, "the unowned pod to be deleted")
+            async with http.post(f"{url}/api/v2/projects/{pid}/sessions/{survivor}:stop") as resp:
+                assert resp.status == 200
+            await status_of(http, url, pid, survivor, "ENGINE_STOPPED", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        try:
+            await core.delete_namespace(namespace, grace_period_seconds=0)
+        except ApiException:
+            pass
+
+
+class FaultyProxy:
+    """A TCP proxy in front of the apiserver for the pod watch's connection: it can cut every
+    connection, or go silent (keep connections open and forward nothing), as a broken load
+    balancer does. New connections pass again once `heal()` is called."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = 0
+        self.frozen = False
+        self.links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, list[bool]]] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        silent = [False]
+        self.links.append((writer, up_writer, silent))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if silent[0]:
+                        continue  # swallowed: the peer sees a connection that says nothing
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def cut(self) -> None:
+        for writer, up_writer, _ in self.links:
+            writer.transport.abort()
+            up_writer.transport.abort()
+        self.links.clear()
+
+    def silence(self) -> None:
+        for _, _, silent in self.links:
+            silent[0] = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_the_watch_survives_a_cut_a_silent_stall_and_410_gone(kate: Api, core: Any) -> None:
+    from urllib.parse import urlsplit
+
+    from cml_appliance.web.keys import WORKLOADS
+
+    engine = kate.client.app[WORKLOADS].engines["kubernetes"]
+    watcher = kate.client.app[POD_WATCHER]
+    await wait_for(lambda: _true(watcher.role == "active" and watcher.synced.is_set()), 30, "the watch to start")
+    target = urlsplit(engine.watch_api.configuration.host).port
+    proxy = FaultyProxy(target)
+    await proxy.start()
+    # From its next request on, the watch goes through the proxy (it ends the current one).
+    engine.watch_api.configuration.host = f"https://127.0.0.1:{proxy.port}"
+    restarts = watcher.restarts
+    _, project = await kate.post("/api/v2/projects", json={"name": "watch faults"})
+    pid = project["id"]
+    try:
+        _, first = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+        await wait_status(kate, pid, first["id"], "ENGINE_RUNNING", timeout=60)
+        await wait_for(lambda: _true(bool(proxy.links)), 30, "the watch to use the proxy")
+
+        # 1. The connection is cut: the watch backs off, resumes where it was, and status flows on.
+        proxy.cut()
+        await kate.post(f"/api/v2/projects/{pid}/sessions/{first['id']}:stop")
+        await wait_status(kate, pid, first["id"], "ENGINE_STOPPED", timeout=60)
+        assert watcher.restarts > restarts
+        restarts = watcher.restarts
+
+        # 2. The connection stays open but says nothing: after kubernetes_watch_stale_seconds (5)
+        # the watcher sees that pods changed, restarts the watch, and the session shows running.
+        await wait_for(lambda: _true(bool(proxy.links)), 30, "the watch to reconnect")
+        proxy.silence()
+        _, second = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+        await wait_status(kate, pid, second["id"], "ENGINE_RUNNING", timeout=60)
+        assert watcher.restarts > restarts, watcher.describe()
+
+        # 3. 410 Gone: the watch is told to resume from a resourceVersion the apiserver no longer
+        # keeps; it lists again instead of giving up.
+        await wait_for(lambda: _true(bool(proxy.links)), 30, "the watch to reconnect")
+        expired, relists = watcher.expired, watcher.relists
+        watcher.resource_version = "1"
+        proxy.cut()
+        await wait_for(lambda: _true(watcher.expired > expired and watcher.relists > relists), 60, "a relist after 410 Gone")
+        await kate.post(f"/api/v2/projects/{pid}/sessions/{second['id']}:stop")
+        await wait_status(kate, pid, second["id"], "ENGINE_STOPPED", timeout=60)
+        status, ready = await kate.get("/readyz")
+        assert ready["kubernetes"]["watch"] == "active" and ready["kubernetes"]["cache_age_seconds"] < 60, ready
+    finally:
+        await proxy.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

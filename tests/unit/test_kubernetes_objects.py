@@ -1,0 +1,103 @@
+"""The Kubernetes engine's rules on their own: namespace names, what a pod is allowed, and how a
+pod's state reads in CML's words. The engine against a real cluster: tests/integration/test_kubernetes.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cml_appliance.engines.kubernetes import objects
+from cml_appliance.workloads import states
+
+
+def test_namespaces_are_dns_labels_and_never_shared() -> None:
+    names = ["alice", "Alice", "john.doe", "john-doe", "JOHN_DOE", "x" * 80, "é", "-", "a" * 62 + "b", "a" * 62 + "c"]
+    made = [objects.namespace_for("cml", n) for n in names]
+    for ns in made:
+        assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", ns) and len(ns) <= 63, ns
+        assert ns.startswith("cml-user-")
+    assert len(set(made)) == len(made), made  # collision-safe
+    assert objects.namespace_for("cml", "alice") == "cml-user-alice"  # plain names stay readable
+    assert objects.namespace_for("cml", "alice") == objects.namespace_for("cml", "alice")
+
+
+def test_quota_setting_parses_and_refuses_garbage() -> None:
+    assert objects.parse_quota("requests.cpu=8, pods=50") == {"requests.cpu": "8", "pods": "50"}
+    assert objects.parse_quota("") == {}
+    with pytest.raises(ValueError):
+        objects.parse_quota("pods")
+
+
+def _pod(**overrides):
+    body = objects.pod_body(
+        name="cml-w1", site_id="s1", workload_id="w1", kind="model_replica", project_id="p1", image="img:1",
+        command=["sleep", "1"], env={"A": "b"}, cpu=1.5, memory_mb=512, gpus=overrides.pop("gpus", 0),
+        grace_seconds=5, project_volume={"hostPath": {"path": "/data/p1", "type": "Directory"}},
+        tls_secret="cml-w1-tls", pull_secret=overrides.pop("pull_secret", None), relay=(["python3", "-c", "x"], 8100))
+    return body
+
+
+def test_pods_are_locked_down() -> None:
+    pod = _pod(gpus=2, pull_secret="cml-w1-pull")
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsUser"] == 8536 and spec["securityContext"]["runAsNonRoot"]
+    for container in spec["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+    main = spec["containers"][0]
+    assert main["resources"]["limits"] == {"cpu": "1500m", "memory": "512Mi", "nvidia.com/gpu": "2"}
+    assert main["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert {m["mountPath"] for m in main["volumeMounts"]} == {"/home/cdsw", "/run/cml/tls"}
+    assert spec["imagePullSecrets"] == [{"name": "cml-w1-pull"}]
+    labels = pod["metadata"]["labels"]
+    assert labels[objects.SITE_LABEL] == "s1" and labels[objects.WORKLOAD_LABEL] == "w1"
+    assert labels[objects.PROJECT_LABEL] == "p1" and labels[objects.KIND_LABEL] == "model-replica"
+
+
+def test_namespace_comes_with_quota_limits_and_default_deny() -> None:
+    made = objects.namespace_objects("cml-user-a", "s1", {"pods": "5"}, [], None)
+    assert made["quota"]["spec"]["hard"] == {"pods": "5"}
+    policy = made["policy"]["spec"]
+    assert policy["podSelector"] == {} and policy["policyTypes"] == ["Ingress"] and policy["ingress"] == []
+    admitted = objects.namespace_objects("cml-user-a", "s1", {}, ["10.0.0.5/32"], "cml")["policy"]["spec"]["ingress"]
+    peers = admitted[0]["from"]
+    assert {"ipBlock": {"cidr": "10.0.0.5/32"}} in peers
+    assert any("namespaceSelector" in p for p in peers)
+
+
+def _status(phase="Pending", node="", main=None, conditions=None, reason=None, message=None):
+    pod = {"metadata": {"name": "cml-w1", "namespace": "ns", "labels": {objects.WORKLOAD_LABEL: "w1"}},
+           "spec": {"nodeName": node or None, "containers": [{"name": "main", "image": "reg/img:1"}]},
+           "status": {"phase": phase, "conditions": conditions or [], "reason": reason, "message": message}}
+    if main is not None:
+        pod["status"]["containerStatuses"] = [{"name": "main", "image": "reg/img:1", "state": main}]
+    return pod
+
+
+def test_pod_states_read_in_cmls_words() -> None:
+    unschedulable = objects.describe_pod(_status(conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient cpu."}]))
+    assert unschedulable.status == states.SCHEDULING and "Insufficient cpu" in unschedulable.reason
+    starting = objects.describe_pod(_status(node="n1", main={"waiting": {"reason": "ContainerCreating"}}))
+    assert starting.status == states.STARTING and starting.node == "n1"
+    pulling = objects.describe_pod(_status(node="n1", main={"waiting": {"reason": "ImagePullBackOff",
+                                                                        "message": "Back-off pulling"}}))
+    assert pulling.status == states.FAILED and "reg/img:1" in pulling.reason and pulling.final
+    running = objects.describe_pod(_status("Running", "n1", {"running": {"startedAt": "x"}}))
+    assert running.status == states.RUNNING and running.reason == ""
+    oom = objects.describe_pod(_status("Failed", "n1", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}))
+    assert oom.status == states.FAILED and "OOMKilled" in oom.reason and oom.exit_code == 137
+    done = objects.describe_pod(_status("Succeeded", "n1", {"terminated": {"exitCode": 0, "reason": "Completed"}}))
+    assert done.status == states.SUCCEEDED and done.exit_code == 0
+    exited = objects.describe_pod(_status("Failed", "n1", {"terminated": {"exitCode": 3, "reason": "Error"}}))
+    assert exited.reason == "the main process exited with code 3"
+    evicted = objects.describe_pod(_status("Failed", "n1", reason="Evicted", message="The node was low on memory."))
+    assert evicted.status == states.FAILED and "evicted" in evicted.reason and "low on memory" in evicted.reason
+    deleted = objects.describe_pod(_status("Running", "n1", {"running": {}}), deleted=True)
+    assert deleted.status == states.FAILED and deleted.gone and "deleted" in deleted.reason
+    assert objects.describe_pod({"metadata": {"labels": {}}}) is None  # not ours
