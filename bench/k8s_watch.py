@@ -4,8 +4,9 @@
 Postgres.
 
 --pods pods (10,000) are created in a namespace of the run's own, labelled as workloads of a site
-of the run's own and bound to a node that does not exist (so nothing schedules or runs them; the
-apiserver and etcd hold them like any others), each with a workload row in Postgres.
+of the run's own and bound to a node with no kubelet (a Node object the bench makes, so that the
+controller-manager's pod garbage collector does not take them for orphans; nothing runs them;
+the apiserver and etcd hold them like any others), each with a workload row in Postgres.
 
 1. Relist: the appliance's PodWatcher lists them (raw JSON, pages of 2,000) and applies what it
    sees to Postgres. Baseline, in the same run: a bare kubernetes-asyncio
@@ -106,6 +107,11 @@ async def run(h: Harness, args: argparse.Namespace) -> dict[str, object]:
     try:
         ids = [f"b{i:06d}{secrets.token_hex(2)}" for i in range(args.pods)]
         await core.create_namespace({"metadata": {"name": namespace}})
+        try:
+            await core.create_node({"metadata": {"name": NOWHERE, "labels": {"cml.bench": "k8s-watch"}}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
         started = time.perf_counter()
         await in_parallel(lambda w=w: core.create_namespaced_pod(namespace, pod(site, w)) for w in ids)
         print(f"created {len(ids)} pods in {time.perf_counter() - started:.1f} s (namespace {namespace})", flush=True)
@@ -163,6 +169,7 @@ async def run(h: Harness, args: argparse.Namespace) -> dict[str, object]:
         try:
             await core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
             await core.delete_namespace(namespace)
+            await core.delete_node(NOWHERE)
         except ApiException as exc:
             print(f"clean-up: {exc.status} {exc.reason}")
         await engine.close()
