@@ -205,9 +205,16 @@ make_pki() {
   mv "$P.new" "$P"
 }
 
+# Write a file only when its content changes: containerd watches its CNI folder and would read a
+# file half-written while the cluster runs.
+put() {  # path (content on stdin)
+  cat > "$1.new"
+  if cmp -s "$1.new" "$1"; then rm -f "$1.new"; else mv "$1.new" "$1"; fi
+}
+
 write_configs() {
   mkdir -p "$K/cni" "$R" "$K/containerd" "$K/kubelet" "$K/certs.d"
-  cat > "$K/containerd.toml" <<EOF
+  put "$K/containerd.toml" <<EOF
 version = 2
 root = "$K/containerd/root"
 state = "$K/containerd/state"
@@ -241,14 +248,14 @@ state = "$K/containerd/state"
     conf_dir = "$K/cni"
     max_conf_num = 1
 EOF
-  cat > "$K/cni/10-cml.conflist" <<EOF
+  put "$K/cni/10-cml.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "cml-test", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]],
             "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$K/cni-ipam"}},
   {"type": "loopback"}]}
 EOF
-  cat > "$K/kubelet-config.yaml" <<EOF
+  put "$K/kubelet-config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 127.0.0.1
@@ -282,7 +289,7 @@ volumePluginDir: $K/kubelet/volume-plugins
 EOF
   local token=admin-token-0123456789 u
   for u in admin kcm; do
-    cat > "$K/kubeconfig$([ $u = kcm ] && echo -kcm || true)" <<EOF
+    put "$K/kubeconfig$([ $u = kcm ] && echo -kcm || true)" <<EOF
 apiVersion: v1
 kind: Config
 clusters:

@@ -314,14 +314,14 @@ async def test_sigkill_and_restart_adopt_running_pods_and_fail_lost_ones(
 
 
 class FaultyProxy:
-    """A TCP proxy in front of the apiserver for the pod watch's connection: it can cut every
-    connection, or go silent (keep connections open and forward nothing), as a broken load
-    balancer does. New connections pass again once `heal()` is called."""
+    """A TCP proxy in front of the apiserver: it can cut every connection, go silent (keep
+    connections open and forward nothing, as a broken load balancer does), or refuse new
+    connections (`refusing`), as an apiserver that is down."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
         self.port = 0
-        self.frozen = False
+        self.refusing = False
         self.links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, list[bool]]] = []
         self.server: asyncio.base_events.Server | None = None
 
@@ -331,6 +331,9 @@ class FaultyProxy:
         return self.port
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:  # the apiserver is down: connections are closed at once
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         silent = [False]
         self.links.append((writer, up_writer, silent))
@@ -418,3 +421,155 @@ async def test_the_watch_survives_a_cut_a_silent_stall_and_410_gone(kate: Api, c
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_application_and_model_replica_run_as_pods_reached_through_their_relay(kate: Api, core: Any) -> None:
+    import aiohttp
+
+    from tests.conftest import POD_GATEWAY, apps_listener, wait_build
+    from tests.integration.test_container_workloads import APP, MODEL
+
+    _, project = await kate.post("/api/v2/projects", json={"name": "served on k8s"})
+    pid = project["id"]
+    form = aiohttp.FormData()
+    form.add_field("app.py", APP, filename="app.py")
+    form.add_field("predict.py", MODEL, filename="predict.py")
+    await kate.post(f"/api/v2/projects/{pid}/files", data=form)
+    status, app = await kate.post(f"/api/v2/projects/{pid}/applications", json={
+        "name": "podded", "subdomain": "podded", "script": "app.py", "runtime_identifier": PYTHON_IMAGE,
+        "cpu": 0.5, "memory": 1})  # the node has 2 cores: room for the app and the replica
+    assert status == 200, app
+
+    async def app_running() -> dict[str, Any] | None:
+        _, body = await kate.get(f"/api/v2/projects/{pid}/applications/{app['id']}")
+        assert body["status"] not in ("APPLICATION_FAILED", "APPLICATION_STOPPED"), body
+        return body if body["status"] == "APPLICATION_RUNNING" else None
+
+    await wait_for(app_running, 90, "the application to run")
+    async with apps_listener(kate.client) as apps:
+        resp = await apps.get("/apps/podded/deep/path", headers={"Authorization": f"Bearer {kate.key}"})
+        text = await resp.text()
+    assert resp.status == 200 and text.startswith("hello from ") and text.endswith(" at /deep/path"), text
+    run_id = text.split()[2]
+    namespace = f"{kate.client.app[SETTINGS].kubernetes_namespace_prefix}-user-kate"
+    pod = await pod_of(core, namespace, run_id)
+    assert [c.name for c in pod.spec.containers] == ["main", "relay"]
+    service = await core.read_namespaced_service(f"cml-{run_id}", namespace)
+    assert service.spec.selector["cml.appliance/workload"] == run_id
+    # Another pod on the node cannot reach the application past the appliance: the relay admits
+    # the appliance's address (the pod network's gateway, here) only.
+    assert POD_GATEWAY not in pod.status.pod_ip
+    probe = {"metadata": {"name": "probe"}, "spec": {
+        "restartPolicy": "Never", "automountServiceAccountToken": False, "containers": [{
+            "name": "probe", "image": BUSYBOX_IMAGE, "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", f"wget -q -T 5 -O - http://{pod.status.pod_ip}:18100/ && echo REACHED || echo REFUSED"]}]}}
+    await core.create_namespaced_pod(namespace, probe)
+
+    async def probe_done() -> str | None:
+        found = await core.read_namespaced_pod("probe", namespace)
+        if found.status.phase in ("Succeeded", "Failed"):
+            return await core.read_namespaced_pod_log("probe", namespace)
+        return None
+
+    output = await wait_for(probe_done, 60, "the probe pod")
+    assert "REFUSED" in output and "hello" not in output, output
+    await core.delete_namespaced_pod("probe", namespace, grace_period_seconds=0)
+
+    status, model = await kate.post(f"/api/v2/projects/{pid}/models", json={
+        "name": "doubler", "disable_authentication": True, "auto_build_model": True,
+        "auto_build_config": {"file_path": "predict.py", "function_name": "predict", "runtime_identifier": PYTHON_IMAGE},
+        "auto_deploy_model": True, "auto_deployment_config": {"replicas": 1, "cpu": 0.5, "memory": 1},
+    })
+    assert status == 200, model
+    built = await wait_build(kate, pid, model["id"], deployed=True)
+    assert built["status"] == "built", built["failure_reason"]
+
+    async def answered() -> dict[str, Any] | None:
+        resp = await kate.client.post("/model", json={"accessKey": model["access_key"], "request": {"x": 21}})
+        body = await resp.json()
+        return body if resp.status == 200 else None
+
+    try:
+        answer = await wait_for(answered, 120, "the model to answer")
+    except AssertionError:
+        rows = await kate.client.app[POOL].fetch("SELECT public_id, status, reason FROM workloads WHERE kind = 'model_replica'")
+        raise AssertionError(f"the model never answered; its replicas: {[dict(r) for r in rows]}") from None
+    assert answer["success"] is True and answer["response"] == {"double": 42}
+    replica = await kate.client.app[POOL].fetchrow("SELECT engine, public_id, node FROM workloads WHERE kind = 'model_replica'")
+    assert replica["engine"] == "kubernetes" and replica["node"] == "localhost"
+    # The replica runs the built image, pulled through the appliance's registry proxy with a
+    # pull secret, and has its gRPC certificate from a Secret; nothing of the host is mounted.
+    replica_pod = await pod_of(core, namespace, replica["public_id"])
+    assert replica_pod.spec.containers[0].image.endswith(built["built_image"])
+    assert replica_pod.spec.image_pull_secrets[0].name == f"cml-{replica['public_id']}-pull"
+    volumes = {v.name: v for v in replica_pod.spec.volumes}
+    assert set(volumes) == {"tls"} and volumes["tls"].secret.secret_name == f"cml-{replica['public_id']}-tls"
+    status, _ = await kate.post(f"/api/v2/projects/{pid}/applications/{app['id']}:stop")
+    assert status == 200
+
+
+async def test_apiserver_unreachable_refuses_new_starts_and_fails_nothing_that_runs(
+    aiohttp_client: Any, kube_settings: Any, kube_cluster: Any, tmp_path: Any
+) -> None:
+    import dataclasses
+    from urllib.parse import urlsplit
+
+    from cml_appliance.app import create_app
+    from cml_appliance.web.keys import WORKLOADS
+
+    text = kube_cluster.read_text()
+    server = next(line.split('"')[1] for line in text.splitlines() if "server:" in line)
+    proxy = FaultyProxy(urlsplit(server).port)
+    await proxy.start()
+    proxied = tmp_path / "kubeconfig"
+    proxied.write_text(text.replace(server, f"https://127.0.0.1:{proxy.port}"))
+    app_client = await aiohttp_client(create_app(dataclasses.replace(kube_settings, kubeconfig=str(proxied)),
+                                                 allow_local_git=True))
+    pool = app_client.app[POOL]
+    user = await users.create_user(pool, "otto", "otto@example.com", "correct horse")
+    otto = Api(app_client, (await api_keys.create(pool, user))[0], "otto")
+    try:
+        _, project = await otto.post("/api/v2/projects", json={"name": "outage"})
+        pid = project["id"]
+        _, session = await otto.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+        await wait_status(otto, pid, session["id"], "ENGINE_RUNNING", timeout=60)
+
+        proxy.refusing = True
+        proxy.cut()
+        status, body = await otto.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+        assert status == 503 and "Kubernetes" in body["message"], body
+        counts = await app_client.app[WORKLOADS].reconcile("kubernetes")
+        assert counts["failed"] == 0
+        _, still = await otto.get(f"/api/v2/projects/{pid}/sessions/{session['id']}")
+        assert still["status"] == "ENGINE_RUNNING", still
+
+        proxy.refusing = False
+        await otto.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
+        await wait_status(otto, pid, session["id"], "ENGINE_STOPPED", timeout=90)
+    finally:
+        await proxy.close()
+
+
+async def test_a_namespace_deleted_under_the_appliance_fails_its_workloads_and_is_made_again(kate: Api, core: Any) -> None:
+    _, project = await kate.post("/api/v2/projects", json={"name": "namespace gone"})
+    pid = project["id"]
+    _, session = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+    running = await wait_status(kate, pid, session["id"], "ENGINE_RUNNING", timeout=60)
+    namespace = running["namespace"]
+    await core.delete_namespace(namespace)
+    failed = await wait_status(kate, pid, session["id"], "ENGINE_FAILED", timeout=60)
+    assert "deleted" in failed["reason"], failed
+
+    async def namespace_gone() -> bool:
+        try:
+            await core.read_namespace(namespace)
+            return False
+        except ApiException as exc:
+            return exc.status == 404
+
+    await wait_for(namespace_gone, 90, "the namespace to go")
+    _, again = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+    await wait_status(kate, pid, again["id"], "ENGINE_RUNNING", timeout=60)
+    assert (await core.read_namespaced_resource_quota("cml-quota", namespace)).spec.hard
+    await kate.post(f"/api/v2/projects/{pid}/sessions/{again['id']}:stop")
+    await wait_status(kate, pid, again["id"], "ENGINE_STOPPED", timeout=60)

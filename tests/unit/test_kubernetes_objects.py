@@ -100,4 +100,8 @@ def test_pod_states_read_in_cmls_words() -> None:
     assert evicted.status == states.FAILED and "evicted" in evicted.reason and "low on memory" in evicted.reason
     deleted = objects.describe_pod(_status("Running", "n1", {"running": {}}), deleted=True)
     assert deleted.status == states.FAILED and deleted.gone and "deleted" in deleted.reason
+    terminating = _status("Running", "n1", {"terminated": {"exitCode": 0, "reason": "Completed"}})
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    ended = objects.describe_pod(terminating)  # a clean exit on SIGTERM is still a deleted pod
+    assert ended.status == states.FAILED and "deleted" in ended.reason and not ended.gone
     assert objects.describe_pod({"metadata": {"labels": {}}}) is None  # not ours

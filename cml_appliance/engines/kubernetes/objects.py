@@ -221,6 +221,13 @@ def describe_pod(pod: Any, *, deleted: bool = False) -> Observed | None:
     pod_reason, pod_message = _get(pod, "status", "reason"), _get(pod, "status", "message")
     main, _ = _main_state(pod)
     terminated = (main or {}).get("terminated")
+    deleting = bool(_get(pod, "metadata", "deletionTimestamp"))
+    if terminated is not None and deleting:
+        # Ended because its pod was deleted (a stop of ours reads as the stop it was: the
+        # workload is STOPPING then, and its stop status wins).
+        code = terminated.get("exitCode")
+        return Observed(workload_id, states.FAILED, "its pod was deleted (by hand, or by the cluster)", node,
+                        int(code) if code is not None else None, gone=deleted)
     if terminated is not None:
         code = terminated.get("exitCode")
         code = int(code) if code is not None else None
