@@ -154,7 +154,7 @@ async def test_bad_session_requests(alice: Api, make_user: Any) -> None:
         ({"resource_profile_id": 1, "cpu": 2}, "more than resource profile"),
         ({"cpu": 64, "memory": 2}, "more than this site allows"),
         ({"memory": 9999}, "more than this site allows"),
-        ({"nvidia_gpu": 1}, "no GPUs"),
+        ({"nvidia_gpu": 1}, "GPUs need a runtime that runs on Kubernetes"),
         ({"cpu": "2"}, "cpu"),
         ({"environment": {"IDLE_MAXIMUM_MINUTES": "soon"}}, "IDLE_MAXIMUM_MINUTES"),
         ({"flavour": "mint"}, "unknown field"),
