@@ -87,7 +87,6 @@ from cml_appliance.web.keys import (
     WORKLOADS,
 )
 from cml_appliance.web.metrics import Metrics
-from cml_appliance.workloads import states as workload_states
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.workloads.events import StatusHub
 from cml_appliance.workloads.logs import LogStore
@@ -283,11 +282,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         certificates = WorkloadCertificates(ca, settings.data_dir / "workload-tls", f"{connect}:{port}")
         app[WORKLOADS].certificates = certificates
 
-        async def renew() -> None:
-            rows = await app[POOL].fetch("SELECT public_id FROM workloads WHERE status = ANY($1::text[])", list(workload_states.ACTIVE))
-            await asyncio.to_thread(certificates.renew_due, {r["public_id"] for r in rows})
-
-        app[SUPERVISOR].loop("grpc-certificates", renew, 3600)
+        app[SUPERVISOR].loop("grpc-certificates", app[WORKLOADS].renew_certificates, 3600)
         log.info("gRPC (mutual TLS) on %s:%s", settings.host, port)
         try:
             yield

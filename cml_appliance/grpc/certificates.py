@@ -44,11 +44,12 @@ class WorkloadCertificates:
     def remove(self, workload_id: str) -> None:
         shutil.rmtree(self.directory / workload_id, ignore_errors=True)
 
-    def renew_due(self, active: set[str]) -> int:
-        """Issue again the certificates of running workloads that near their end; drop the rest."""
-        renewed = 0
+    def renew_due(self, active: set[str]) -> list[str]:
+        """Issue again the certificates of running workloads that near their end; drop the rest.
+        Returns the workload ids renewed (a pod's Secret is then replaced too)."""
+        renewed: list[str] = []
         if not self.directory.exists():
-            return 0
+            return renewed
         for folder in self.directory.iterdir():
             if folder.name not in active:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -56,5 +57,5 @@ class WorkloadCertificates:
             cert = folder / "tls.crt"
             if not cert.exists() or pki.needs_renewal(cert.read_bytes()):
                 self.issue(folder.name)
-                renewed += 1
+                renewed.append(folder.name)
         return renewed

@@ -599,6 +599,22 @@ class WorkloadService:
         finally:
             self._owned.pop(row.id, None)
 
+    # gRPC certificates ---------------------------------------------------------------------
+
+    async def renew_certificates(self) -> list[str]:
+        """Issue again the certificates of active workloads that near their end (and drop those
+        of ended ones); a pod's is a Secret, which is replaced too."""
+        if self.certificates is None:
+            return []
+        rows = await self.pool.fetch("SELECT public_id, engine, handle FROM workloads WHERE status = ANY($1::text[])",
+                                     list(states.ACTIVE))
+        renewed = await asyncio.to_thread(self.certificates.renew_due, {r["public_id"] for r in rows})
+        for r in rows:
+            engine = self.engines.get(r["engine"])
+            if r["public_id"] in renewed and r["handle"] and hasattr(engine, "replace_tls_secret"):
+                await engine.replace_tls_secret(r["handle"], self.certificates.directory / r["public_id"])  # type: ignore[union-attr]
+        return renewed
+
     # Session limits ------------------------------------------------------------------------
 
     async def enforce_time_limits(self) -> int:

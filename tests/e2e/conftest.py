@@ -120,3 +120,10 @@ async def container_browser(container_client: TestClient) -> AsyncIterator[Brows
     """The same, on an app whose container engine is Podman."""
     async with browser_for(container_client) as b:
         yield b
+
+
+@pytest.fixture
+async def kube_browser(kube_client: TestClient) -> AsyncIterator[Browser]:
+    """The same, on an app whose workloads run as pods on the test cluster."""
+    async with browser_for(kube_client) as b:
+        yield b

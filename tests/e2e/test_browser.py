@@ -231,7 +231,50 @@ async def test_container_session_terminal_in_the_browser(container_browser: Brow
     await _session_in_the_browser(container_browser, alice, runtime=BUSYBOX_IMAGE, shot="session-container-terminal")
 
 
-async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str, shot: str) -> None:
+async def test_kubernetes_session_in_the_browser_shows_where_it_runs_and_why_it_waits(
+    kube_browser: Browser, kube_client: TestClient
+) -> None:
+    """A session as a pod: the same page, terminal and live status, plus its namespace and node;
+    a session the node cannot take shows the scheduler's reason in words, on a phone too."""
+    from playwright.async_api import expect
+
+    from cml_appliance.auth import api_keys, users
+    from cml_appliance.web.keys import POOL, SETTINGS
+    from tests.conftest import BUSYBOX_IMAGE, Api
+
+    pool = kube_client.app[POOL]
+    user = await users.create_user(pool, "alice", "alice@example.com", PASSWORD)
+    secret, _ = await api_keys.create(pool, user)
+    alice = Api(kube_client, secret, "alice")
+    namespace = f"{kube_client.app[SETTINGS].kubernetes_namespace_prefix}-user-alice"
+    page = kube_browser.page
+
+    async def where_it_runs() -> None:
+        await expect(page.locator("#session-summary .meta")).to_contain_text(
+            f"kubernetes engine · namespace {namespace} · node localhost")
+
+    await _session_in_the_browser(kube_browser, alice, runtime=BUSYBOX_IMAGE, shot="session-kubernetes-terminal",
+                                  while_running=where_it_runs)
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "Too Big"})
+    status, waiting = await alice.post(f"/api/v2/projects/{project['id']}/sessions",
+                                       json={"runtime_identifier": BUSYBOX_IMAGE, "cpu": 8, "memory": 1, "name": "Huge"})
+    assert status == 200, waiting
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.goto(kube_browser.url(f"/projects/{project['id']}/sessions"))
+    row = page.locator(f"tr[data-session='{waiting['id']}']")
+    await expect(row).to_contain_text("Insufficient cpu", timeout=30_000)
+    await expect(row.locator(".status")).to_have_text("Scheduling")
+    await kube_browser.shot("sessions-kubernetes-waiting-phone")
+    await page.goto(kube_browser.url(f"/projects/{project['id']}/sessions/{waiting['id']}"))
+    await expect(page.locator("#session-reason")).to_contain_text("waiting for a node")
+    await kube_browser.shot("session-kubernetes-waiting-phone")
+    await alice.post(f"/api/v2/projects/{project['id']}/sessions/{waiting['id']}:stop")
+    kube_browser.assert_clean()
+
+
+async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str, shot: str,
+                                  while_running: Any = None) -> None:
     """Start a session from the UI, watch its status change live, type in its terminal, stop it."""
     from playwright.async_api import expect
 
@@ -249,6 +292,8 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     await expect(page.locator("#session-status")).to_have_attribute("title", "ENGINE_RUNNING")
     await expect(page.locator("#terminal-state")).to_have_text("connected")
     await expect(page.locator("#console")).to_contain_text("is running in project terminal-demo")
+    if while_running is not None:
+        await while_running()
 
     await page.click("#terminal")
     await page.keyboard.type("echo answer-$((6*7)) && pwd\n")

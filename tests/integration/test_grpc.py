@@ -165,6 +165,6 @@ def test_certificates_near_their_end_are_issued_again(tmp_path: Path) -> None:
     certificates.issue("gone")
     short = ca.issue_client("workload:w1", days=2)  # within the renewal window
     (folder / "tls.crt").write_bytes(short.cert_pem)
-    assert certificates.renew_due({"w1"}) == 1
+    assert certificates.renew_due({"w1"}) == ["w1"]
     assert not pki.needs_renewal((folder / "tls.crt").read_bytes())
     assert not (tmp_path / "workload-tls" / "gone").exists()  # a workload that ended leaves nothing

@@ -408,9 +408,13 @@ async def test_the_watch_survives_a_cut_a_silent_stall_and_410_gone(kate: Api, c
         # keeps; it lists again instead of giving up.
         await wait_for(lambda: _true(bool(proxy.links)), 30, "the watch to reconnect")
         expired, relists = watcher.expired, watcher.relists
-        watcher.resource_version = "1"
-        proxy.cut()
-        await wait_for(lambda: _true(watcher.expired > expired and watcher.relists > relists), 60, "a relist after 410 Gone")
+        # A line already read from the cut connection may still move resource_version on: set it
+        # again and cut again until a resume has used "1".
+        async with asyncio.timeout(60):
+            while not (watcher.expired > expired and watcher.relists > relists):
+                watcher.resource_version = "1"
+                proxy.cut()
+                await asyncio.sleep(1.5)
         await kate.post(f"/api/v2/projects/{pid}/sessions/{second['id']}:stop")
         await wait_status(kate, pid, second["id"], "ENGINE_STOPPED", timeout=60)
         status, ready = await kate.get("/readyz")
@@ -573,3 +577,52 @@ async def test_a_namespace_deleted_under_the_appliance_fails_its_workloads_and_i
     assert (await core.read_namespaced_resource_quota("cml-quota", namespace)).spec.hard
     await kate.post(f"/api/v2/projects/{pid}/sessions/{again['id']}:stop")
     await wait_status(kate, pid, again["id"], "ENGINE_STOPPED", timeout=60)
+
+
+async def test_a_pods_grpc_certificate_is_a_secret_renewed_in_place(kate: Api, core: Any) -> None:
+    from cml_appliance.core import pki
+    from cml_appliance.web.keys import WORKLOADS
+
+    _, project = await kate.post("/api/v2/projects", json={"name": "certificates"})
+    pid = project["id"]
+    _, session = await kate.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": BUSYBOX_IMAGE})
+    running = await wait_status(kate, pid, session["id"], "ENGINE_RUNNING", timeout=60)
+    sid, namespace = session["id"], running["namespace"]
+    secret = await core.read_namespaced_secret(f"cml-{sid}-tls", namespace)
+    assert set(secret.data) == {"ca.pem", "tls.crt", "tls.key"}
+    term = await open_terminal(kate, pid, sid)
+    await term.send("ls /run/cml/tls; echo $CML_GRPC_CERT\n")
+    await term.expect("/run/cml/tls/tls.crt", timeout=20)
+    await term.expect("tls.key")
+
+    # The certificate nears its end: it is issued again, and the Secret follows.
+    service = kate.client.app[WORKLOADS]
+    folder = service.certificates.directory / sid
+    ca = pki.CertificateAuthority.load_or_create(kate.client.app[SETTINGS].pki_dir)
+    (folder / "tls.crt").write_bytes(ca.issue_client(f"workload:{sid}", days=1).cert_pem)
+    assert sid in await service.renew_certificates()
+    renewed = await core.read_namespaced_secret(f"cml-{sid}-tls", namespace)
+    import base64
+
+    assert renewed.data["tls.crt"] != secret.data["tls.crt"]
+    assert base64.b64decode(renewed.data["tls.crt"]) == (folder / "tls.crt").read_bytes()
+    assert not pki.needs_renewal((folder / "tls.crt").read_bytes())
+    await kate.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
+    await wait_status(kate, pid, sid, "ENGINE_STOPPED", timeout=60)
+
+
+async def test_one_pod_watcher_per_site_however_many_appliance_processes(kube_client: Any, aiohttp_client: Any,
+                                                                         kube_settings: Any) -> None:
+    from cml_appliance.app import create_app
+
+    second = await aiohttp_client(create_app(kube_settings, allow_local_git=True))
+    first_watcher, second_watcher = kube_client.app[POD_WATCHER], second.app[POD_WATCHER]
+    await wait_for(lambda: _true({first_watcher.role, second_watcher.role} == {"active", "standby"}), 30,
+                   "one watcher active and the other standing by")
+    for client_ in (kube_client, second):
+        resp = await client_.get("/metrics")
+        text = await resp.text()
+        assert "cml_kubernetes_watch_cache_age_seconds" in text and "cml_kubernetes_watch_restarts" in text
+    standby = second if second_watcher.role == "standby" else kube_client
+    resp = await standby.get("/readyz")
+    assert (await resp.json())["kubernetes"]["watch"] == "standby"

@@ -105,3 +105,64 @@ def test_pod_states_read_in_cmls_words() -> None:
     ended = objects.describe_pod(terminating)  # a clean exit on SIGTERM is still a deleted pod
     assert ended.status == states.FAILED and "deleted" in ended.reason and not ended.gone
     assert objects.describe_pod({"metadata": {"labels": {}}}) is None  # not ours
+
+
+def _engine(projects_volume: str = ""):
+    from pathlib import Path
+
+    from kubernetes_asyncio import client
+
+    from cml_appliance.engines.kubernetes.engine import KubernetesEngine, KubernetesSettings
+
+    settings = KubernetesSettings(kubeconfig="x", projects_volume=projects_volume)
+    return KubernetesEngine("s1", settings, client.Configuration(), projects_dir=Path("/data/projects"), stop_grace=3)
+
+
+def _spec(project_dir: str, mount: bool = True):
+    from pathlib import Path
+
+    from cml_appliance.engines.base import LaunchSpec
+
+    return LaunchSpec(workload_id="w1", kind="session", command=[], env={}, project_dir=Path(project_dir),
+                      image="i", cpu=1, memory_mb=512, mount_project=mount, owner="alice")
+
+
+async def test_project_files_come_from_a_claim_or_the_nodes_disk() -> None:
+    engine = _engine("shared-projects")
+    assert engine._project_volume(_spec("/data/projects/p1")) == {
+        "persistentVolumeClaim": {"claimName": "shared-projects"}, "subPath": "p1"}
+    assert _engine("/mnt/cml/projects")._project_volume(_spec("/data/projects/p1")) == {
+        "hostPath": {"path": "/mnt/cml/projects/p1", "type": "Directory"}}
+    assert _engine()._project_volume(_spec("/data/projects/p1"))["hostPath"]["path"] == "/data/projects/p1"
+    assert _engine()._project_volume(_spec("/data/projects/p1", mount=False)) is None  # a built image's own
+
+
+async def test_transient_apiserver_errors_are_retried_and_409_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes_asyncio.client.rest import ApiException
+
+    from cml_appliance.engines.kubernetes import engine as kube
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    monkeypatch.setattr(kube.asyncio, "sleep", no_sleep)
+    answers = [ApiException(status=503), ApiException(status=500), "made"]
+
+    async def flaky() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert await kube.with_retries(flaky, "test") == "made"
+
+    async def exists() -> None:
+        raise ApiException(status=409)
+
+    await kube.create_idempotent(exists, "test")  # no error: it is there already
+
+    async def forbidden() -> None:
+        raise ApiException(status=403)
+
+    with pytest.raises(ApiException):
+        await kube.create_idempotent(forbidden, "test")

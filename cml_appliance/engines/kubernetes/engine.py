@@ -63,6 +63,12 @@ async def load_configuration(settings: KubernetesSettings) -> client.Configurati
     return configuration
 
 
+def _tls_data(folder: Path) -> dict[str, str]:
+    """A workload's certificate files (grpc/certificates.py) as Secret data."""
+    return {name: base64.b64encode((folder / name).read_bytes()).decode()
+            for name in ("ca.pem", "tls.crt", "tls.key") if (folder / name).exists()}
+
+
 def _unavailable(exc: BaseException) -> EngineUnavailable:
     return EngineUnavailable(f"the Kubernetes apiserver cannot be reached: {exc}")
 
@@ -266,10 +272,7 @@ class KubernetesEngine:
         tls_secret = pull_secret = None
         if spec.tls_dir is not None:
             tls_secret = f"{name}-tls"
-            files = {"ca.pem": "ca.pem", "tls.crt": "tls.crt", "tls.key": "tls.key"}
-            data = {key: base64.b64encode((spec.tls_dir / path).read_bytes()).decode() for key, path in files.items()
-                    if (spec.tls_dir / path).exists()}
-            body = {"metadata": {"name": tls_secret, "labels": labels}, "type": "Opaque", "data": data}
+            body = {"metadata": {"name": tls_secret, "labels": labels}, "type": "Opaque", "data": _tls_data(spec.tls_dir)}
             await create_idempotent(lambda: self.core.create_namespaced_secret(namespace, body), "tls secret")
         if spec.registry_auth is not None:
             pull_secret = f"{name}-pull"
@@ -296,6 +299,16 @@ class KubernetesEngine:
             service = objects.service_body(name, self.site_id, spec.workload_id, relay[1] + RELAY_PORT_OFFSET)
             await create_idempotent(lambda: self.core.create_namespaced_service(namespace, service), "service")
         return f"{namespace}/{name}"
+
+    async def replace_tls_secret(self, handle: str, folder: Path) -> None:
+        """A renewed gRPC certificate: the pod's Secret gets it (the kubelet updates the mounted
+        files within its sync period)."""
+        namespace, name = self._split(handle)
+        patch = {"data": _tls_data(folder)}
+        try:
+            await with_retries(lambda: self.core.patch_namespaced_secret(f"{name}-tls", namespace, patch), "tls secret")
+        except ApiException as exc:
+            log.warning("cannot renew the gRPC certificate of %s: %s", handle, api_message(exc))
 
     @staticmethod
     def _split(handle: str) -> tuple[str, str]:
