@@ -44,6 +44,10 @@ from cml_appliance.jobs import api as jobs_api
 from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
+from cml_appliance.experiments import api as experiments_api
+from cml_appliance.experiments import mlflow_api
+from cml_appliance.experiments.artifacts import ArtifactStore
+from cml_appliance.experiments.service import TrackingService
 from cml_appliance.models import api as models_api
 from cml_appliance.models import ui as models_ui
 from cml_appliance.builds.image import ImageBuilder
@@ -68,6 +72,7 @@ from cml_appliance.web.keys import (
     APP_PROXY_SESSION,
     APPLICATIONS,
     APPS_ORIGIN,
+    ARTIFACTS,
     JOBS,
     METRICS,
     GIT,
@@ -83,6 +88,7 @@ from cml_appliance.web.keys import (
     SETTINGS,
     STATUS_HUB,
     SUPERVISOR,
+    TRACKING,
     WEBSOCKETS,
     WORKLOADS,
 )
@@ -161,6 +167,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         if failed:
             log.warning("marked %d project creation(s) interrupted by a restart as failed", failed)
         app[PROJECTS] = projects
+        app[TRACKING] = TrackingService(app[POOL], projects, settings.data_dir / "artifacts")
+        app[ARTIFACTS] = ArtifactStore(app[TRACKING], settings.max_upload_mb * 1024 * 1024)
         yield
 
     async def image_registry(app: web.Application) -> AsyncIterator[None]:
@@ -317,6 +325,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(applications_api.routes())
     app.router.add_routes(applications_proxy.routes())
     app.router.add_routes(models_api.routes())
+    app.router.add_routes(experiments_api.routes())
+    app.router.add_routes(mlflow_api.routes())
     app.router.add_routes(git_http.routes())
     app.router.add_routes(registry_proxy.routes())
     app.router.add_routes(auth_ui.routes())

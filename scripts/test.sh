@@ -23,6 +23,10 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt -e .
+# The workloads' own Python (mlflow, scikit-learn, jupyterlab): a venv apart, so that MLflow's
+# dependencies never decide the appliance's.
+[ -x .venv-workload/bin/python ] || "$PYTHON" -m venv .venv-workload
+.venv-workload/bin/pip install -q --disable-pip-version-check -r requirements-workload.txt
 
 # Podman with the settings these machines need (runc, cgroupfs, lowered ulimits), never /etc.
 export CONTAINERS_CONF="$PWD/config/podman/containers.conf"

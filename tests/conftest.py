@@ -475,3 +475,17 @@ async def kube_settings(container_settings: Settings, kube_cluster: Path, kube_i
 @pytest.fixture
 async def kube_client(aiohttp_client: Any, kube_settings: Settings) -> TestClient:
     return await aiohttp_client(create_app(kube_settings, allow_local_git=True))
+
+
+# The workloads' Python ------------------------------------------------------------------------
+
+WORKLOAD_VENV = REPO / ".venv-workload"
+
+
+@pytest.fixture(scope="session")
+def workload_python() -> Path:
+    """The Python with the real mlflow, scikit-learn and jupyterlab (requirements-workload.txt),
+    made by scripts/test.sh apart from the appliance's own environment."""
+    python = WORKLOAD_VENV / "bin" / "python"
+    require_tool(python.exists(), "the workloads' Python (.venv-workload, made by scripts/test.sh)")
+    return python

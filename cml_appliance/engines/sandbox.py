@@ -54,7 +54,7 @@ class Sandbox:
     def _runtime_dirs(self, path_dirs: Iterable[str]) -> list[str]:
         """What of PATH lies outside the system paths, each to be bound read-only: the directory
         itself (a tool's bin, never its parent, which may hold credentials), except a pyenv's
-        shims, which need the whole pyenv; and whole interpreter prefixes (a venv's or a Python's
+        shims, which need the whole pyenv, and a virtualenv's bin, which needs the venv; and whole interpreter prefixes (a venv's or a Python's
         own, given as such). One that holds or sits in a hidden directory is left out."""
         chosen: list[str] = []
         for entry in path_dirs:
@@ -67,6 +67,8 @@ class Sandbox:
             if "plugins" in real.parts:  # pyenv's plugins' shims: the pyenv they belong to
                 root = Path(*real.parts[: real.parts.index("plugins")])
             elif real.name == "shims" and (real.parent / "versions").is_dir():
+                root = real.parent
+            elif real.name == "bin" and (real.parent / "pyvenv.cfg").is_file():  # a venv's bin: its packages too
                 root = real.parent
             if any(root == h or root.is_relative_to(h) or h.is_relative_to(root) for h in self.hidden):
                 log.warning("not binding %s into workload sandboxes: it holds or sits in the data dir", root)

@@ -129,6 +129,14 @@ async def list_visible(
     return [_project(r) for r in rows[: q.page_size]], len(rows) > q.page_size
 
 
+async def visible_ids(conn: asyncpg.Pool | asyncpg.Connection, user: User) -> list[int]:
+    """The ids of every project the user holds a role on (for listings across projects)."""
+    rows = await conn.fetch(
+        f"SELECT id FROM ({_SELECT}) v WHERE v.role <> '' AND ($3::bigint IS NULL OR v.id = $3)",
+        user.id, user.is_admin, user.scope_project_id)
+    return [r["id"] for r in rows]
+
+
 async def insert(conn: asyncpg.Connection, values: dict[str, Any]) -> int:
     columns = ", ".join(values)
     placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))

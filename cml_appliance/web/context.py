@@ -21,7 +21,8 @@ PRELOGIN_NONCE = web.RequestKey("prelogin_nonce", str)
 
 
 def is_api_path(path: str) -> bool:
-    return path.startswith("/api/")
+    """Paths answered in JSON to callers with API keys: API v2 and each project's MLflow API."""
+    return path.startswith(("/api/", "/mlflow/"))
 
 
 def current_user(request: web.Request) -> User:

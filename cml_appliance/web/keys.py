@@ -12,6 +12,8 @@ from cml_appliance.applications.origin import AppsOrigin
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.experiments.artifacts import ArtifactStore
+from cml_appliance.experiments.service import TrackingService
 from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
@@ -37,6 +39,9 @@ APPLICATIONS = web.AppKey("applications", ApplicationService)
 APPS_ORIGIN = web.AppKey("apps_origin", AppsOrigin)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
+# Experiment tracking (experiments/): runs, metrics and the like in Postgres, artifacts on disk.
+TRACKING = web.AppKey("tracking", TrackingService)
+ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
 # The backing OCI registry (registry/embedded.py), and the proxy's connection to it.
 REGISTRY = web.AppKey("registry", RegistryStatus)
 REGISTRY_SESSION = web.AppKey("registry_session", aiohttp.ClientSession)

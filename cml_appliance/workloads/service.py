@@ -53,7 +53,8 @@ REPORTED_CLEANUP_DELAY = 15
 # Variables the platform sets; user environments cannot change them.
 PLATFORM_VARIABLES = frozenset(
     {"CDSW_PROJECT", "CDSW_PROJECT_ID", "CDSW_ENGINE_ID", "CDSW_APIV2_KEY", "CDSW_API_URL", "CDSW_DOMAIN",
-     "CDSW_APP_PORT", "CDSW_READONLY_PORT", "CDSW_CPU_MILLICORES", "CDSW_MEMORY_MB", "CML_SITE_ID", "CML_WORKLOAD_ID"}
+     "CDSW_APP_PORT", "CDSW_READONLY_PORT", "CDSW_CPU_MILLICORES", "CDSW_MEMORY_MB", "CML_SITE_ID", "CML_WORKLOAD_ID",
+     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN"}
 )
 
 
@@ -179,7 +180,13 @@ class WorkloadService:
             "CDSW_CPU_MILLICORES": str(int(row.cpu * 1000)),
             "CDSW_MEMORY_MB": str(int(row.memory * 1024)),
             "HADOOP_USER_NAME": user_env.get("HADOOP_USER_NAME", row.creator["username"]),
+            # The unmodified mlflow client logs into this project's experiments with the workload's key.
+            "MLFLOW_TRACKING_URI": f"{self.base_url}/mlflow/{project.public_id}",
+            "MLFLOW_TRACKING_TOKEN": secret,
             "HOME": str(self.projects_dir / project.public_id),
+            # Workloads run as uid 8536, CML's cdsw, which no passwd file may know: tools that ask
+            # who runs them (getpass, mlflow's user tag) read these instead.
+            "USER": "cdsw", "LOGNAME": "cdsw",
         }
 
     def _row_values(self, user: User, project: Project, request: LaunchRequest) -> dict[str, Any]:

@@ -563,3 +563,53 @@ async def test_models_builds_and_deployments(cml: Cml, make_user: Any) -> None:
     await cml("DeleteModelBuild", alice, project_id=pid, model_id=model["id"], build_id=spare["id"])
     await cml.error(HTTPNotFound, "GetModelBuild", alice, project_id=pid, model_id=model["id"], build_id=spare["id"])
     await cml("DeleteModel", alice, project_id=pid, model_id=model["id"])
+
+
+async def test_experiments_and_runs(cml: Cml, make_user: Any) -> None:
+    """All 14 experiment operations, in CML's shapes."""
+    alice, bob = await make_user("alice"), await make_user("bob")
+    pid = (await cml("CreateProject", alice, body={"name": "experiments"}))["id"]
+    experiment = await cml("CreateExperiment", alice, project_id=pid, body={"project_id": pid, "name": "churn",
+                                                                            "tags": [{"key": "team", "value": "blue"}]})
+    eid = experiment["id"]
+    assert experiment["user"]["username"] == "alice" and experiment["lifecycle_stage"] == "active"
+    listed = await cml("ListExperiments", alice, project_id=pid, search_filter=json.dumps({"name": "chu"}), sort="-name")
+    assert [e["id"] for e in listed["experiments"]] == [eid]
+    assert eid in [e["id"] for e in (await cml("ListAllExperiments", alice, page_size=10))["experiments"]]
+    renamed = await cml("UpdateExperiment", alice, **{"experiment.project_id": pid, "experiment.id": eid},
+                        body={"name": "churn v2"})
+    assert renamed["name"] == "churn v2"
+    assert (await cml("GetExperiment", alice, project_id=pid, experiment_id=eid))["name"] == "churn v2"
+
+    run = await cml("CreateExperimentRun", alice, project_id=pid, experiment_id=eid,
+                    body={"project_id": pid, "experiment_id": eid, "run_name": "baseline",
+                          "start_time": datetime(2026, 12, 1, 10, tzinfo=UTC)})
+    assert run["status"] == "EXPERIMENT_RUN_RUNNING" and run["start_time"] == datetime(2026, 12, 1, 10, tzinfo=UTC)
+    await cml("LogExperimentRunBatch", alice, project_id=pid, experiment_id=eid, run_id=run["id"], body={
+        "metrics": [{"key": "auc", "value": 0.5 + i / 100, "timestamp": datetime(2026, 12, 1, 10, 0, i, tzinfo=UTC),
+                     "step": str(i)}
+                    for i in range(3)],
+        "params": [{"key": "depth", "value": "4"}], "tags": [{"key": "note", "value": "first"}]})
+    got = await cml("GetExperimentRun", alice, project_id=pid, experiment_id=eid, run_id=run["id"])
+    assert got["data"]["metrics"] == [{"key": "auc", "value": 0.52, "timestamp": datetime(2026, 12, 1, 10, 0, 2, tzinfo=UTC),
+                                       "step": "2"}]
+    history = await cml("GetExperimentRunMetrics", alice, project_id=pid, experiment_id=eid, run_id=run["id"], metric_key="auc")
+    assert [m["step"] for m in history["metrics"]] == ["0", "1", "2"]
+    finished = await cml("UpdateExperimentRun", alice, project_id=pid, experiment_id=eid, **{"run.id": run["id"]},
+                         body={"status": "EXPERIMENT_RUN_FINISHED", "end_time": datetime(2026, 12, 1, 11, tzinfo=UTC)})
+    assert finished["status"] == "EXPERIMENT_RUN_FINISHED"
+    runs = await cml("ListExperimentRuns", alice, project_id=pid, experiment_id=eid, sort="-metrics.auc",
+                     search_filter=json.dumps({"params.depth": "4", "metrics.auc": ">0.5"}), page_size=5)
+    assert [r["id"] for r in runs["experiment_runs"]] == [run["id"]]
+    await cml("DeleteExperimentRunBatch", alice, project_id=pid, experiment_id=eid, run_id=run["id"],
+              body={"params": ["depth"], "tags": ["note"]})
+    got = await cml("GetExperimentRun", alice, project_id=pid, experiment_id=eid, run_id=run["id"])
+    assert not got["data"].get("params")
+    assert got["data"]["tags"] == [{"key": "mlflow.runName", "value": "baseline"}]  # "note" is gone; MLflow's own stays
+
+    await cml.error(HTTPNotFound, "GetExperimentRun", bob, project_id=pid, experiment_id=eid, run_id=run["id"])
+    await cml.error(HTTPBadRequest, "ListExperimentRuns", alice, project_id=pid, experiment_id=eid, sort="colour")
+    await cml("DeleteExperimentRun", alice, project_id=pid, experiment_id=eid, run_id=run["id"])
+    assert not (await cml("ListExperimentRuns", alice, project_id=pid, experiment_id=eid)).get("experiment_runs")
+    await cml("DeleteExperiment", alice, project_id=pid, experiment_id=eid)
+    assert eid not in [e["id"] for e in (await cml("ListExperiments", alice, project_id=pid))["experiments"]]
