@@ -408,13 +408,15 @@ async def test_the_watch_survives_a_cut_a_silent_stall_and_410_gone(kate: Api, c
         # keeps; it lists again instead of giving up.
         await wait_for(lambda: _true(bool(proxy.links)), 30, "the watch to reconnect")
         expired, relists = watcher.expired, watcher.relists
-        # A line already read from the cut connection may still move resource_version on: set it
-        # again and cut again until a resume has used "1".
+        # A line already read from the cut connection may still move resource_version on: keep
+        # it at "1" until the watch has connected again (cutting again would only lengthen its
+        # back-off).
+        proxy.cut()
         async with asyncio.timeout(60):
-            while not (watcher.expired > expired and watcher.relists > relists):
+            while not proxy.links:
                 watcher.resource_version = "1"
-                proxy.cut()
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(0.01)
+        await wait_for(lambda: _true(watcher.expired > expired and watcher.relists > relists), 30, "a relist after 410 Gone")
         await kate.post(f"/api/v2/projects/{pid}/sessions/{second['id']}:stop")
         await wait_status(kate, pid, second["id"], "ENGINE_STOPPED", timeout=60)
         status, ready = await kate.get("/readyz")
@@ -462,7 +464,7 @@ async def test_application_and_model_replica_run_as_pods_reached_through_their_r
     assert service.spec.selector["cml.appliance/workload"] == run_id
     # Another pod on the node cannot reach the application past the appliance: the relay admits
     # the appliance's address (the pod network's gateway, here) only.
-    assert POD_GATEWAY not in pod.status.pod_ip
+    assert pod.status.pod_ip != POD_GATEWAY
     probe = {"metadata": {"name": "probe"}, "spec": {
         "restartPolicy": "Never", "automountServiceAccountToken": False, "containers": [{
             "name": "probe", "image": BUSYBOX_IMAGE, "imagePullPolicy": "IfNotPresent",
