@@ -45,8 +45,11 @@ from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
 from cml_appliance.experiments import api as experiments_api
-from cml_appliance.experiments import mlflow_api
+from cml_appliance.experiments import mlflow_api, mlflow_registry_api
+from cml_appliance.experiments import registry_api
+from cml_appliance.experiments import ui as experiments_ui
 from cml_appliance.experiments.artifacts import ArtifactStore
+from cml_appliance.experiments.registry import ModelRegistry
 from cml_appliance.experiments.service import TrackingService
 from cml_appliance.models import api as models_api
 from cml_appliance.models import ui as models_ui
@@ -73,6 +76,7 @@ from cml_appliance.web.keys import (
     APPLICATIONS,
     APPS_ORIGIN,
     ARTIFACTS,
+    MODEL_REGISTRY,
     JOBS,
     METRICS,
     GIT,
@@ -168,7 +172,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             log.warning("marked %d project creation(s) interrupted by a restart as failed", failed)
         app[PROJECTS] = projects
         app[TRACKING] = TrackingService(app[POOL], projects, settings.data_dir / "artifacts")
-        app[ARTIFACTS] = ArtifactStore(app[TRACKING], settings.max_upload_mb * 1024 * 1024)
+        app[MODEL_REGISTRY] = ModelRegistry(app[POOL], app[TRACKING], settings.data_dir / "model-registry")
+        app[ARTIFACTS] = ArtifactStore(app[TRACKING], app[MODEL_REGISTRY], settings.max_upload_mb * 1024 * 1024)
         yield
 
     async def image_registry(app: web.Application) -> AsyncIterator[None]:
@@ -236,7 +241,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
                                    builds=BuildSettings(builder, registry.why_not, app[INTERNAL_URL],
                                                         settings.build_snapshot_max_mb * 1024 * 1024,
                                                         settings.build_concurrency, settings.build_timeout_seconds,
-                                                        settings.build_lease_seconds))
+                                                        settings.build_lease_seconds),
+                                   registry=app[MODEL_REGISTRY])
         app[METRICS].watch_gauge("cml_model_replacements_pending", "Lost model replicas waiting to be replaced",
                                  lambda: app[MODELS].replacements_pending)
         app[APP_PROXY_SESSION] = aiohttp.ClientSession(
@@ -326,9 +332,12 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(applications_proxy.routes())
     app.router.add_routes(models_api.routes())
     app.router.add_routes(experiments_api.routes())
+    app.router.add_routes(registry_api.routes())
+    app.router.add_routes(mlflow_registry_api.routes())  # before mlflow_api's catch-all
     app.router.add_routes(mlflow_api.routes())
     app.router.add_routes(git_http.routes())
     app.router.add_routes(registry_proxy.routes())
+    app.router.add_routes(experiments_ui.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

@@ -4,6 +4,7 @@ test run, and every test starting from empty tables."""
 from __future__ import annotations
 
 import asyncio
+import json
 import dataclasses
 import os
 import shutil
@@ -489,3 +490,21 @@ def workload_python() -> Path:
     python = WORKLOAD_VENV / "bin" / "python"
     require_tool(python.exists(), "the workloads' Python (.venv-workload, made by scripts/test.sh)")
     return python
+
+
+async def run_mlflow_client(python: Path, tracking_uri: str, token: str, script: str,
+                            timeout: float = 240) -> dict[str, Any]:
+    """Run a script in the workloads' Python with the variables a workload gets; its RESULT line."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
+           "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_TRACKING_TOKEN": token, "GIT_PYTHON_REFRESH": "quiet"}
+    proc = await asyncio.create_subprocess_exec(str(python), "-c", script, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-6000:]
+    line = next(line for line in text.splitlines() if line.startswith("RESULT "))
+    return dict(json.loads(line.removeprefix("RESULT ")))
+
+
+def tracking_uri(api: Api, project_id: str) -> str:
+    return f"http://127.0.0.1:{api.client.server.port}/mlflow/{project_id}"

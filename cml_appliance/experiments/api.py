@@ -52,7 +52,7 @@ def _name(entity_key: str) -> str:
     return f"{entity}.`{key.replace('`', '')}`"
 
 
-def _filter(raw: str, keys: dict[str, str], dynamic: bool) -> str:
+def search_filter(raw: str, keys: dict[str, str], dynamic: bool) -> str:
     """CML's search_filter (a JSON object) as an MLflow filter string."""
     if not raw:
         return ""
@@ -85,7 +85,7 @@ def _filter(raw: str, keys: dict[str, str], dynamic: bool) -> str:
     return " AND ".join(clauses)
 
 
-def _order(raw: str, keys: dict[str, str], dynamic: bool) -> list[str]:
+def sort_order(raw: str, keys: dict[str, str], dynamic: bool) -> list[str]:
     out = []
     for part in raw.split(","):
         part = part.strip()
@@ -104,7 +104,7 @@ def _order(raw: str, keys: dict[str, str], dynamic: bool) -> list[str]:
     return out
 
 
-def _paging(request: web.Request) -> tuple[int, int]:
+def paging(request: web.Request) -> tuple[int, int]:
     raw = request.query.get("page_size", "")
     try:
         size = int(raw) if raw not in ("", "0") else DEFAULT_PAGE_SIZE
@@ -115,11 +115,11 @@ def _paging(request: web.Request) -> tuple[int, int]:
     return size, page_token_in(request.query.get("page_token"))
 
 
-def _ms_time(ms: int | None) -> str:
+def ms_time(ms: int | None) -> str:
     return rfc3339(datetime.fromtimestamp(ms / 1000, UTC)) if ms is not None else ""
 
 
-def _tags(mapping: dict[str, str]) -> list[dict[str, str]]:
+def tag_list(mapping: dict[str, str]) -> list[dict[str, str]]:
     return [{"key": k, "value": v} for k, v in sorted(mapping.items())]
 
 
@@ -127,26 +127,26 @@ def experiment_json(experiment: Experiment) -> dict[str, Any]:
     return {
         "id": experiment.public_id, "project_id": experiment.project_public_id, "name": experiment.name,
         "artifact_location": experiment.artifact_location, "created_at": rfc3339(experiment.created_at),
-        "updated_at": rfc3339(experiment.updated_at), "tags": _tags(experiment.tags),
+        "updated_at": rfc3339(experiment.updated_at), "tags": tag_list(experiment.tags),
         "lifecycle_stage": experiment.lifecycle_stage, "user": experiment.creator,
     }
 
 
 def metric_json(metric: Metric) -> dict[str, Any]:
-    return {"key": metric.key, "value": number_out(metric.value), "timestamp": _ms_time(metric.timestamp),
+    return {"key": metric.key, "value": number_out(metric.value), "timestamp": ms_time(metric.timestamp),
             "step": str(metric.step)}
 
 
 def run_json(run: Run) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": run.run_id, "name": run.run_name, "experiment_id": run.experiment_public_id, "user": run.creator,
-        "status": RUN_STATUS_PREFIX + run.status, "start_time": _ms_time(run.start_time),
+        "status": RUN_STATUS_PREFIX + run.status, "start_time": ms_time(run.start_time),
         "artifact_uri": run.artifact_uri,
-        "data": {"metrics": [metric_json(m) for m in run.metrics()], "params": _tags(run.params), "tags": _tags(run.tags)},
+        "data": {"metrics": [metric_json(m) for m in run.metrics()], "params": tag_list(run.params), "tags": tag_list(run.tags)},
         "inputs": {"dataset_inputs": [i for i in run.inputs if "dataset" in i]},
     }
     if run.end_time is not None:
-        data["end_time"] = _ms_time(run.end_time)
+        data["end_time"] = ms_time(run.end_time)
     return data
 
 
@@ -154,7 +154,7 @@ def _page(key: str, items: list[Any], offset: int, more: bool) -> web.Response:
     return web.json_response({key: items, "next_page_token": page_token_out(offset + len(items)) if more else ""})
 
 
-def _same(body: dict[str, Any], field: str, expected: str) -> None:
+def same_as_path(body: dict[str, Any], field: str, expected: str) -> None:
     if body.get(field) not in (None, "", expected):
         raise InvalidArgument(f"{field} in the body must match the path")
 
@@ -184,25 +184,25 @@ def _status(value: Any) -> str | None:
 # Experiments -------------------------------------------------------------------------------
 
 async def list_all_experiments(request: web.Request) -> web.Response:
-    size, offset = _paging(request)
+    size, offset = paging(request)
     found, more = await request.app[TRACKING].search_experiments(
-        current_user(request), None, filter_text=_filter(request.query.get("search_filter", ""), _EXPERIMENT_FILTERS, False),
+        current_user(request), None, filter_text=search_filter(request.query.get("search_filter", ""), _EXPERIMENT_FILTERS, False),
         limit=size, offset=offset)
     return _page("experiments", [experiment_json(e) for e in found], offset, more)
 
 
 async def list_experiments(request: web.Request) -> web.Response:
-    size, offset = _paging(request)
+    size, offset = paging(request)
     found, more = await request.app[TRACKING].search_experiments(
         current_user(request), request.match_info["project_id"],
-        filter_text=_filter(request.query.get("search_filter", ""), _EXPERIMENT_FILTERS, False),
-        order_by=_order(request.query.get("sort", ""), _EXPERIMENT_SORTS, False), limit=size, offset=offset)
+        filter_text=search_filter(request.query.get("search_filter", ""), _EXPERIMENT_FILTERS, False),
+        order_by=sort_order(request.query.get("sort", ""), _EXPERIMENT_SORTS, False), limit=size, offset=offset)
     return _page("experiments", [experiment_json(e) for e in found], offset, more)
 
 
 async def create_experiment(request: web.Request) -> web.Response:
     body = await json_body(request, {"project_id": STR, "name": STR, "tags": ANY, "artifact_location": STR, "engine_id": STR})
-    _same(body, "project_id", request.match_info["project_id"])
+    same_as_path(body, "project_id", request.match_info["project_id"])
     experiment = await request.app[TRACKING].create_experiment(
         current_user(request), request.match_info["project_id"], body.get("name"), body.get("tags"), body.get("artifact_location"))
     return web.json_response(experiment_json(experiment))
@@ -217,8 +217,8 @@ async def get_experiment(request: web.Request) -> web.Response:
 async def update_experiment(request: web.Request) -> web.Response:
     body = await json_body(request, {"id": STR, "project_id": STR, "name": STR, "tags": ANY},
                            frozenset({"artifact_location", "created_at", "updated_at", "lifecycle_stage", "user"}))
-    _same(body, "id", request.match_info["experiment_id"])
-    _same(body, "project_id", request.match_info["project_id"])
+    same_as_path(body, "id", request.match_info["experiment_id"])
+    same_as_path(body, "project_id", request.match_info["project_id"])
     experiment = await request.app[TRACKING].update_experiment(
         current_user(request), request.match_info["project_id"], request.match_info["experiment_id"],
         new_name=body.get("name") or None, tags=body.get("tags"))
@@ -244,18 +244,18 @@ async def _run_in_experiment(request: web.Request, run_id: str) -> Run:
 
 
 async def list_runs(request: web.Request) -> web.Response:
-    size, offset = _paging(request)
+    size, offset = paging(request)
     found, more = await request.app[TRACKING].search_runs(
         current_user(request), request.match_info["project_id"], [request.match_info["experiment_id"]],
-        filter_text=_filter(request.query.get("search_filter", ""), _RUN_FILTERS, True),
-        order_by=_order(request.query.get("sort", ""), _RUN_SORTS, True), limit=size, offset=offset)
+        filter_text=search_filter(request.query.get("search_filter", ""), _RUN_FILTERS, True),
+        order_by=sort_order(request.query.get("sort", ""), _RUN_SORTS, True), limit=size, offset=offset)
     return _page("experiment_runs", [run_json(r) for r in found], offset, more)
 
 
 async def create_run(request: web.Request) -> web.Response:
     body = await json_body(request, {"project_id": STR, "experiment_id": STR, "run_name": STR, "start_time": STR, "tags": ANY})
-    _same(body, "project_id", request.match_info["project_id"])
-    _same(body, "experiment_id", request.match_info["experiment_id"])
+    same_as_path(body, "project_id", request.match_info["project_id"])
+    same_as_path(body, "experiment_id", request.match_info["experiment_id"])
     run = await request.app[TRACKING].create_run(
         current_user(request), request.match_info["project_id"], request.match_info["experiment_id"],
         run_name=body.get("run_name"), start_time=_millis(body.get("start_time"), "start_time"), tags=body.get("tags"))
@@ -269,8 +269,8 @@ async def get_run(request: web.Request) -> web.Response:
 async def update_run(request: web.Request) -> web.Response:
     body = await json_body(request, {"id": STR, "name": STR, "experiment_id": STR, "status": STR, "end_time": STR},
                            frozenset({"user", "start_time", "artifact_uri", "data", "inputs"}))
-    _same(body, "id", request.match_info["run_id"])
-    _same(body, "experiment_id", request.match_info["experiment_id"])
+    same_as_path(body, "id", request.match_info["run_id"])
+    same_as_path(body, "experiment_id", request.match_info["experiment_id"])
     run = await _run_in_experiment(request, request.match_info["run_id"])
     updated = await request.app[TRACKING].update_run(
         current_user(request), request.match_info["project_id"], run.run_id, status=_status(body.get("status")),
@@ -294,7 +294,7 @@ async def run_metrics(request: web.Request) -> web.Response:
 async def log_batch(request: web.Request) -> web.Response:
     body = await json_body(request, {"project_id": STR, "experiment_id": STR, "run_id": STR, "metrics": ANY, "params": ANY,
                                      "tags": ANY, "model_json": STR})
-    _same(body, "run_id", request.match_info["run_id"])
+    same_as_path(body, "run_id", request.match_info["run_id"])
     run = await _run_in_experiment(request, request.match_info["run_id"])
     tags = list(body.get("tags") or [])
     if body.get("model_json"):
@@ -317,7 +317,7 @@ async def log_batch(request: web.Request) -> web.Response:
 async def delete_batch(request: web.Request) -> web.Response:
     body = await json_body(request, {"project_id": STR, "experiment_id": STR, "run_id": STR, "metrics": STR_LIST,
                                      "params": STR_LIST, "tags": STR_LIST})
-    _same(body, "run_id", request.match_info["run_id"])
+    same_as_path(body, "run_id", request.match_info["run_id"])
     run = await _run_in_experiment(request, request.match_info["run_id"])
     await request.app[TRACKING].delete_batch(current_user(request), request.match_info["project_id"], run.run_id,
                                              metrics=body.get("metrics") or [], params=body.get("params") or [],

@@ -2,6 +2,10 @@
 MLflow addresses them (`mlflow-artifacts:/<experiment>/<run id>/artifacts/<path>` for a run,
 `mlflow-artifacts:/<experiment>/models/<model id>/artifacts/<path>` for a logged model).
 
+A registered model version's files are read (never written) here too, as
+`mlflow-artifacts:/registered-models/<model id>/<version>/…` (registry.py keeps them), by anyone
+who may read that registered model, through any project's URL.
+
 A path is checked before it touches the disk: its experiment must be one of the project's, its
 second part a run of that experiment (or `models/<a logged model of it>`), and nothing may climb
 out (projects/files.py's rules: no '..', no absolute paths, no symlinks out).
@@ -18,13 +22,15 @@ from typing import Any
 from cml_appliance.auth.permissions import Role
 from cml_appliance.auth.users import User
 from cml_appliance.core.errors import InvalidArgument, NotFound
+from cml_appliance.experiments.registry import ARTIFACT_PREFIX, ModelRegistry
 from cml_appliance.experiments.service import TrackingService
 from cml_appliance.projects import files
 
 
 class ArtifactStore:
-    def __init__(self, tracking: TrackingService, max_bytes: int):
+    def __init__(self, tracking: TrackingService, registry: ModelRegistry, max_bytes: int):
         self.tracking = tracking
+        self.registry = registry
         self.max_bytes = max_bytes
 
     async def locate(self, user: User, project_id: str, path: str, needed: Role = Role.READ) -> tuple[Path, str]:
@@ -34,6 +40,13 @@ class ArtifactStore:
         parts = PurePosixPath(clean).parts
         if not parts:
             raise InvalidArgument("an artifact path starts with an experiment id")
+        if parts[0] == ARTIFACT_PREFIX:
+            if needed > Role.READ:
+                raise InvalidArgument("a registered model version's files cannot be changed: register a new version")
+            if len(parts) < 2:
+                raise InvalidArgument("name a registered model: registered-models/<model id>/<version>/…")
+            model = await self.registry.model(user, parts[1], by="id")
+            return self.registry.storage, PurePosixPath(model.public_id, *parts[2:]).as_posix()
         project, experiment = await self.tracking.experiment(user, project_id, parts[0], needed)
         if len(parts) > 1:
             if parts[1] == "models":

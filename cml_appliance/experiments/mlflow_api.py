@@ -44,7 +44,7 @@ from cml_appliance.experiments.service import (
     page_token_in,
     page_token_out,
 )
-from cml_appliance.web.keys import ARTIFACTS, POOL, SETTINGS, TRACKING
+from cml_appliance.web.keys import ARTIFACTS, POOL, PROJECTS, SETTINGS, TRACKING
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request, User, dict[str, Any]], Awaitable[web.StreamResponse]]
@@ -124,6 +124,9 @@ def mlflow_handler(handler: Handler) -> Callable[[web.Request], Awaitable[web.St
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             user = await _caller(request)
+            # The project of the URL first: a caller who cannot see it learns nothing more (not
+            # even that their arguments were wrong).
+            await request.app[PROJECTS].get(user, request.match_info["project_id"])
             # A PUT is an artifact upload: its body is the file, streamed by the handler.
             arguments = {} if request.method == "PUT" else await _arguments(request)
             return await handler(request, user, arguments)
@@ -569,6 +572,7 @@ def routes() -> list[web.RouteDef]:
     return out
 
 
-def route_names() -> frozenset[str]:
-    """These routes authenticate themselves (with MLflow's error shape), never with the UI cookie."""
-    return frozenset(r.kwargs["name"] for r in routes())  # type: ignore[attr-defined]
+def route_names(more: list[web.RouteDef] | None = None) -> frozenset[str]:
+    """These routes (and `more`: the registry's) authenticate themselves with MLflow's error
+    shape, never with the UI cookie."""
+    return frozenset(r.kwargs["name"] for r in routes() + (more or []))  # type: ignore[attr-defined]

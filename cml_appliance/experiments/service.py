@@ -125,7 +125,7 @@ def check_value(value: Any, what: str, limit: int) -> str:
     return text
 
 
-def _pairs(items: Any, what: str) -> list[tuple[Any, Any]]:
+def pairs(items: Any, what: str) -> list[tuple[Any, Any]]:
     if items is None:
         return []
     if not isinstance(items, list):
@@ -365,7 +365,7 @@ class TrackingService:
         return check_value(name, "experiment name", MAX_EXPERIMENT_NAME_LENGTH)
 
     def _experiment_tags(self, tags: Any) -> dict[str, str]:
-        return {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_EXPERIMENT_TAG_VALUE_LENGTH) for k, v in _pairs(tags, "tags")}
+        return {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_EXPERIMENT_TAG_VALUE_LENGTH) for k, v in pairs(tags, "tags")}
 
     async def create_experiment(self, user: User, project_id: str, name: Any, tags: Any = None,
                                 artifact_location: Any = None) -> Experiment:
@@ -467,7 +467,7 @@ class TrackingService:
         _, experiment = await self.experiment(user, project_id, experiment_id or DEFAULT_EXPERIMENT_ID, Role.WRITE)
         if experiment.lifecycle_stage != "active":
             raise InvalidArgument(f"the experiment {experiment.public_id} must be in the 'active' state to add runs")
-        tag_map = {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_TAG_VALUE_LENGTH) for k, v in _pairs(tags, "tags")}
+        tag_map = {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_TAG_VALUE_LENGTH) for k, v in pairs(tags, "tags")}
         name = check_value(run_name or tag_map.get(RUN_NAME_TAG) or random_run_name(), "run name", MAX_TAG_VALUE_LENGTH)
         tag_map[RUN_NAME_TAG] = name
         start = whole(start_time, "start_time", now_ms())
@@ -545,8 +545,8 @@ class TrackingService:
         """Metrics, params and tags in one transaction, within MLflow's limits; a param, once
         logged, keeps its value (logging the same value again is allowed)."""
         metric_list = self.parse_metrics(metrics)
-        param_pairs = _pairs(params, "params")
-        tag_pairs = _pairs(tags, "tags")
+        param_pairs = pairs(params, "params")
+        tag_pairs = pairs(tags, "tags")
         if len(metric_list) > MAX_METRICS_PER_BATCH:
             raise InvalidArgument(f"A batch logging request can contain at most {MAX_METRICS_PER_BATCH} metrics. "
                                   f"Got {len(metric_list)} metrics. Please split up metrics across multiple requests and try again.")
@@ -631,7 +631,7 @@ class TrackingService:
             clean = {k: check_value(dataset.get(k, ""), f"dataset {k}", 16 * 1024 * 1024)
                      for k in ("name", "digest", "source_type", "source", "schema", "profile")}
             entries.append({"dataset": clean, "tags": [{"key": check_key(k, "input tag"), "value": check_value(v, "input tag", 500)}
-                                                       for k, v in _pairs(item.get("tags"), "tags")]})
+                                                       for k, v in pairs(item.get("tags"), "tags")]})
         model_inputs = [{"model_id": str(m.get("model_id", ""))} for m in models or [] if isinstance(m, dict)]
         if not entries and not model_inputs:
             return
@@ -672,8 +672,8 @@ class TrackingService:
             if run.experiment_id != experiment.id:
                 raise InvalidArgument("the source run belongs to another experiment")
         model_name = check_value(name or random_run_name(), "model name", 500)
-        param_map = {check_key(k, "param"): check_value(v, f"param {k!r}", MAX_PARAM_VALUE_LENGTH) for k, v in _pairs(params, "params")}
-        tag_map = {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_TAG_VALUE_LENGTH) for k, v in _pairs(tags, "tags")}
+        param_map = {check_key(k, "param"): check_value(v, f"param {k!r}", MAX_PARAM_VALUE_LENGTH) for k, v in pairs(params, "params")}
+        tag_map = {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_TAG_VALUE_LENGTH) for k, v in pairs(tags, "tags")}
         stamp = now_ms()
         model_id = f"m-{uuid.uuid4().hex}"
         await self.pool.execute(
@@ -698,8 +698,8 @@ class TrackingService:
             if status not in ("LOGGED_MODEL_PENDING", "LOGGED_MODEL_READY", "LOGGED_MODEL_UPLOAD_FAILED"):
                 raise InvalidArgument(f"unknown logged model status {status!r}")
             new_status = status
-        tag_map = {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_TAG_VALUE_LENGTH) for k, v in _pairs(tags, "tags")}
-        param_map = {check_key(k, "param"): check_value(v, f"param {k!r}", MAX_PARAM_VALUE_LENGTH) for k, v in _pairs(params, "params")}
+        tag_map = {check_key(k, "tag"): check_value(v, f"tag {k!r}", MAX_TAG_VALUE_LENGTH) for k, v in pairs(tags, "tags")}
+        param_map = {check_key(k, "param"): check_value(v, f"param {k!r}", MAX_PARAM_VALUE_LENGTH) for k, v in pairs(params, "params")}
         await self.pool.execute(
             "UPDATE logged_models SET status = $2, tags = (tags || $3) - $4::text, params = params || $5,"
             " last_updated_timestamp = $6 WHERE id = $1", model.id, new_status, tag_map, delete_tag or "", param_map, now_ms())

@@ -101,10 +101,13 @@ class Repositories:
     async def init(self, project_dir: Path) -> None:
         await self.run(project_dir, ["init", "--quiet", "-b", "main", str(project_dir)])
 
-    async def snapshot(self, project_dir: Path, build_id: str, *, max_bytes: int) -> Snapshot:
+    async def snapshot(self, project_dir: Path, build_id: str, *, max_bytes: int,
+                       extra: dict[str, bytes] | None = None) -> Snapshot:
         """The project's files as they are on disk (what .gitignore leaves), as a commit on
         refs/cml/builds/<build_id>: an index of the appliance's own, so the user's branches, index
-        and working tree stay as they are. Its parent is HEAD when there is one."""
+        and working tree stay as they are. Its parent is HEAD when there is one. `extra` adds
+        files that are not in the project (path -> content: a registered model's), in the
+        commit only."""
         await self.ensure(project_dir)
         if self.sandbox is not None and self.sandbox.privileged:  # git runs as uid 8536: its files are theirs
             await asyncio.to_thread(ownership.give_tree, project_dir)
@@ -113,12 +116,13 @@ class Repositories:
         index = ".git/cml-snapshot-index"
         env = {"GIT_INDEX_FILE": str(project_dir / index)}
         async with self._locks.setdefault(str(project_dir), asyncio.Lock()):
-            return await self._snapshot(project_dir, build_id, max_bytes, env)
+            return await self._snapshot(project_dir, build_id, max_bytes, env, extra or {})
 
-    async def _snapshot(self, project_dir: Path, build_id: str, max_bytes: int, env: dict[str, str]) -> Snapshot:
+    async def _snapshot(self, project_dir: Path, build_id: str, max_bytes: int, env: dict[str, str],
+                        extra: dict[str, bytes]) -> Snapshot:
         listed = await self.run(project_dir, ["ls-files", "-z", "--cached", "--others", "--exclude-standard"], env=env)
         paths = [p for p in listed.decode(errors="surrogateescape").split("\0") if p]
-        total = files = 0
+        total, files = sum(len(v) for v in extra.values()), len(extra)
         for path in paths:
             try:
                 total += os.lstat(project_dir / path).st_size
@@ -136,6 +140,8 @@ class Repositories:
                                          "--pathspec-file-nul"], env=env, stdin=ignored)
         await self.run(project_dir, ["add", "--all", "--", "."], env=env)
         tree = (await self.run(project_dir, ["write-tree"], env=env)).decode().strip()
+        if extra:
+            tree = await self._tree_with(project_dir, tree, extra, build_id)
         parents: list[str] = []
         try:
             head = (await self.run(project_dir, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])).decode().strip()
@@ -146,6 +152,24 @@ class Repositories:
         commit = (await self.run(project_dir, [*COMMITTER, "commit-tree", tree, *parents, "-m", message])).decode().strip()
         await self.run(project_dir, ["update-ref", HIDDEN_REF_PREFIX + build_id, commit])
         return Snapshot(commit, files, total)
+
+    async def _tree_with(self, project_dir: Path, tree: str, extra: dict[str, bytes], build_id: str) -> str:
+        """`tree` plus the extra files, through a throwaway index: the blobs go in through stdin,
+        so nothing is written to the project's working tree."""
+        index = project_dir / ".git" / f"cml-snapshot-extra-{build_id}"
+        env = {"GIT_INDEX_FILE": str(index)}
+        try:
+            await self.run(project_dir, ["read-tree", tree], env=env)
+            lines = []
+            for path, content in sorted(extra.items()):
+                if any(c in path for c in "\t\n\r\0") or path.startswith("/") or ".." in path.split("/"):
+                    raise GitError(f"cannot add {path!r} to a snapshot")
+                blob = (await self.run(project_dir, ["hash-object", "-w", "--stdin"], stdin=content)).decode().strip()
+                lines.append(f"100644 {blob}\t{path}\n")
+            await self.run(project_dir, ["update-index", "--add", "--index-info"], env=env, stdin="".join(lines).encode())
+            return (await self.run(project_dir, ["write-tree"], env=env)).decode().strip()
+        finally:
+            index.unlink(missing_ok=True)
 
     async def forget_snapshot(self, project_dir: Path, build_id: str) -> None:
         if self.is_repository(project_dir):

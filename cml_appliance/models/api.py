@@ -76,7 +76,7 @@ def build_json(build: Build, model_id: str, creator: dict[str, str]) -> dict[str
         "function_name": build.function_name, "engine_image": "", "kernel": "", "runtime_identifier": build.runtime_identifier,
         "runtime_addon_identifiers": [], "created_at": rfc3339(build.created_at), "updated_at": rfc3339(build.updated_at),
         "built_at": rfc3339(build.built_at), "status": build.status, "deletion_status": "", "crn": "",
-        "registered_model_version_id": "", "model_root_dir": build.model_root_dir, "build_script_path": build.build_script_path,
+        "registered_model_version_id": build.registered_model_version_id, "model_root_dir": build.model_root_dir, "build_script_path": build.build_script_path,
         # Ours, beside CML's fields: the image, why a build failed, and its snapshot commit.
         "built_image": build.built_image, "failure_reason": build.failure, "snapshot_commit": build.snapshot_commit,
     })

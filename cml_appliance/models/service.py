@@ -42,6 +42,7 @@ from cml_appliance.db.pool import try_advisory_lock
 from cml_appliance.builds.image import BuildFailed, BuildSpec, ImageBuilder, function_problem
 from cml_appliance.builds.queue import ACTIVE as BUILD_ACTIVE
 from cml_appliance.builds.queue import BuildQueue
+from cml_appliance.experiments.registry import ModelRegistry
 from cml_appliance.gitserver.repos import GitError, SnapshotTooLarge
 from cml_appliance.models.replica_link import ReplicaLink
 from cml_appliance.registry.client import RegistryError
@@ -74,6 +75,22 @@ def _function_problem_on_disk(directory: Path, file_path: str, function_name: st
     except (AppError, OSError):
         source = None
     return function_problem(source, file_path, function_name)
+
+
+# A build of a registered model version: its files and entry point, in the snapshot only.
+REGISTERED_DIR = ".cml/registered-model"
+REGISTERED_ENTRY_PATH = f"{REGISTERED_DIR}/predict.py"
+REGISTERED_ENTRY = Path(__file__).with_name("registered_model_entry.py")
+
+
+def _registered_files(version_dir: Path) -> dict[str, bytes]:
+    out = {REGISTERED_ENTRY_PATH: REGISTERED_ENTRY.read_bytes()}
+    for path in sorted(version_dir.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            out[f"{REGISTERED_DIR}/model/{path.relative_to(version_dir).as_posix()}"] = path.read_bytes()
+    if f"{REGISTERED_DIR}/model/MLmodel" not in out:
+        raise InvalidArgument("the registered model version has no MLmodel file: its files are missing")
+    return out
 
 
 class _NoBuilder:
@@ -143,6 +160,7 @@ class Build:
     finished_at: datetime | None
     model_root_dir: str
     build_script_path: str
+    registered_model_version_id: str
 
     @property
     def active(self) -> bool:
@@ -227,8 +245,9 @@ class BuildSettings:
 
 class ModelService:
     def __init__(self, pool: asyncpg.Pool, projects: ProjectService, workloads: WorkloadService, supervisor: Supervisor,
-                 *, builds_dir: Path, builds: BuildSettings):
+                 *, builds_dir: Path, builds: BuildSettings, registry: ModelRegistry | None = None):
         self.pool = pool
+        self.registry = registry
         self.projects = projects
         self.workloads = workloads
         self.supervisor = supervisor
@@ -423,8 +442,16 @@ class ModelService:
 
     async def create_build(self, user: User, project_id: str, model_id: str, fields: dict[str, Any]) -> Build:
         """Snapshot the project's files (a hidden commit) and queue the build; the queue makes the
-        image, and deploys it when the create asked for that."""
+        image, and deploys it when the create asked for that. A build of a registered model
+        version adds that version's files and an entry point that serves them (the snapshot
+        only: the project's files stay as they are)."""
         project, model = await self.get_model(user, project_id, model_id, Role.WRITE)
+        version_id = str(fields.get("registered_model_version_id") or "")
+        extra: dict[str, bytes] = {}
+        if version_id:
+            extra = await self._registered_version_files(user, version_id)
+            fields["file_path"] = fields.get("file_path") or REGISTERED_ENTRY_PATH
+            fields["function_name"] = fields.get("function_name") or "predict"
         file_path, function_name, runtime_id = await self._check_build_fields(fields)
         deploy = fields.get("auto_deployment_config") if fields.get("auto_deploy_model") else None
         if deploy is not None:
@@ -436,9 +463,12 @@ class ModelService:
         model_file = f"{root}/{file_path}" if root else file_path
         try:
             # What the builder checks again on the snapshot, said at once: a missing file or function.
-            failure = await asyncio.to_thread(_function_problem_on_disk, directory, model_file, function_name)
+            if model_file in extra:
+                failure = function_problem(extra[model_file], model_file, function_name)
+            else:
+                failure = await asyncio.to_thread(_function_problem_on_disk, directory, model_file, function_name)
             if not failure:
-                snapshot = await self.projects.repos.snapshot(directory, public_id,
+                snapshot = await self.projects.repos.snapshot(directory, public_id, extra=extra,
                                                               max_bytes=self.build_settings.snapshot_max_bytes)
                 commit = snapshot.commit
         except SnapshotTooLarge as exc:
@@ -447,11 +477,12 @@ class ModelService:
             failure = f"could not snapshot the project's files: {exc}"[:2000]
         await self.pool.execute(
             "INSERT INTO model_builds (public_id, model_id, creator_id, comment, file_path, function_name, runtime_identifier,"
-            " status, failure, snapshot_commit, deploy_config, finished_at, model_root_dir, build_script_path)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, CASE WHEN $8 = 'build failed' THEN now() END, $12, $13)",
+            " status, failure, snapshot_commit, deploy_config, finished_at, model_root_dir, build_script_path,"
+            " registered_model_version_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, CASE WHEN $8 = 'build failed' THEN now() END, $12, $13, $14)",
             public_id, model.id, user.id, fields.get("comment", ""), file_path, function_name, runtime_id,
             "build failed" if failure else "queued", failure, commit, json.dumps(deploy) if deploy is not None else None,
-            root, script)
+            root, script, version_id)
         if failure:
             self.queue.say(public_id, f"Failed: {failure}")
             self.workloads.logs.close(public_id)
@@ -460,6 +491,14 @@ class ModelService:
                                       f"({snapshot.files} files, {snapshot.bytes / 1e6:.1f} MB)")
             await self.queue.enqueue(public_id)
         return (await self.get_build(user, project_id, model_id, public_id))[2]
+
+    async def _registered_version_files(self, user: User, version_id: str) -> dict[str, bytes]:
+        """A registered model version's files and the entry point that serves them, as snapshot
+        paths under REGISTERED_DIR."""
+        if self.registry is None:
+            raise InvalidArgument("this appliance has no model registry")
+        _, version = await self.registry.version_by_id(user, version_id)
+        return await asyncio.to_thread(_registered_files, self.registry.files_of(version))
 
     async def _check_build_fields(self, fields: dict[str, Any]) -> tuple[str, str, str]:
         """(file_path, function_name, runtime) of a build to be made, or a 400 saying what is wrong.

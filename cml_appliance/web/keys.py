@@ -13,6 +13,7 @@ from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.experiments.artifacts import ArtifactStore
+from cml_appliance.experiments.registry import ModelRegistry
 from cml_appliance.experiments.service import TrackingService
 from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs.service import JobService
@@ -42,6 +43,7 @@ MODELS = web.AppKey("models", ModelService)
 # Experiment tracking (experiments/): runs, metrics and the like in Postgres, artifacts on disk.
 TRACKING = web.AppKey("tracking", TrackingService)
 ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
+MODEL_REGISTRY = web.AppKey("model_registry", ModelRegistry)
 # The backing OCI registry (registry/embedded.py), and the proxy's connection to it.
 REGISTRY = web.AppKey("registry", RegistryStatus)
 REGISTRY_SESSION = web.AppKey("registry_session", aiohttp.ClientSession)

@@ -24,7 +24,7 @@ from cml_appliance.auth import api_keys, login_sessions
 from cml_appliance.core.errors import AppError, InvalidArgument, Unauthenticated
 from cml_appliance.core.logs import request_id_var
 from cml_appliance.db.pool import database_unreachable
-from cml_appliance.experiments import mlflow_api
+from cml_appliance.experiments import mlflow_api, mlflow_registry_api
 from cml_appliance.web import templating
 from cml_appliance.web.context import (
     LOGIN,
@@ -50,7 +50,7 @@ PUBLIC_ROUTES = frozenset(
      "model_endpoint", "model_endpoint_altus",
      # Hands a signed-in user over to the applications' origin, or sends them to sign in.
      "app_open"}
-) | mlflow_api.route_names()  # each project's MLflow API checks its own key and answers in MLflow's shape
+) | mlflow_api.route_names(mlflow_registry_api.routes())  # each project's MLflow API checks its own key, in MLflow's shape
 # Page forms whose handlers stream their multipart body and check its CSRF token themselves
 # (projects/ui.py _form_fields: the token must be the first field).
 STREAMED_FORMS = frozenset({"ui_project_create", "ui_project_upload"})

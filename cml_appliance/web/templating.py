@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
@@ -81,6 +81,18 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
 
 
+def _ms_when(value: int | None) -> str:
+    """A time in milliseconds since the epoch (MLflow's), as _when writes times."""
+    return _when(datetime.fromtimestamp(value / 1000, UTC)) if value is not None else ""
+
+
+def _metric(value: Any) -> str:
+    """A metric's value, short: six significant digits; NaN and the infinities as MLflow names them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.6g}"
+    return str(value)
+
+
 def _size(value: Any) -> str:
     """Bytes in words; empty for what has no size (a folder's FileInfo has no file_size)."""
     if isinstance(value, jinja2.Undefined) or value in (None, ""):
@@ -129,6 +141,9 @@ def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.get_env(app)
     env.filters["when"] = _when
     env.filters["size"] = _size
+    env.filters["ms_when"] = _ms_when
+    env.filters["metric"] = _metric
+    env.globals["public_url"] = app[SETTINGS].base_url
     env.globals["status_word"] = status_words.status_word
     env.globals["ended_summary"] = status_words.ended_summary
     env.globals["status_words_json"] = status_words.words_json()

@@ -13,8 +13,13 @@ Rules:
   administrators are admins of every project; a workload's key acts as its user in its project
   only);
 - session_owner: the session's owner or a project admin;
+- registered_model_owner: the owner of a (private) registered model, or a site administrator (a
+  workload's key acts as its user);
 - skip: checked by its own credentials and tested on its own (static files; the application hand-over,
   tests/integration/test_applications.py; git, test_git_server.py; the registry, test_registry.py).
+
+Each project's MLflow API (mlflow_*) takes API keys only, never the UI's cookie, and answers in
+MLflow's shape: own_auth here; who may do what there is tested in test_experiments.py.
 """
 
 RULES: dict[str, str] = {
@@ -71,4 +76,24 @@ RULES: dict[str, str] = {
     "ui_model_delete": "write", "ui_model_test": "read", "ui_model_build": "write", "ui_model_deploy": "write",
     "ui_model_deployment_action": "write", "ui_model_replica_logs": "read", "ui_model_replica_events": "read",
     "ui_live": "signed_in",
+    # Experiments (CML API v2)
+    "api_list_all_experiments": "signed_in", "api_list_experiments": "read", "api_create_experiment": "write",
+    "api_get_experiment": "read", "api_update_experiment": "write", "api_delete_experiment": "write",
+    "api_list_experiment_runs": "read", "api_create_experiment_run": "write", "api_get_experiment_run": "read",
+    "api_update_experiment_run": "write", "api_delete_experiment_run": "write", "api_get_experiment_run_metrics": "read",
+    "api_log_experiment_run_batch": "write", "api_delete_experiment_run_batch": "write",
+    # The model registry (site-wide, not a project's)
+    "api_list_registered_models": "signed_in", "api_create_registered_model": "signed_in",
+    "api_update_registered_model": "signed_in", "api_get_registered_model": "registered_model_owner",
+    "api_delete_registered_model": "registered_model_owner", "api_update_registered_model_version": "registered_model_owner",
+    "api_get_registered_model_version": "registered_model_owner",
+    "api_delete_registered_model_version": "registered_model_owner",
+    # Experiment and registry pages
+    "ui_all_experiments": "signed_in", "ui_experiments": "read", "ui_experiment_create": "write", "ui_experiment": "read",
+    "ui_experiment_compare": "read", "ui_experiment_run": "read", "ui_experiment_run_register": "write",
+    "ui_experiment_artifact": "read", "ui_registry": "signed_in", "ui_registered_model": "registered_model_owner",
+    "ui_registered_version_deploy": "registered_model_owner",
+    "mlflow_unknown_endpoint": "skip",
 }
+# Each project's MLflow API: see above.
+MLFLOW_RULE = "own_auth"

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from cml_appliance.auth import api_keys, users
 from cml_appliance.web.keys import POOL, PROJECTS
 from tests.conftest import Api, wait_build
-from tests.integration.authz_table import RULES
+from tests.integration.authz_table import MLFLOW_RULE, RULES
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 ROLES = ["read", "operator", "write", "admin"]
@@ -62,6 +62,8 @@ def allowed(rule: str, who: Principal, route_name: str) -> bool:
         return who.site_admin
     if rule == "self":
         return True  # each principal calls it with its own username (another's is checked below)
+    if rule == "registered_model_owner" and who.workload_key_for == "other":
+        return True  # not a project's: the key acts as its user, the model's owner
     if who.workload_key_for == "other":
         return False
     if who.site_admin or who.role == "owner" or who.workload_key_for == "own":
@@ -70,6 +72,8 @@ def allowed(rule: str, who: Principal, route_name: str) -> bool:
         return False
     if rule == "session_owner":
         return who.role == "admin"  # the session is the owner's
+    if rule == "registered_model_owner":
+        return False  # the model is the owner's (allowed above), private
     return ROLES.index(who.role) >= ROLES.index(rule)
 
 
@@ -93,10 +97,23 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
     _, deployments = await owner.get(f"/api/v2/projects/{pid}/models/{model['id']}/builds/{build_id}/deployments")
     replica_id = await client.app[POOL].fetchval(
         "SELECT public_id FROM workloads WHERE kind = 'model_replica' ORDER BY id DESC LIMIT 1")
+    # An experiment with a run that logged a metric, a file and a model, registered (privately).
+    _, experiment = await owner.post(f"/api/v2/projects/{pid}/experiments", json={"name": "e"})
+    eid = experiment["id"]
+    _, exp_run = await owner.post(f"/api/v2/projects/{pid}/experiments/{eid}/runs", json={})
+    await owner.post(f"/api/v2/projects/{pid}/experiments/{eid}/runs/{exp_run['id']}:logbatch",
+                     json={"metrics": [{"key": "loss", "value": 0.5}]})
+    artifacts = f"/mlflow/{pid}/api/2.0/mlflow-artifacts/artifacts/{eid}/{exp_run['id']}/artifacts"
+    for name, body in (("notes.txt", b"notes"), ("model/MLmodel", b"flavors: {}\n")):
+        await owner.put(f"{artifacts}/{name}", data=body)
+    _, registered = await owner.post("/api/v2/registry/models", json={
+        "project_id": pid, "run_id": exp_run["id"], "model_path": "model", "model_name": f"m{secrets.token_hex(4)}"})
     return {
         "project_id": pid, "job_id": job["id"], "run_id": run["id"], "session_id": session["id"], "app_id": app["id"],
         "model_id": model["id"], "build_id": build_id, "deployment_id": deployments["model_deployments"][0]["id"],
         "replica_id": replica_id, "path": "notes.txt", "owner": "owner", "slug": project["slug"],
+        "experiment_id": eid, "experiment_run_id": exp_run["id"], "metric_key": "loss",
+        "registered_model_id": registered["model_id"], "version_id": registered["model_versions"][0]["model_version_id"],
     }
 
 
@@ -106,11 +123,16 @@ def _url(path: str, ids: dict[str, str], who: Principal, route: str) -> str:
     values["key_id"] = "nokey"
     values["id"] = "1"
     values["tail"] = "x/"
+    values["tag_key"] = "t"
     values["action"] = "stop" if "deployment" in route else "restart"
     if "collaborator" in route:
         values["username"] = "uread"  # a collaborator, and not the caller
     if route == "api_download_file":
         values["path"] = ids["path"] + ":download"
+    if "experiment" in route:  # an experiment's run, not a job's
+        values["run_id"] = ids["experiment_run_id"]
+    if "registered" in route:  # a registered model, not a project's model
+        values["model_id"] = ids["registered_model_id"]
     return re.sub(r"{(\w+)(:[^}]*)?}", lambda m: values[m.group(1)], path)
 
 
@@ -164,7 +186,8 @@ async def test_every_route_answers_every_principal_as_its_rule_says(client: Test
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter") or ""
         routes.append((route.name, route.method, path))
-    missing = sorted({name for name, _, _ in routes} - set(RULES))
+    rules = RULES | {name: MLFLOW_RULE for name, _, _ in routes if name.startswith("mlflow_") and name not in RULES}
+    missing = sorted({name for name, _, _ in routes} - set(rules))
     assert not missing, f"routes without a rule in authz_table.py: {missing}"
 
     async def call(who: Principal, method: str, url: str, name: str) -> int:
@@ -207,7 +230,7 @@ async def test_every_route_answers_every_principal_as_its_rule_says(client: Test
     try:
         ordered = sorted(routes, key=order)
         for name, method, path in ordered:
-            rule = RULES[name]
+            rule = rules[name]
             if rule == "skip":
                 continue
             refused_by_rule = [p for p in principals if not allowed(rule, p, name)]

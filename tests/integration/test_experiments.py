@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Api, assert_error
+from tests.conftest import Api, assert_error, run_mlflow_client, tracking_uri
 
 # Runs in the workloads' Python with MLFLOW_TRACKING_URI/TOKEN set, prints one JSON line.
 CLIENT_SCRIPT = textwrap.dedent("""
@@ -85,28 +85,10 @@ CLIENT_SCRIPT = textwrap.dedent("""
 """)
 
 
-async def run_mlflow_client(python: Path, tracking_uri: str, token: str, script: str = CLIENT_SCRIPT,
-                            timeout: float = 240) -> dict[str, Any]:
-    """Run a script in the workloads' Python with the variables a workload gets; its RESULT line."""
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
-           "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_TRACKING_TOKEN": token, "GIT_PYTHON_REFRESH": "quiet"}
-    proc = await asyncio.create_subprocess_exec(str(python), "-c", script, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    output, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-6000:]
-    line = next(line for line in text.splitlines() if line.startswith("RESULT "))
-    return dict(json.loads(line.removeprefix("RESULT ")))
-
-
-def tracking_uri(api: Api, project_id: str) -> str:
-    return f"http://127.0.0.1:{api.client.server.port}/mlflow/{project_id}"
-
-
 async def test_the_mlflow_client_logs_runs_that_cmls_api_shows(alice: Api, workload_python: Path) -> None:
     _, project = await alice.post("/api/v2/projects", json={"name": "tracking"})
     pid = project["id"]
-    out = await run_mlflow_client(workload_python, tracking_uri(alice, pid), alice.key)
+    out = await run_mlflow_client(workload_python, tracking_uri(alice, pid), alice.key, CLIENT_SCRIPT)
 
     assert out["found"] == [out["run_id"]]  # metrics.accuracy > 0.6 and params.C = '0.5'
     assert out["ordered"] == [out["run_id"], out["second_id"]]
@@ -143,7 +125,7 @@ async def test_the_mlflow_client_logs_runs_that_cmls_api_shows(alice: Api, workl
     assert status == 200 and out["experiment_id"] in [e["id"] for e in everywhere["experiments"]]
 
 
-async def test_mlflow_errors_have_mlflows_shape(alice: Api, bob: Api) -> None:
+async def test_mlflow_errors_have_mlflows_shape(alice: Api, bob: Api, make_user: Any) -> None:
     _, project = await alice.post("/api/v2/projects", json={"name": "errors"})
     pid = project["id"]
     base = f"/mlflow/{pid}/api/2.0/mlflow"
@@ -217,6 +199,19 @@ async def test_mlflow_errors_have_mlflows_shape(alice: Api, bob: Api) -> None:
     # The UI's cookie is not a credential here: only API keys are.
     resp = await alice.client.get(base + "/experiments/search")
     assert resp.status == 401
+
+    # A viewer reads the project's runs and artifacts but logs nothing.
+    carol = await make_user("carol")
+    await alice.put(f"/api/v2/projects/{pid}/collaborators/carol", json={"permission": "read"})
+    status, body = await call(carol, "GET", base + "/runs/get", params={"run_id": run_id})
+    assert status == 200 and body["run"]["info"]["run_id"] == run_id, body
+    status, body = await call(carol, "POST", base + "/runs/log-metric", json={"run_id": run_id, "key": "x", "value": 1, "timestamp": 1})
+    assert status in (403, 404) and body["error_code"] in ("PERMISSION_DENIED", "RESOURCE_DOES_NOT_EXIST"), body
+    status, body = await call(carol, "POST", base + "/experiments/create", json={"name": "mine"})
+    assert status in (403, 404), body
+    resp = await alice.client.put(f"{artifacts}/{eid}/{run_id}/artifacts/carol.txt", data=b"x",
+                                  headers={"Authorization": f"Bearer {carol.key}"})
+    assert resp.status in (403, 404)
 
 
 async def test_cml_api_v2_errors_keep_cmls_shape(alice: Api, bob: Api) -> None:
@@ -297,3 +292,113 @@ async def test_a_job_logs_with_the_variables_every_workload_gets(reachable: Any)
     (only,) = runs["experiment_runs"]
     assert only["name"] == "from-a-job" and only["data"]["metrics"][0]["value"] == 42
     assert only["user"]["username"] == "alice"
+
+
+REGISTER_SCRIPT = textwrap.dedent("""
+    import json
+
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.2, 0.9], [0.9, 0.1]])
+    y = np.array([0, 1, 0, 1])
+    mlflow.set_experiment("registry")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("accuracy", 1.0)
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(X, y), name="model", input_example=X[:1])
+    first = mlflow.register_model(f"runs:/{run.info.run_id}/model", "iris classifier")
+    second = mlflow.register_model(info.model_uri, "iris classifier")
+    client = MlflowClient()
+    client.update_model_version("iris classifier", second.version, description="the same model, by its id")
+    loaded = mlflow.pyfunc.load_model("models:/iris classifier/1")
+    out = {
+        "run_id": run.info.run_id, "versions": [first.version, second.version], "status": first.status,
+        "predicted": [int(v) for v in loaded.predict(X[:2])],
+        "searched": sorted(v.version for v in client.search_model_versions("name = 'iris classifier'")),
+        "latest": [v.version for v in client.get_registered_model("iris classifier").latest_versions],
+        "described": client.get_model_version("iris classifier", "2").description,
+        "models": [m.name for m in client.search_registered_models(filter_string="name LIKE 'iris%'")],
+    }
+    print("RESULT " + json.dumps(out))
+""")
+
+
+async def test_register_build_and_deploy_a_logged_model(workload_python_on_path: Path, alice: Api, bob: Api) -> None:
+    """mlflow.register_model registers what a run logged; a build of that version deploys it and
+    it answers on /model in CML's shapes."""
+    from tests.conftest import wait_build
+    from tests.integration.test_models import call_until_served
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "registry"})
+    pid = project["id"]
+    out = await run_mlflow_client(workload_python_on_path, tracking_uri(alice, pid), alice.key, REGISTER_SCRIPT)
+    assert out["versions"] == ["1", "2"] and out["status"] == "READY", out
+    assert out["predicted"] == [0, 1] and out["searched"] == ["1", "2"] and out["latest"] == ["2"], out
+    assert out["described"] == "the same model, by its id" and out["models"] == ["iris classifier"]
+
+    status, listed = await alice.get("/api/v2/registry/models", params={"search_filter": json.dumps({"name": "iris"})})
+    assert status == 200, listed
+    (model,) = listed["models"]
+    assert model["count"] == 2 and model["owner"]["username"] == "alice" and model["visibility"] == "PRIVATE"
+    status, detail = await alice.get(f"/api/v2/registry/models/{model['model_id']}", params={"sort": "number"})
+    assert [v["number"] for v in detail["model_versions"]] == [1, 2]
+    version = detail["model_versions"][0]
+    metadata = version["model_version_metadata"]
+    assert metadata["project_id"] == pid and metadata["mlflow_metadata"]["run_id"] == out["run_id"]
+    assert metadata["mlflow_metadata"]["metrics"][0]["key"] == "accuracy"
+
+    # Private: bob sees nothing; public: bob reads it but cannot change or delete it.
+    status, body = await bob.get(f"/api/v2/registry/models/{model['model_id']}")
+    assert_error(status, body, 404)
+    status, body = await alice.patch("/api/v2/registry/models", json={"model_id": model["model_id"], "visibility": "PUBLIC"})
+    assert status == 200 and body["visibility"] == "PUBLIC", body
+    status, body = await bob.get(f"/api/v2/registry/models/{model['model_id']}/versions/{version['model_version_id']}")
+    assert status == 200 and body["number"] == 1, body
+    status, body = await bob.delete(f"/api/v2/registry/models/{model['model_id']}")
+    assert_error(status, body, 403)
+
+    # A model built from version 1 serves it through /model.
+    _, served = await alice.post(f"/api/v2/projects/{pid}/models", json={"name": "iris", "disable_authentication": True})
+    status, build = await alice.post(f"/api/v2/projects/{pid}/models/{served['id']}/builds", json={
+        "registered_model_version_id": version["model_version_id"], "runtime_identifier": "host/python3",
+        "auto_deploy_model": True, "auto_deployment_config": {"cpu": 1, "memory": 2, "replicas": 1}})
+    assert status == 200, build
+    assert build["registered_model_version_id"] == version["model_version_id"]
+    assert build["file_path"] == ".cml/registered-model/predict.py" and build["function_name"] == "predict"
+    finished = await wait_build(alice, pid, served["id"], build["id"], deployed=True, timeout=180)
+    assert finished["status"] == "built", finished
+    answer = await call_until_served(alice, served["access_key"], {"inputs": [[0.0, 1.0], [1.0, 0.0]]}, timeout=120)
+    assert answer["success"] is True and answer["response"] == [0, 1], answer
+    answer = await call_until_served(alice, served["access_key"], {"columns": ["a", "b"], "data": [[0.9, 0.1]]})
+    assert answer["response"] == [1], answer
+    # The project's own files were not touched by the build.
+    status, files_listed = await alice.get(f"/api/v2/projects/{pid}/files")
+    assert ".cml" not in [f["path"] for f in files_listed.get("files", [])]
+
+    # Bad input on both APIs.
+    status, body = await alice.post(f"/api/v2/projects/{pid}/models/{served['id']}/builds", json={
+        "registered_model_version_id": "nope", "runtime_identifier": "host/python3"})
+    assert_error(status, body, 404)
+    status, body = await alice.post("/api/v2/registry/models", json={
+        "project_id": pid, "run_id": out["run_id"], "model_path": "no-such-model", "model_name": "broken"})
+    assert_error(status, body, 400)
+    resp = await alice.client.post(f"/mlflow/{pid}/api/2.0/mlflow/model-versions/create",
+                                   json={"name": "iris classifier", "source": "mlflow-artifacts:/../../etc"},
+                                   headers={"Authorization": f"Bearer {alice.key}"})
+    assert resp.status in (400, 404) and (await resp.json())["error_code"] in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+    resp = await alice.client.get(f"/mlflow/{pid}/api/2.0/mlflow/registered-models/get", params={"name": "missing"},
+                                  headers={"Authorization": f"Bearer {bob.key}"})
+    assert resp.status == 404 and (await resp.json())["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+
+    # A version being deleted leaves the model; deleting the model removes its files.
+    status, _ = await alice.delete(f"/api/v2/registry/models/{model['model_id']}/versions/{detail['model_versions'][1]['model_version_id']}")
+    assert status == 200
+    _, detail = await alice.get(f"/api/v2/registry/models/{model['model_id']}")
+    assert [v["number"] for v in detail["model_versions"]] == [1]
+    status, _ = await alice.delete(f"/api/v2/registry/models/{model['model_id']}")
+    assert status == 200
+    from cml_appliance.web.keys import MODEL_REGISTRY
+
+    assert not (alice.client.app[MODEL_REGISTRY].storage / model["model_id"]).exists()

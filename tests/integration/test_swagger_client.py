@@ -613,3 +613,48 @@ async def test_experiments_and_runs(cml: Cml, make_user: Any) -> None:
     assert not (await cml("ListExperimentRuns", alice, project_id=pid, experiment_id=eid)).get("experiment_runs")
     await cml("DeleteExperiment", alice, project_id=pid, experiment_id=eid)
     assert eid not in [e["id"] for e in (await cml("ListExperiments", alice, project_id=pid))["experiments"]]
+
+
+async def test_model_registry(cml: Cml, make_user: Any) -> None:
+    """All 8 registry operations, in CML's shapes; the registered run's model is an MLmodel file
+    uploaded through the MLflow artifacts API, as the mlflow client does."""
+    alice, bob = await make_user("alice"), await make_user("bob")
+    pid = (await cml("CreateProject", alice, body={"name": "registry"}))["id"]
+    eid = (await cml("CreateExperiment", alice, project_id=pid, body={"project_id": pid, "name": "e"}))["id"]
+    run = await cml("CreateExperimentRun", alice, project_id=pid, experiment_id=eid, body={"project_id": pid, "experiment_id": eid})
+    await cml("LogExperimentRunBatch", alice, project_id=pid, experiment_id=eid, run_id=run["id"],
+              body={"metrics": [{"key": "rmse", "value": 0.25}], "params": [{"key": "alpha", "value": "0.1"}]})
+    resp = await alice.client.put(f"/mlflow/{pid}/api/2.0/mlflow-artifacts/artifacts/{eid}/{run['id']}/artifacts/model/MLmodel",
+                                  data=b"flavors: {}\n", headers={"Authorization": f"Bearer {alice.key}"})
+    assert resp.status == 200
+
+    model = await cml("CreateRegisteredModel", alice, body={"project_id": pid, "experiment_id": eid, "run_id": run["id"],
+                                                            "model_path": "model", "model_name": "forecast",
+                                                            "description": "weekly", "notes": "first"})
+    assert model["name"] == "forecast" and model["count"] == 1 and model["permission"] == "owner"
+    (version,) = model["model_versions"]
+    assert version["number"] == 1 and version["notes"] == "first"
+    assert version["model_version_metadata"]["mlops_type"] == "MLFLOW"
+    assert version["model_version_metadata"]["mlflow_metadata"]["params"] == [{"key": "alpha", "value": "0.1"}]
+    again = await cml("CreateRegisteredModel", alice, body={"project_id": pid, "run_id": run["id"], "model_path": "model",
+                                                            "model_name": "forecast"})
+    assert [v["number"] for v in again["model_versions"]] == [2]
+    listed = await cml("ListRegisteredModels", alice, search_filter=json.dumps({"name": "fore"}), sort="-created_at")
+    assert [m["model_id"] for m in listed["models"]] == [model["model_id"]] and listed["models"][0]["count"] == 2
+    got = await cml("GetRegisteredModel", alice, model_id=model["model_id"], sort="-number", page_size=1)
+    assert [v["number"] for v in got["model_versions"]] == [2] and got["next_page_token"]
+    updated = await cml("UpdateRegisteredModel", alice, body={"model_id": model["model_id"], "description": "daily"})
+    assert updated["description"] == "daily"
+    noted = await cml("UpdateRegisteredModelVersion", alice, model_id=model["model_id"], body={
+        "model_id": model["model_id"], "model_version_id": version["model_version_id"], "notes": "reviewed",
+        "tags": [{"key": "stage", "value": "prod"}]})
+    assert noted["notes"] == "reviewed" and noted["tags"] == [{"key": "stage", "value": "prod"}]
+    fetched = await cml("GetRegisteredModelVersion", alice, model_id=model["model_id"], version_id=version["model_version_id"])
+    assert fetched["notes"] == "reviewed"
+    await cml.error(HTTPNotFound, "GetRegisteredModel", bob, model_id=model["model_id"])
+    await cml.error(HTTPBadRequest, "CreateRegisteredModel", alice, body={"project_id": pid, "model_name": "x"})
+    await cml("DeleteRegisteredModelVersion", alice, model_id=model["model_id"], version_id=version["model_version_id"])
+    await cml.error(HTTPNotFound, "GetRegisteredModelVersion", alice, model_id=model["model_id"],
+                    version_id=version["model_version_id"])
+    await cml("DeleteRegisteredModel", alice, model_id=model["model_id"])
+    assert not (await cml("ListRegisteredModels", alice)).get("models")
