@@ -44,6 +44,10 @@ from cml_appliance.jobs import api as jobs_api
 from cml_appliance.jobs import notify
 from cml_appliance.jobs import ui as jobs_ui
 from cml_appliance.jobs.service import JobService
+from cml_appliance.editors import proxy as editors_proxy
+from cml_appliance.editors.origin import EditorsOrigin
+from cml_appliance.editors.service import EditorProxy
+from cml_appliance.editors.sockets import EditorSockets
 from cml_appliance.experiments import api as experiments_api
 from cml_appliance.experiments import mlflow_api, mlflow_registry_api
 from cml_appliance.experiments import registry_api
@@ -76,6 +80,8 @@ from cml_appliance.web.keys import (
     APPLICATIONS,
     APPS_ORIGIN,
     ARTIFACTS,
+    EDITORS,
+    EDITORS_ORIGIN,
     MODEL_REGISTRY,
     JOBS,
     METRICS,
@@ -121,6 +127,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app[METRICS] = Metrics()
     app[CLOSING] = asyncio.Event()
     app[APPS_ORIGIN] = applications_origin.AppsOrigin(settings)
+    app[EDITORS_ORIGIN] = EditorsOrigin(settings)
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.PackageLoader("cml_appliance.web", "templates"),
@@ -217,6 +224,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             runtime_engine=settings.runtime_engine,
         )
         app[WORKLOADS] = service
+        service.editors = EditorSockets(settings.secret_key)
+        app[EDITORS] = EditorProxy(pool, service.editors)
         if sandbox is None and not settings.allow_unsandboxed_local:
             service.unsandboxed_local = why_not
         app[SESSIONS] = SessionService(pool, app[PROJECTS], service, settings)
@@ -315,8 +324,20 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
                      f" and at <subdomain>.{settings.apps_domain}" if settings.apps_domain else "")
             yield
 
+    async def editors_listener(app: web.Application) -> AsyncIterator[None]:
+        """Session editors (JupyterLab) get a listener (an origin) of their own too."""
+        editors_app = editors_proxy.create_listener_app(app)
+        async with listener.serving(editors_app, settings.host, settings.editors_port, settings.header_timeout_seconds,
+                                    app.get(TLS_CONTEXT)) as port:
+            app[EDITORS_ORIGIN].port = port
+            log.info("session editors are served on %s:%s", settings.host, port)
+            try:
+                yield
+            finally:
+                await app[EDITORS].close()
+
     app.cleanup_ctx.extend([database, supervisor, services, image_registry, internal_listener, workloads, grpc_listener,
-                            apps_listener])
+                            apps_listener, editors_listener])
     app.on_shutdown.append(sessions_api.close_websockets)
     app.on_shutdown.append(live.end_streams)
 
@@ -338,6 +359,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(git_http.routes())
     app.router.add_routes(registry_proxy.routes())
     app.router.add_routes(experiments_ui.routes())
+    app.router.add_routes(editors_proxy.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

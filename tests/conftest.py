@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Every appliance a test starts (in process or as `serve`) gives its applications' listener any
 # free port: tests run side by side, and a fixed 8081 may be taken.
 os.environ.setdefault("CML_APPS_PORT", "0")
+os.environ.setdefault("CML_EDITORS_PORT", "0")
 os.environ.setdefault("CML_GRPC_PORT", "0")
 
 
@@ -126,6 +127,7 @@ def settings(clean_db: str, data_dir: Path) -> Settings:
         log_format="text",
         max_upload_mb=2,
         apps_port=0,
+        editors_port=0,
         grpc_port=0,
     )
 

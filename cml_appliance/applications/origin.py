@@ -22,9 +22,7 @@ cml_* cookie before a request reaches an application.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from html import escape
 from urllib.parse import urlsplit
@@ -32,33 +30,22 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cml_appliance.core.errors import AppError, Unauthenticated
-from cml_appliance.core.security import new_token, sign, verify_signature
 from cml_appliance.core.settings import Settings
+from cml_appliance.web.handoff import HANDOFF_PATH, HandoffOrigin
 
 log = logging.getLogger(__name__)
 
-HANDOFF_PATH = "/_cml/handoff"
+__all__ = ["APPS_COOKIE", "HANDOFF_PATH", "AppsOrigin", "errors", "plain_page"]
 APPS_COOKIE = "cml_apps"
-HANDOFF_TTL_SECONDS = 60
-MAX_PENDING_HANDOFFS = 10_000
-_COOKIE_PURPOSE = "apps-origin-cookie"
 
 
-@dataclasses.dataclass(frozen=True)
-class Handoff:
-    login_digest: str
-    subdomain: str
-    target: str  # the application's path and query, as the user asked for it
-    expires: float
-
-
-class AppsOrigin:
-    """Where applications are served, and how a signed-in user is handed over to it."""
+class AppsOrigin(HandoffOrigin):
+    """Where applications are served, and how a signed-in user is handed over to it
+    (web/handoff.py: the tokens and the cookie)."""
 
     def __init__(self, settings: Settings):
-        self.settings = settings
+        super().__init__(settings, "apps-origin-cookie")
         self.port = settings.apps_port  # the bound port once the listener runs (apps_port 0: any)
-        self._handoffs: dict[str, Handoff] = {}
 
     # --- addresses ------------------------------------------------------------------------------
 
@@ -119,54 +106,15 @@ class AppsOrigin:
         url = self.settings.apps_url or self.settings.public_url
         return url.startswith("https://")
 
-    # --- one-time hand-over tokens --------------------------------------------------------------
-
-    def issue(self, login_digest: str, subdomain: str, target: str) -> str:
-        now = time.monotonic()
-        if len(self._handoffs) >= MAX_PENDING_HANDOFFS:
-            self._handoffs = {t: h for t, h in self._handoffs.items() if h.expires > now}
-            if len(self._handoffs) >= MAX_PENDING_HANDOFFS:
-                self._handoffs.clear()
-        token = new_token()
-        self._handoffs[token] = Handoff(login_digest, subdomain, target, now + HANDOFF_TTL_SECONDS)
-        return token
-
-    def redeem(self, token: str, subdomain: str | None) -> Handoff | None:
-        """The hand-over a token stands for, once; None when unknown, used, expired or (by host
-        name) issued for another application."""
-        handoff = self._handoffs.pop(token, None)
-        if handoff is None or handoff.expires < time.monotonic():
-            return None
-        if subdomain is not None and handoff.subdomain != subdomain:
-            return None
-        return handoff
-
-    # --- the applications' cookie ---------------------------------------------------------------
-
-    def cookie_value(self, login_digest: str) -> str:
-        expires = int(time.time()) + self.settings.session_hours * 3600
-        message = f"{login_digest}.{expires}"
-        return f"{message}.{sign(self.settings.secret_key, _COOKIE_PURPOSE + ':' + message)}"
-
-    def login_digest_of(self, cookie: str | None) -> str | None:
-        """The sign-in session a valid cookie of the applications' origin names, else None."""
-        if not cookie:
-            return None
-        digest, _, rest = cookie.partition(".")
-        expires, _, signature = rest.partition(".")
-        if not (digest and expires.isdigit() and signature):
-            return None
-        if not verify_signature(self.settings.secret_key, f"{_COOKIE_PURPOSE}:{digest}.{expires}", signature):
-            return None
-        return digest if int(expires) > time.time() else None
-
 
 def plain_page(status: int, title: str, message: str, link: tuple[str, str] | None = None,
-               headers: dict[str, str] | None = None) -> web.Response:
-    """A small page of the applications' origin (errors, an expired hand-over): no script, no
-    styles from anywhere, never framed."""
+               headers: dict[str, str] | None = None, refresh_seconds: int = 0) -> web.Response:
+    """A small page of the applications' (or editors') origin (errors, an expired hand-over, a
+    server still starting, which `refresh_seconds` reloads): no script, no styles from anywhere,
+    never framed."""
     anchor = f'<p><a href="{escape(link[0])}">{escape(link[1])}</a></p>' if link else ""
-    body = (f"<!doctype html><html lang=en><meta charset=utf-8><title>{escape(title)}</title>"
+    refresh = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
+    body = (f"<!doctype html><html lang=en><meta charset=utf-8>{refresh}<title>{escape(title)}</title>"
             f"<h1>{escape(title)}</h1><p>{escape(message)}</p>{anchor}</html>")
     response = web.Response(status=status, text=body, content_type="text/html", headers=headers)
     response.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"

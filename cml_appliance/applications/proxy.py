@@ -134,7 +134,7 @@ async def _handoff(request: web.Request, origin: apps_origin.AppsOrigin, subdoma
         return apps_origin.plain_page(
             400, "This link has expired", "Links that open an application work once, for a minute. "
             "Open the application again from the appliance.", (origin.ui_url(request, "/"), "Back to the appliance"))
-    target = handoff.target if subdomain is not None else f"/apps/{handoff.subdomain}{handoff.target}"
+    target = handoff.target if subdomain is not None else f"/apps/{handoff.scope}{handoff.target}"
     response = web.HTTPSeeOther(target)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"

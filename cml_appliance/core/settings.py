@@ -75,6 +75,8 @@ class Settings:
     apps_port: int
     apps_url: str
     apps_domain: str
+    editors_port: int
+    editors_url: str
     allow_private_git_hosts: bool
     git_max_push_mb: int
     registry_url: str
@@ -265,6 +267,18 @@ def _validate(values: dict[str, Any], sources: dict[str, str], problems: list[st
             bad("apps_url", "use the origin of the applications' listener, such as https://apps.example.com, or leave it empty")
         elif public and urlsplit(public).netloc.lower() == parts.netloc.lower():
             bad("apps_url", "applications must not share the UI's origin (public_url): use another host or port")
+    if ok("editors_port") and not 0 <= values["editors_port"] <= 65535:
+        bad("editors_port", "use a port between 1 and 65535, or 0 for any free port (CML_EDITORS_PORT)")
+    elif ok("editors_port", "port", "apps_port") and values["editors_port"] and \
+            values["editors_port"] in (values["port"], values["apps_port"]):
+        bad("editors_port", "editors need a listener of their own: use a port other than CML_PORT and CML_APPS_PORT")
+    editors_url = values.get("editors_url")
+    if editors_url:
+        parts = urlsplit(editors_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            bad("editors_url", "use the origin of the editors' listener, such as https://editors.example.com, or leave it empty")
+        elif values.get("public_url") and urlsplit(values["public_url"]).netloc == parts.netloc:
+            bad("editors_url", "editors must not share the UI's origin (public_url): use another host or port")
     apps_domain = values.get("apps_domain")
     if apps_domain and (not re.fullmatch(r"[a-z0-9.-]+(:[0-9]{1,5})?", apps_domain.lower()) or apps_domain.startswith(".")):
         bad("apps_domain", "use a domain with wildcard DNS, such as apps.example.com (no scheme, no leading dot), or leave it empty")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cml_appliance.core import ownership
 from cml_appliance.core.processes import process_exists
+from cml_appliance.editors.sockets import SOCKET_VARIABLE as EDITOR_SOCKET_VARIABLE
 from cml_appliance.engines import sandbox as sandbox_mod
 from cml_appliance.engines.base import EngineError, LaunchSpec
 from cml_appliance.engines.sandbox import Sandbox
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 # Where a local model replica's Unix socket is (models/service.py sets it; the sandbox binds its folder).
 REPLICA_SOCKET_VARIABLE = "CML_MODEL_SOCKET"
+# Variables naming a Unix socket a workload listens on: its directory is bound into the sandbox.
+SOCKET_VARIABLES = (REPLICA_SOCKET_VARIABLE, EDITOR_SOCKET_VARIABLE)
 # Pieces of output (up to 64 kB each) held for the log before the process is made to wait.
 OUTPUT_BUFFER_CHUNKS = 16
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -311,9 +314,8 @@ class LocalEngine:
         if self.sandbox is None:
             return None
         sandbox = self.sandbox
-        # A local model replica listens on a Unix socket in a directory of its own.
-        socket = spec.env.get(REPLICA_SOCKET_VARIABLE)
-        writable = [Path(socket).parent] if socket else []
+        # A local model replica, and a session's editor, listen on a Unix socket in a directory of its own.
+        writable = [Path(spec.env[name]).parent for name in SOCKET_VARIABLES if spec.env.get(name)]
         readonly = {"/run/cml/tls": spec.tls_dir} if spec.tls_dir is not None else None
         return lambda command: sandbox.wrap(command, project_dir=spec.project_dir, extra_writable=writable,
                                             readonly=readonly, new_session=new_session)
@@ -322,9 +324,9 @@ class LocalEngine:
         """As root, the sandbox runs workloads as uid 8536: their files must be theirs."""
         if self.sandbox is not None and self.sandbox.privileged:
             await asyncio.to_thread(ownership.give_tree, spec.project_dir)
-            socket = spec.env.get(REPLICA_SOCKET_VARIABLE)
-            if socket:
-                ownership.give(Path(socket).parent)
+            for name in SOCKET_VARIABLES:
+                if spec.env.get(name):
+                    ownership.give(Path(spec.env[name]).parent)
 
     async def start(self, spec: LaunchSpec) -> str:
         if self._closing:

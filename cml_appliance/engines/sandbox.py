@@ -94,7 +94,9 @@ class Sandbox:
                 args += ["--ro-bind", path, path]
         # Mounts apply in order: the fresh /tmp and /run first, so that what is bound below them
         # (a runtime or a project that lives under /tmp) stays visible.
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        # /dev/shm of its own and writable: POSIX semaphores and shared memory (multiprocessing,
+        # joblib, data loaders) need it.
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp", "--tmpfs", "/run"]
         writable = [os.path.realpath(p) for p in extra_writable]
         # The folders leading to what is bound in, made traversable (bwrap would otherwise copy
         # the host's modes, and /root is 0700: uid 8536 could not reach a Python installed there).

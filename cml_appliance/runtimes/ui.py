@@ -30,8 +30,9 @@ async def workload_choices(request: web.Request) -> dict[str, Any]:
             "engine": engine, "available": available,
             "unavailable_because": "" if available else f"needs the {engine} engine, which this site has not configured",
         })
-    # The first available runtime first, so a form's default can always start.
-    offered.sort(key=lambda r: not r["available"])
+    # The first available runtime first, so a form's default can always start; Workbench (a
+    # terminal and a console, which every runtime has) before other editors.
+    offered.sort(key=lambda r: (not r["available"], r["editor"] != "Workbench"))
     return {"runtimes": offered, "profiles": profiles}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,19 @@ SESSION_MAIN = (
     '$CDSW_MEMORY_MB MB)"; trap "echo Session stopping; exit 0" TERM INT; '
     "while :; do sleep 3600 & wait $!; done"
 )
+
+
+# A JupyterLab session's main process: the runtime's own JupyterLab, on the Unix socket and under
+# the base URL the appliance gives it (editors/sockets.py), with the token from JUPYTER_TOKEN.
+JUPYTERLAB_MAIN = (
+    'echo "Session $CDSW_ENGINE_ID is running JupyterLab in project $CDSW_PROJECT ($CDSW_CPU_MILLICORES millicores, '
+    '$CDSW_MEMORY_MB MB)"; exec jupyter lab --no-browser --ServerApp.sock="$CML_EDITOR_SOCKET" '
+    '--ServerApp.sock_mode=0600 --ServerApp.base_url="$CML_EDITOR_BASE_URL" --ServerApp.root_dir="$HOME" '
+    "--ServerApp.allow_remote_access=True --ServerApp.quit_button=False --LabApp.news_url=None "
+    "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"
+)
+JUPYTERLAB = "JupyterLab"
+WORKBENCH = "Workbench"
 
 
 def _minutes(name: str, raw: str) -> float:
@@ -56,6 +70,11 @@ class SessionService:
             raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
         if runtime["status"] == "DISABLED":
             raise InvalidArgument(f"runtime {runtime_id!r} is disabled")
+        editor = runtime["editor"]
+        if editor not in (JUPYTERLAB, WORKBENCH):
+            raise InvalidArgument(f"runtime {runtime_id!r} has the editor {editor!r}: sessions offer Workbench and JupyterLab")
+        if editor == JUPYTERLAB:
+            self._check_jupyterlab(runtime_id)
         gpus = fields.get("nvidia_gpu", 0)
         if gpus < 0:
             raise InvalidArgument("nvidia_gpu must not be negative")
@@ -78,12 +97,23 @@ class SessionService:
             cpu=cpu,
             memory=memory,
             nvidia_gpu=gpus,
-            command=["/bin/sh", "-c", SESSION_MAIN],
+            command=["/bin/sh", "-c", JUPYTERLAB_MAIN if editor == JUPYTERLAB else SESSION_MAIN],
             environment=environment,
+            editor=JUPYTERLAB if editor == JUPYTERLAB else "",
             idle_timeout_minutes=idle,
             max_duration_minutes=longest,
         )
         return await self.workloads.launch(user, project, request)
+
+    def _check_jupyterlab(self, runtime_id: str) -> None:
+        """A host runtime offers JupyterLab when the host's Python has it: said before a start,
+        not as a session that fails."""
+        if self.workloads.engine_name_for(runtime_id) == "local" and shutil.which("jupyter-lab") is None:
+            raise InvalidArgument(f"runtime {runtime_id!r} needs JupyterLab in the host's Python, which has none: "
+                                  "pip install jupyterlab (on the appliance's PATH), or use a Workbench runtime")
+        if self.workloads.engine_name_for(runtime_id) == "kubernetes":
+            raise InvalidArgument("JupyterLab sessions run on the local and container engines: "
+                                  f"runtime {runtime_id!r} runs on Kubernetes, choose a Workbench runtime there")
 
     async def get(self, user: User, project_id: str, session_id: str) -> tuple[Project, Workload]:
         project = await self.projects.get(user, project_id, Role.READ)

@@ -12,6 +12,8 @@ from cml_appliance.applications.origin import AppsOrigin
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
 from cml_appliance.core.tasks import Supervisor
+from cml_appliance.editors.origin import EditorsOrigin
+from cml_appliance.editors.service import EditorProxy
 from cml_appliance.experiments.artifacts import ArtifactStore
 from cml_appliance.experiments.registry import ModelRegistry
 from cml_appliance.experiments.service import TrackingService
@@ -40,6 +42,9 @@ APPLICATIONS = web.AppKey("applications", ApplicationService)
 APPS_ORIGIN = web.AppKey("apps_origin", AppsOrigin)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
+# Session editors (editors/): their origin and the proxy to each session's JupyterLab.
+EDITORS_ORIGIN = web.AppKey("editors_origin", EditorsOrigin)
+EDITORS = web.AppKey("editors", EditorProxy)
 # Experiment tracking (experiments/): runs, metrics and the like in Postgres, artifacts on disk.
 TRACKING = web.AppKey("tracking", TrackingService)
 ARTIFACTS = web.AppKey("artifacts", ArtifactStore)

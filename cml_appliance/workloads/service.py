@@ -34,6 +34,7 @@ from cml_appliance.engines.base import (
 )
 from cml_appliance.grpc.certificates import WorkloadCertificates
 from cml_appliance.projects.store import Project
+from cml_appliance.editors.sockets import EditorSockets
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
 from cml_appliance.workloads.store import Workload
@@ -54,7 +55,7 @@ REPORTED_CLEANUP_DELAY = 15
 PLATFORM_VARIABLES = frozenset(
     {"CDSW_PROJECT", "CDSW_PROJECT_ID", "CDSW_ENGINE_ID", "CDSW_APIV2_KEY", "CDSW_API_URL", "CDSW_DOMAIN",
      "CDSW_APP_PORT", "CDSW_READONLY_PORT", "CDSW_CPU_MILLICORES", "CDSW_MEMORY_MB", "CML_SITE_ID", "CML_WORKLOAD_ID",
-     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN"}
+     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_REGISTRY_URI"}
 )
 
 
@@ -99,6 +100,8 @@ class LaunchRequest:
     # A built image to pull (container engine): credentials, and the image's own /home/cdsw.
     registry_auth: dict[str, str] | None = None
     mount_project: bool = True
+    # A session's editor ('' or 'JupyterLab'): editors/ serves it, over a Unix socket.
+    editor: str = ""
 
 
 class WorkloadService:
@@ -130,6 +133,8 @@ class WorkloadService:
         # Called with each workload that reached its final status (dependent jobs, notifications).
         # Every workload's gRPC client certificate (set by the app when the gRPC port is on).
         self.certificates: WorkloadCertificates | None = None
+        # Where session editors listen (set by the app): a socket directory per session.
+        self.editors: EditorSockets | None = None
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
@@ -182,6 +187,7 @@ class WorkloadService:
             "HADOOP_USER_NAME": user_env.get("HADOOP_USER_NAME", row.creator["username"]),
             # The unmodified mlflow client logs into this project's experiments with the workload's key.
             "MLFLOW_TRACKING_URI": f"{self.base_url}/mlflow/{project.public_id}",
+            "MLFLOW_REGISTRY_URI": f"{self.base_url}/mlflow/{project.public_id}",  # as CML sets it
             "MLFLOW_TRACKING_TOKEN": secret,
             "HOME": str(self.projects_dir / project.public_id),
             # Workloads run as uid 8536, CML's cdsw, which no passwd file may know: tools that ask
@@ -198,7 +204,7 @@ class WorkloadService:
             "nvidia_gpu": request.nvidia_gpu, "script": request.script, "arguments": request.arguments,
             "environment": request.environment, "idle_timeout_minutes": request.idle_timeout_minutes,
             "max_duration_minutes": request.max_duration_minutes, "job_id": request.job_id,
-            "attempt": request.attempt, "deployment_id": request.deployment_id,
+            "attempt": request.attempt, "deployment_id": request.deployment_id, "editor": request.editor,
         }
 
     async def record_unlaunched(self, user: User, project: Project, request: LaunchRequest, status: str,
@@ -236,6 +242,8 @@ class WorkloadService:
         if row is None:
             raise FireTaken(f"job fire {request.fire_id} has already started a run")
         env = self._environment(row, project, secret, request)
+        if request.editor and self.editors is not None:
+            env |= await asyncio.to_thread(self.editors.prepare, public_id)
         tls_dir = None
         if self.certificates is not None:
             try:
@@ -450,6 +458,8 @@ class WorkloadService:
         self._specs.pop(row.id, None)
         if self.certificates is not None:
             self.certificates.remove(row.public_id)
+        if self.editors is not None and row.editor:
+            await asyncio.to_thread(self.editors.remove, row.public_id)
         if final is None:
             return  # someone else ended it meanwhile, and told the listeners
         # Listeners get the final row (dependent jobs, retries, notifications, replicas).

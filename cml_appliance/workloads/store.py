@@ -51,6 +51,7 @@ class Workload:
     stopping_at: datetime | None
     finished_at: datetime | None
     last_activity_at: datetime
+    editor: str = ""
     project_name: str = ""
 
     @property

@@ -13,6 +13,7 @@ Rules:
   administrators are admins of every project; a workload's key acts as its user in its project
   only);
 - session_owner: the session's owner or a project admin;
+- session_creator: the session's owner alone (a site administrator neither);
 - registered_model_owner: the owner of a (private) registered model, or a site administrator (a
   workload's key acts as its user);
 - skip: checked by its own credentials and tested on its own (static files; the application hand-over,
@@ -94,6 +95,8 @@ RULES: dict[str, str] = {
     "ui_experiment_artifact": "read", "ui_registry": "signed_in", "ui_registered_model": "registered_model_owner",
     "ui_registered_version_deploy": "registered_model_owner",
     "mlflow_unknown_endpoint": "skip",
+    # A session's editor: its owner's alone (not even a project admin's), tests/integration/test_editors.py
+    "ui_session_editor": "session_creator",
 }
 # Each project's MLflow API: see above.
 MLFLOW_RULE = "own_auth"

@@ -62,6 +62,8 @@ def allowed(rule: str, who: Principal, route_name: str) -> bool:
         return who.site_admin
     if rule == "self":
         return True  # each principal calls it with its own username (another's is checked below)
+    if rule == "session_creator":
+        return who.role == "owner" or who.workload_key_for == "own"  # the session is the owner's
     if rule == "registered_model_owner" and who.workload_key_for == "other":
         return True  # not a project's: the key acts as its user, the model's owner
     if who.workload_key_for == "other":

@@ -16,13 +16,15 @@ async def test_catalog_is_seeded_from_config_and_filterable(alice: Api) -> None:
     assert set(host) == {"image_identifier", "editor", "kernel", "edition", "description", "full_version", "status", "register_user_id"}
 
     _, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"edition": "host"})})
-    assert [r["image_identifier"] for r in body["runtimes"]] == ["host/python3"]
+    assert [r["image_identifier"] for r in body["runtimes"]] == ["host/jupyterlab", "host/python3"]
+    _, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"editor": "JupyterLab"})})
+    assert [r["image_identifier"] for r in body["runtimes"]] == ["host/jupyterlab"]
     _, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"kernel": "Python 3.11", "editor": "Workbench"})})
     assert [r["image_identifier"] for r in body["runtimes"]] == ["localhost/cml-runtime-python:3.11"]
     _, body = await alice.get("/api/v2/runtimes", params={"sort": "-kernel", "page_size": "1"})
     assert body["runtimes"][0]["kernel"] == "Python 3.11" and body["next_page_token"]
     _, page2 = await alice.get("/api/v2/runtimes", params={"sort": "-kernel", "page_size": "1", "page_token": body["next_page_token"]})
-    assert page2["runtimes"][0]["kernel"] == "Python 3" and page2["next_page_token"] == ""
+    assert page2["runtimes"][0]["kernel"] == "Python 3" and page2["next_page_token"]
 
     status, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"colour": "x"})})
     assert_error(status, body, 400)

@@ -1,0 +1,179 @@
+"""JupyterLab sessions: the runtime's own jupyter lab on a Unix socket, served through the editors'
+listener (an origin of its own) to the session's owner only, HTTP and WebSockets (a kernel runs
+code), with the hand-over from the UI and the checks that keep other origins and users out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import Api, assert_error
+from tests.integration.test_web_ui import sign_in
+
+
+@pytest.fixture
+def jupyter_on_path(workload_python: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The host runtime runs what PATH finds: the workloads' Python, which has JupyterLab, first
+    (set before the app starts, so that its sandbox binds that venv in)."""
+    monkeypatch.setenv("PATH", f"{workload_python.parent}:{os.environ.get('PATH', '')}")
+    return workload_python
+
+
+def editors_listener(client: TestClient) -> aiohttp.ClientSession:
+    from cml_appliance.web.keys import EDITORS_ORIGIN
+
+    return aiohttp.ClientSession(base_url=f"http://127.0.0.1:{client.app[EDITORS_ORIGIN].port}",
+                                 cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def start_jupyterlab(api: Api, name: str = "notebooks") -> tuple[str, str]:
+    _, project = await api.post("/api/v2/projects", json={"name": name})
+    pid = project["id"]
+    status, session = await api.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/jupyterlab"})
+    assert status == 200, session
+    deadline = time.monotonic() + 60
+    while True:
+        _, current = await api.get(f"/api/v2/projects/{pid}/sessions/{session['id']}")
+        if current["status"] == "ENGINE_RUNNING":
+            return pid, session["id"]
+        assert current["status"] in ("ENGINE_SCHEDULING", "ENGINE_STARTING"), current
+        assert time.monotonic() < deadline, current
+        await asyncio.sleep(0.2)
+
+
+async def hand_over(ui: TestClient, editors: aiohttp.ClientSession, pid: str, sid: str) -> None:
+    """What the session page's button does: the UI's one-time token, traded for the editors' cookie."""
+    resp = await ui.get(f"/projects/{pid}/sessions/{sid}/editor", allow_redirects=False)
+    assert resp.status == 303, await resp.text()
+    handoff = resp.headers["Location"]
+    assert handoff.startswith(f"{editors._base_url}/_cml/handoff?token=")
+    resp = await editors.get(handoff, allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/editors/{sid}/lab"
+    cookie = resp.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/editors/" in cookie
+    # Once only.
+    resp = await editors.get(handoff, allow_redirects=False)
+    assert resp.status == 400
+
+
+async def until_ready(editors: aiohttp.ClientSession, path: str, timeout: float = 60) -> aiohttp.ClientResponse:
+    """JupyterLab takes a few seconds to listen after the session runs: 503 meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = await editors.get(path, allow_redirects=False)
+        if resp.status != 503:
+            return resp
+        assert time.monotonic() < deadline, await resp.text()
+        await asyncio.sleep(0.3)
+
+
+async def run_in_kernel(editors: aiohttp.ClientSession, sid: str, code: str, origin: str) -> str:
+    """Start a kernel through the proxy and run code over its WebSocket (Jupyter's protocol)."""
+    resp = await editors.post(f"/editors/{sid}/api/kernels", json={"name": "python3"}, headers={"Origin": origin})
+    assert resp.status == 201, await resp.text()
+    kernel = await resp.json()
+    msg_id = uuid.uuid4().hex
+    request = {"header": {"msg_id": msg_id, "username": "", "session": uuid.uuid4().hex, "msg_type": "execute_request",
+                          "version": "5.3", "date": ""},
+               "parent_header": {}, "metadata": {}, "channel": "shell",
+               "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                           "allow_stdin": False, "stop_on_error": True}, "buffers": []}
+    output = []
+    async with editors.ws_connect(f"/editors/{sid}/api/kernels/{kernel['id']}/channels", headers={"Origin": origin}) as ws:
+        await ws.send_str(json.dumps(request))
+        async with asyncio.timeout(60):
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                body = json.loads(message.data)
+                if body.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                if body["msg_type"] == "stream":
+                    output.append(body["content"]["text"])
+                elif body["msg_type"] == "error":
+                    output.append("ERROR " + body["content"]["evalue"])
+                elif body["msg_type"] == "status" and body["content"]["execution_state"] == "idle":
+                    break
+    await editors.delete(f"/editors/{sid}/api/kernels/{kernel['id']}", headers={"Origin": origin})
+    return "".join(output)
+
+
+async def test_a_jupyterlab_session_serves_its_owner_on_the_editors_origin(jupyter_on_path: Path, client: TestClient,
+                                                                           make_user: Any) -> None:
+    alice, bob = await make_user("alice"), await make_user("bob")
+    pid, sid = await start_jupyterlab(alice)
+    form = aiohttp.FormData()
+    form.add_field("data/ünïcode notes.txt", b"hello", filename="data/ünïcode notes.txt")
+    assert (await alice.post(f"/api/v2/projects/{pid}/files", data=form))[0] == 200
+    from cml_appliance.web.context import SESSION_COOKIE
+
+    await alice.put(f"/api/v2/projects/{pid}/collaborators/bob", json={"permission": "admin"})
+    assert (await sign_in(client, "alice")).status == 302
+    ui_cookie = next(c.value for c in client.session.cookie_jar if c.key == SESSION_COOKIE)
+    async with editors_listener(client) as editors:
+        origin = str(editors._base_url).rstrip("/")
+        # Without the hand-over: nothing, and the UI's own cookie is no credential here.
+        resp = await editors.get(f"/editors/{sid}/lab", headers={"Cookie": f"{SESSION_COOKIE}={ui_cookie}"})
+        assert resp.status == 401
+        await hand_over(client, editors, pid, sid)
+        resp = await until_ready(editors, f"/editors/{sid}/lab")
+        assert resp.status == 200 and "JupyterLab" in await resp.text()
+        # The project's files are JupyterLab's, and a kernel runs in the session (sandboxed,
+        # with the variables every workload gets).
+        resp = await editors.get(f"/editors/{sid}/api/contents")
+        assert resp.status == 200, await resp.text()
+        assert "data" in [item["name"] for item in (await resp.json())["content"]]
+        resp = await editors.get(f"/editors/{sid}/api/contents/data/ünïcode notes.txt")
+        assert resp.status == 200 and (await resp.json())["content"] == "hello"
+        out = await run_in_kernel(editors, sid, "import os; print(os.getuid(), os.environ['MLFLOW_TRACKING_URI'].endswith('/mlflow/' + os.environ['CDSW_PROJECT_ID']), os.getcwd())", origin)
+        assert out.split()[1] == "True", out
+        assert os.getuid() != 0 or out.split()[0] == "8536", out  # as root, the sandbox's uid
+
+        # Another origin cannot drive it, not even with the owner's cookie (an application on
+        # this host would send it): no state change, no WebSocket.
+        resp = await editors.post(f"/editors/{sid}/api/kernels", json={"name": "python3"},
+                                  headers={"Origin": "http://127.0.0.1:1"})
+        assert resp.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await editors.ws_connect(f"/editors/{sid}/api/kernels/x/channels", headers={"Origin": "http://evil.example"})
+        # The appliance's cookies never reach JupyterLab, and it cannot set them.
+        resp = await editors.get(f"/editors/{sid}/api/me")
+        assert resp.status == 200
+
+    # bob, a project admin, still cannot open alice's editor; the UI's page does not offer it.
+    assert (await sign_in(client, "bob")).status == 302
+    resp = await client.get(f"/projects/{pid}/sessions/{sid}/editor", allow_redirects=False)
+    assert resp.status == 403
+    resp = await client.get(f"/projects/{pid}/sessions/{sid}")
+    assert resp.status == 200 and 'id="open-editor"' not in await resp.text()
+
+    # Stopped: the editor is gone and says so.
+    await alice.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
+    from cml_appliance.web.keys import WORKLOADS
+
+    deadline = time.monotonic() + 30
+    while True:
+        _, current = await alice.get(f"/api/v2/projects/{pid}/sessions/{sid}")
+        if current["status"] == "ENGINE_STOPPED":
+            break
+        assert time.monotonic() < deadline, current
+        await asyncio.sleep(0.2)
+    assert not client.app[WORKLOADS].editors.directory(sid).exists()
+
+
+async def test_jupyterlab_needs_jupyter_on_the_host(client: TestClient, make_user: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    alice = await make_user("alice")
+    _, project = await alice.post("/api/v2/projects", json={"name": "no jupyter"})
+    status, body = await alice.post(f"/api/v2/projects/{project['id']}/sessions", json={"runtime_identifier": "host/jupyterlab"})
+    assert_error(status, body, 400)
+    assert "pip install jupyterlab" in body["message"]
