@@ -22,6 +22,7 @@ import aiodocker
 import aiohttp
 
 from cml_appliance.core import ownership
+from cml_appliance.editors.sockets import SOCKET_VARIABLE as EDITOR_SOCKET_VARIABLE
 from cml_appliance.engines.base import (
     KIND_LABEL,
     SITE_LABEL,
@@ -85,6 +86,16 @@ class ContainerTerminal:
         if not self._closed:
             self._closed = True
             await self._stream.close()
+
+
+def _socket_binds(spec: LaunchSpec) -> list[str]:
+    """A session's editor listens on a Unix socket in a directory of its own (editors/sockets.py):
+    the same path inside the container, so that the appliance reaches it on the host."""
+    socket = spec.env.get(EDITOR_SOCKET_VARIABLE)
+    if not socket:
+        return []
+    folder = str(Path(socket).parent)
+    return [f"{folder}:{folder}"]
 
 
 class ContainerEngine:
@@ -165,7 +176,8 @@ class ContainerEngine:
             "Labels": {SITE_LABEL: self.site_id, WORKLOAD_LABEL: spec.workload_id, KIND_LABEL: spec.kind},
             "HostConfig": {
                 "Binds": ([f"{spec.project_dir}:{CONTAINER_HOME}"] if spec.mount_project else [])
-                         + ([f"{spec.tls_dir}:/run/cml/tls:ro"] if spec.tls_dir is not None else []),
+                         + ([f"{spec.tls_dir}:/run/cml/tls:ro"] if spec.tls_dir is not None else [])
+                         + _socket_binds(spec),
                 "Memory": spec.memory_mb * 1024 * 1024,
                 "MemorySwap": spec.memory_mb * 1024 * 1024,
                 "NanoCpus": int(spec.cpu * 1e9),

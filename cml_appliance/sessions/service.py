@@ -32,7 +32,10 @@ SESSION_MAIN = (
 # the base URL the appliance gives it (editors/sockets.py), with the token from JUPYTER_TOKEN.
 JUPYTERLAB_MAIN = (
     'echo "Session $CDSW_ENGINE_ID is running JupyterLab in project $CDSW_PROJECT ($CDSW_CPU_MILLICORES millicores, '
-    '$CDSW_MEMORY_MB MB)"; exec jupyter lab --no-browser --ServerApp.sock="$CML_EDITOR_SOCKET" '
+    '$CDSW_MEMORY_MB MB)"; '
+    # jupyter-lab where it is installed with its scripts, else the module (an image's copy).
+    'if command -v jupyter-lab >/dev/null; then set -- jupyter-lab; else set -- python3 -m jupyterlab; fi; '
+    'exec "$@" --no-browser --ServerApp.sock="$CML_EDITOR_SOCKET" '
     '--ServerApp.sock_mode=0600 --ServerApp.base_url="$CML_EDITOR_BASE_URL" --ServerApp.root_dir="$HOME" '
     "--ServerApp.allow_remote_access=True --ServerApp.quit_button=False --LabApp.news_url=None "
     "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"

@@ -35,10 +35,10 @@ def editors_listener(client: TestClient) -> aiohttp.ClientSession:
                                  cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
-async def start_jupyterlab(api: Api, name: str = "notebooks") -> tuple[str, str]:
+async def start_jupyterlab(api: Api, name: str = "notebooks", runtime: str = "host/jupyterlab") -> tuple[str, str]:
     _, project = await api.post("/api/v2/projects", json={"name": name})
     pid = project["id"]
-    status, session = await api.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/jupyterlab"})
+    status, session = await api.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": runtime})
     assert status == 200, session
     deadline = time.monotonic() + 60
     while True:
@@ -177,3 +177,48 @@ async def test_jupyterlab_needs_jupyter_on_the_host(client: TestClient, make_use
     status, body = await alice.post(f"/api/v2/projects/{project['id']}/sessions", json={"runtime_identifier": "host/jupyterlab"})
     assert_error(status, body, 400)
     assert "pip install jupyterlab" in body["message"]
+
+
+JUPYTERLAB_IMAGE = "localhost/cml-runtime-jupyterlab:3.11"
+
+
+@pytest.fixture(scope="session")
+def jupyterlab_image(podman_url: str, python_image: str, workload_python: Path) -> str:
+    """The container runtime with JupyterLab, built by scripts/build-runtime-image.sh (once per
+    machine; JupyterLab from the package index, installed with the workloads' Python 3.11)."""
+    import subprocess
+
+    from tests.conftest import REPO, _podman_env
+
+    env = _podman_env() | {"PYTHON": str(workload_python)}
+    if subprocess.run(["podman", "image", "exists", JUPYTERLAB_IMAGE], env=env).returncode != 0:
+        proc = subprocess.run([str(REPO / "scripts" / "build-runtime-image.sh")], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"build-runtime-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return JUPYTERLAB_IMAGE
+
+
+async def test_a_jupyterlab_session_in_a_container(aiohttp_client: Any, container_settings: Any, jupyterlab_image: str) -> None:
+    """The same editor from the container runtime: its socket's folder is bound into that
+    container alone; the kernel runs in the container, as uid 8536, with the project as its home."""
+    import dataclasses
+
+    from cml_appliance.app import create_app
+    from tests.conftest import user_maker
+
+    runtime = {"image_identifier": jupyterlab_image, "editor": "JupyterLab", "kernel": "Python 3.11", "edition": "Standard",
+               "description": "JupyterLab, for tests", "full_version": "1.0", "status": "ENABLED"}
+    settings = dataclasses.replace(container_settings, runtimes=(*container_settings.runtimes, runtime))
+    client = await aiohttp_client(create_app(settings, allow_local_git=True))
+    alice = await user_maker(client)("alice")
+    pid, sid = await start_jupyterlab(alice, "container notebooks", runtime=jupyterlab_image)
+    assert (await sign_in(client, "alice")).status == 302
+    async with editors_listener(client) as editors:
+        origin = str(editors._base_url).rstrip("/")
+        await hand_over(client, editors, pid, sid)
+        resp = await until_ready(editors, f"/editors/{sid}/lab", timeout=120)
+        assert resp.status == 200 and "JupyterLab" in await resp.text()
+        out = await run_in_kernel(editors, sid, "import os; print(os.getuid(), os.getcwd(), os.path.exists('/.dockerenv') or os.path.exists('/run/.containerenv'))", origin)
+        uid, cwd, in_container = out.split()
+        assert (uid, cwd, in_container) == ("8536", "/home/cdsw", "True"), out
+    await alice.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
