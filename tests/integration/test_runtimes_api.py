@@ -18,7 +18,7 @@ async def test_catalog_is_seeded_from_config_and_filterable(alice: Api) -> None:
     _, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"edition": "host"})})
     assert [r["image_identifier"] for r in body["runtimes"]] == ["host/jupyterlab", "host/python3"]
     _, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"editor": "JupyterLab"})})
-    assert [r["image_identifier"] for r in body["runtimes"]] == ["host/jupyterlab"]
+    assert [r["image_identifier"] for r in body["runtimes"]] == ["host/jupyterlab", "localhost/cml-runtime-jupyterlab:3.11"]
     _, body = await alice.get("/api/v2/runtimes", params={"search_filter": json.dumps({"kernel": "Python 3.11", "editor": "Workbench"})})
     assert [r["image_identifier"] for r in body["runtimes"]] == ["localhost/cml-runtime-python:3.11"]
     _, body = await alice.get("/api/v2/runtimes", params={"sort": "-kernel", "page_size": "1"})
