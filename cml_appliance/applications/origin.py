@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from html import escape
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -53,14 +52,6 @@ class AppsOrigin(HandoffOrigin):
     def by_host(self) -> bool:
         return bool(self.settings.apps_domain)
 
-    def _scheme_and_host(self, request: web.Request) -> tuple[str, str]:
-        """The UI's scheme and host name as users see them: public_url's, else the request's."""
-        if self.settings.public_url:
-            parts = urlsplit(self.settings.public_url)
-            return parts.scheme, parts.hostname or "localhost"
-        host = request.url.host or "localhost"
-        return request.scheme, f"[{host}]" if ":" in host else host
-
     def base(self, request: web.Request) -> str:
         """The applications' listener, as users reach it."""
         if self.settings.apps_url:
@@ -79,13 +70,6 @@ class AppsOrigin(HandoffOrigin):
             scheme, _ = self._scheme_and_host(request)
             return f"{scheme}://{subdomain}.{self.settings.apps_domain}{HANDOFF_PATH}?token={token}"
         return f"{self.base(request)}{HANDOFF_PATH}?token={token}"
-
-    def ui_url(self, request: web.Request, path_qs: str) -> str:
-        """A page of the UI, for a visitor of the applications' origin who must sign in there."""
-        if self.settings.public_url:
-            return self.settings.public_url.rstrip("/") + path_qs
-        scheme, host = self._scheme_and_host(request)
-        return f"{scheme}://{host}:{self.settings.port}{path_qs}"
 
     def subdomain_of_host(self, request: web.Request) -> str | None:
         """`<sub>` for a request to <sub>.<apps_domain> (wildcard DNS), else None."""

@@ -20,7 +20,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from cml_appliance.applications import origin as apps_origin
@@ -29,19 +29,14 @@ from cml_appliance.applications.service import RESERVED_SUBDOMAINS
 from cml_appliance.core.paths import static_dir
 from cml_appliance.core.errors import NotFound, Unauthenticated, Unavailable
 from cml_appliance.core.security import token_digest
-from cml_appliance.core.tasks import until_first_done
 from cml_appliance.web.context import LOGIN, ROUTE_LABEL, SESSION_COOKIE, USER
 from cml_appliance.web.keys import APP_PROXY_SESSION, APPLICATIONS, APPS_ORIGIN, METRICS
 from cml_appliance.web import listener
+from cml_appliance.web.proxying import HOP_BY_HOP, forwarded_cookies, relay_websocket, sets_appliance_cookie
 from cml_appliance.web.middlewares import observe
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "host", "content-length"})
 # The user's credentials for the appliance never reach the application (cookies: only cml_* ones).
 DROPPED_REQUEST_HEADERS = (HOP_BY_HOP - {"content-length"}) | {"authorization", "cookie"}
-# The appliance's own cookies (sign-in, flash, pre-sign-in, the applications' origin): an
-# application never sees them and may never set them.
-APPLIANCE_COOKIE_PREFIX = "cml_"
 # Answers up to this size with a Content-Length are passed on in one piece (one write, not a
 # chunked stream); larger or open-ended ones stream as they come.
 WHOLE_BODY_LIMIT = 256 * 1024
@@ -157,13 +152,6 @@ def _bearer(request: web.Request) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _forwarded_cookies(request: web.Request) -> str | None:
-    """The application's own cookies, without any of the appliance's."""
-    kept = [part.strip() for part in request.headers.get("Cookie", "").split(";")
-            if part.strip() and not part.strip().lower().startswith(APPLIANCE_COOKIE_PREFIX)]
-    return "; ".join(kept) or None
-
-
 async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "") -> web.StreamResponse:
     request[ROUTE_LABEL] = "app_proxy"  # for the metrics
     apps, origin = request.app[APPLICATIONS], request.app[APPS_ORIGIN]
@@ -189,7 +177,7 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
     # Content-Length stays: many small servers cannot read a chunked request body.
     # A multidict: a header a client sends more than once (Accept, Forwarded) goes on as it came.
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS)
-    cookies = _forwarded_cookies(request)
+    cookies = forwarded_cookies(request)
     if cookies:
         headers["Cookie"] = cookies
     headers["X-Forwarded-Host"] = request.host
@@ -200,12 +188,12 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
         headers["X-Forwarded-User"] = user.username
     session = request.app[APP_PROXY_SESSION]
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await _proxy_websocket(request, session, target.replace("http://", "ws://", 1), headers)
+        return await relay_websocket(request, session, target.replace("http://", "ws://", 1), headers, what="application")
     try:
         async with session.request(request.method, target, headers=headers, allow_redirects=False,
                                    data=request.content if request.body_exists else None) as upstream:
             passed = [(k, v) for k, v in upstream.headers.items()
-                      if k.lower() not in HOP_BY_HOP and not _sets_our_cookie(k, v)]
+                      if k.lower() not in HOP_BY_HOP and not sets_appliance_cookie(k, v)]
             length = upstream.content_length
             if length is not None and length <= WHOLE_BODY_LIMIT and request.method != "HEAD":
                 body = await upstream.read()
@@ -225,35 +213,3 @@ async def proxy(request: web.Request, subdomain: str, path: str, prefix: str = "
         raise Unavailable(f"the application did not answer: {exc}") from None
 
 
-def _sets_our_cookie(name: str, value: str) -> bool:
-    """An application's Set-Cookie for one of the appliance's cookies, which would replace the
-    user's sign-in (a fixation) on this host: dropped."""
-    return name.lower() == "set-cookie" and value.split("=", 1)[0].strip().lower().startswith(APPLIANCE_COOKIE_PREFIX)
-
-
-async def _proxy_websocket(request: web.Request, session: aiohttp.ClientSession, target: str,
-                           headers: CIMultiDict[str]) -> web.StreamResponse:
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    forward = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
-    try:
-        upstream = await session.ws_connect(target, headers=forward, protocols=protocols)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise Unavailable(f"the application did not accept the WebSocket: {exc}") from None
-    ws = web.WebSocketResponse(protocols=protocols, heartbeat=25)
-    await ws.prepare(request)
-
-    async def pump(source: Any, sink: Any) -> None:
-        async for msg in source:
-            if msg.type == WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-            else:
-                break
-
-    try:
-        await until_first_done(pump(ws, upstream), pump(upstream, ws))
-    finally:
-        await upstream.close()
-        await ws.close()
-    return ws

@@ -21,13 +21,6 @@ class EditorsOrigin(HandoffOrigin):
         super().__init__(settings, "editors-origin-cookie")
         self.port = settings.editors_port  # the bound port once the listener runs (0: any)
 
-    def _scheme_and_host(self, request: web.Request) -> tuple[str, str]:
-        if self.settings.public_url:
-            parts = urlsplit(self.settings.public_url)
-            return parts.scheme, parts.hostname or "localhost"
-        host = request.url.host or "localhost"
-        return request.scheme, f"[{host}]" if ":" in host else host
-
     def base(self, request: web.Request) -> str:
         """The editors' listener as users reach it."""
         if self.settings.editors_url:
@@ -37,12 +30,6 @@ class EditorsOrigin(HandoffOrigin):
 
     def handoff_url(self, request: web.Request, token: str) -> str:
         return f"{self.base(request)}{HANDOFF_PATH}?token={token}"
-
-    def ui_url(self, request: web.Request, path_qs: str) -> str:
-        if self.settings.public_url:
-            return self.settings.public_url.rstrip("/") + path_qs
-        scheme, host = self._scheme_and_host(request)
-        return f"{scheme}://{host}:{self.settings.port}{path_qs}"
 
     def origin_of(self, request: web.Request) -> str:
         """This listener's origin as the browser names it in an Origin header."""

@@ -18,13 +18,12 @@ import logging
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from cml_appliance.applications.origin import plain_page
 from cml_appliance.core.errors import AppError, FailedPrecondition, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from cml_appliance.core.security import token_digest
-from cml_appliance.core.tasks import until_first_done
 from cml_appliance.editors.origin import EDITOR_COOKIE, EditorsOrigin
 from cml_appliance.editors.service import EditorProxy
 from cml_appliance.web import listener
@@ -32,14 +31,12 @@ from cml_appliance.web.context import ROUTE_LABEL, SESSION_COOKIE, current_user
 from cml_appliance.web.handoff import HANDOFF_PATH
 from cml_appliance.web.keys import EDITORS, EDITORS_ORIGIN, METRICS, POOL, PROJECTS
 from cml_appliance.web.middlewares import observe
+from cml_appliance.web.proxying import HOP_BY_HOP, forwarded_cookies, relay_websocket, sets_appliance_cookie
 from cml_appliance.workloads import store as workload_store
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "content-length"})
-DROPPED_REQUEST_HEADERS = (HOP_BY_HOP - {"content-length"}) | {"authorization", "cookie", "host"}
-APPLIANCE_COOKIE_PREFIX = "cml_"
+DROPPED_REQUEST_HEADERS = (HOP_BY_HOP - {"content-length"}) | {"authorization", "cookie"}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -100,12 +97,6 @@ async def _handoff(request: web.Request, origin: EditorsOrigin) -> web.StreamRes
     raise response
 
 
-def _forwarded_cookies(request: web.Request) -> str | None:
-    kept = [part.strip() for part in request.headers.get("Cookie", "").split(";")
-            if part.strip() and not part.strip().lower().startswith(APPLIANCE_COOKIE_PREFIX)]
-    return "; ".join(kept) or None
-
-
 async def _proxy(request: web.Request, origin: EditorsOrigin, session_id: str) -> web.StreamResponse:
     request[ROUTE_LABEL] = "editor_proxy"
     websocket = request.headers.get("Upgrade", "").lower() == "websocket"
@@ -119,19 +110,20 @@ async def _proxy(request: web.Request, origin: EditorsOrigin, session_id: str) -
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS)
     headers["Host"] = request.host  # JupyterLab compares a WebSocket's Origin with it
     headers["Authorization"] = f"token {proxy.sockets.token(session_id)}"
-    cookies = _forwarded_cookies(request)
+    cookies = forwarded_cookies(request)
     if cookies:
         headers["Cookie"] = cookies
     headers["X-Forwarded-Proto"] = request.scheme
     target = f"http://editor{request.path_qs}"
     client = proxy.client(access.socket)
     if websocket:
-        return await _proxy_websocket(request, client, target.replace("http://", "ws://", 1), headers)
+        return await relay_websocket(request, client, target.replace("http://", "ws://", 1), headers, what="editor",
+                                     max_msg_size=0)  # a kernel's messages carry whole outputs
     try:
         async with client.request(request.method, target, headers=headers, allow_redirects=False,
                                   data=request.content if request.body_exists else None) as upstream:
             passed = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-                      and not (k.lower() == "set-cookie" and v.lower().startswith(APPLIANCE_COOKIE_PREFIX))]
+                      and not sets_appliance_cookie(k, v)]
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(passed)
             if upstream.content_length is not None:
@@ -147,34 +139,6 @@ async def _proxy(request: web.Request, origin: EditorsOrigin, session_id: str) -
             return plain_page(503, "Starting JupyterLab…", "The session runs; its editor is starting. "
                               "This page reloads by itself.", headers={"Retry-After": "2"}, refresh_seconds=2)
         raise Unavailable(f"the editor did not answer (it may still be starting): {exc}") from None
-
-
-async def _proxy_websocket(request: web.Request, client: aiohttp.ClientSession, target: str,
-                           headers: CIMultiDict[str]) -> web.StreamResponse:
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    forward = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
-    try:
-        upstream = await client.ws_connect(target, headers=forward, protocols=protocols, max_msg_size=0)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise Unavailable(f"the editor did not accept the WebSocket: {exc}") from None
-    ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), heartbeat=25, max_msg_size=0)
-    await ws.prepare(request)
-
-    async def pump(source: Any, sink: Any) -> None:
-        async for msg in source:
-            if msg.type == WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-            else:
-                break
-
-    try:
-        await until_first_done(pump(ws, upstream), pump(upstream, ws))
-    finally:
-        await upstream.close()
-        await ws.close()
-    return ws
 
 
 def create_listener_app(main: web.Application) -> web.Application:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from urllib.parse import urlsplit
+
+from aiohttp import web
 
 from cml_appliance.core.security import new_token, sign, verify_signature
 from cml_appliance.core.settings import Settings
@@ -37,6 +40,21 @@ class HandoffOrigin:
         self.settings = settings
         self.purpose = purpose
         self._handoffs: dict[str, Handoff] = {}
+
+    def _scheme_and_host(self, request: web.Request) -> tuple[str, str]:
+        """The UI's scheme and host name as users see them: public_url's, else the request's."""
+        if self.settings.public_url:
+            parts = urlsplit(self.settings.public_url)
+            return parts.scheme, parts.hostname or "localhost"
+        host = request.url.host or "localhost"
+        return request.scheme, f"[{host}]" if ":" in host else host
+
+    def ui_url(self, request: web.Request, path_qs: str) -> str:
+        """A page of the UI, for a visitor of this origin who must go back there (to sign in)."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/") + path_qs
+        scheme, host = self._scheme_and_host(request)
+        return f"{scheme}://{host}:{self.settings.port}{path_qs}"
 
     def issue(self, login_digest: str, scope: str, target: str) -> str:
         now = time.monotonic()
