@@ -25,7 +25,7 @@ def version_json(version: ModelVersion) -> dict[str, Any]:
         "name": version.model_name, "version": str(version.version), "creation_timestamp": _ms(version.created_at),
         "last_updated_timestamp": _ms(version.updated_at), "user_id": version.user["username"], "current_stage": "None",
         "description": version.description, "source": version.source, "run_id": version.run_id, "status": version.status,
-        "status_message": "", "tags": _tags(version.tags), "run_link": "", "aliases": [],
+        "status_message": "", "tags": _tags(version.tags), "run_link": "", "aliases": version.aliases,
     }
     if version.logged_model_id:
         out["model_id"] = version.logged_model_id
@@ -33,11 +33,14 @@ def version_json(version: ModelVersion) -> dict[str, Any]:
 
 
 async def model_json(request: web.Request, model: RegisteredModel) -> dict[str, Any]:
-    latest = await request.app[MODEL_REGISTRY].latest_versions(model)
+    registry = request.app[MODEL_REGISTRY]
+    latest = await registry.latest_versions(model)
+    aliases = [{"alias": alias, "version": str(number)} for number, names in sorted((await registry.aliases(model.id)).items())
+               for alias in names]
     return {
         "name": model.name, "creation_timestamp": _ms(model.created_at), "last_updated_timestamp": _ms(model.updated_at),
         "user_id": model.owner["username"], "description": model.description,
-        "latest_versions": [version_json(v) for v in latest], "tags": _tags(model.tags), "aliases": [],
+        "latest_versions": [version_json(v) for v in latest], "tags": _tags(model.tags), "aliases": aliases,
     }
 
 
@@ -175,6 +178,29 @@ async def get_download_uri(request: web.Request, user: User, a: dict[str, Any]) 
     return web.json_response({"artifact_uri": request.app[MODEL_REGISTRY].download_uri(version)})
 
 
+# Aliases -----------------------------------------------------------------------------------
+
+@mlflow_handler
+async def set_alias(request: web.Request, user: User, a: dict[str, Any]) -> web.Response:
+    model = await _model(request, user, a, write=True)
+    await request.app[MODEL_REGISTRY].set_alias(user, model, _required(a, "alias"), _required(a, "version"))
+    return web.json_response({})
+
+
+@mlflow_handler
+async def delete_alias(request: web.Request, user: User, a: dict[str, Any]) -> web.Response:
+    model = await _model(request, user, a, write=True)
+    await request.app[MODEL_REGISTRY].delete_alias(user, model, _required(a, "alias"))
+    return web.json_response({})
+
+
+@mlflow_handler
+async def get_by_alias(request: web.Request, user: User, a: dict[str, Any]) -> web.Response:
+    model = await _model(request, user, a)
+    version = await request.app[MODEL_REGISTRY].version_by_alias(user, model, _required(a, "alias"))
+    return web.json_response({"model_version": version_json(version)})
+
+
 def routes() -> list[web.RouteDef]:
     table: list[tuple[str, str, Any]] = [
         ("POST", "/registered-models/create", create_registered_model),
@@ -197,6 +223,9 @@ def routes() -> list[web.RouteDef]:
         ("POST", "/model-versions/set-tag", set_model_version_tag),
         ("DELETE", "/model-versions/delete-tag", delete_model_version_tag),
         ("GET", "/model-versions/get-download-uri", get_download_uri),
+        ("POST", "/registered-models/alias", set_alias),
+        ("DELETE", "/registered-models/alias", delete_alias),
+        ("GET", "/registered-models/alias", get_by_alias),
     ]
     return [web.route(method, BASE + path, handler,
                       name=f"mlflow_{method.lower()}_{path.strip('/').replace('/', '_').replace('-', '_')}")

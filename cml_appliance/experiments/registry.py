@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import shutil
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -96,6 +97,7 @@ class ModelVersion:
     status: str
     created_at: datetime
     updated_at: datetime
+    aliases: list[str]
 
 
 _MODEL_SELECT = """
@@ -105,6 +107,8 @@ FROM registered_models m LEFT JOIN users o ON o.id = m.owner_id
 """
 _VERSION_SELECT = """
 SELECT v.*, m.public_id AS model_public_id, m.name AS model_name, coalesce(p.public_id, '') AS project_public_id,
+       ARRAY(SELECT a.alias FROM registered_model_aliases a WHERE a.registered_model_id = v.registered_model_id
+             AND a.version = v.version ORDER BY a.alias) AS aliases,
        coalesce(u.username, '') AS username, coalesce(u.name, '') AS user_name, coalesce(u.email, '') AS user_email
 FROM registered_model_versions v JOIN registered_models m ON m.id = v.registered_model_id
 LEFT JOIN users u ON u.id = v.user_id LEFT JOIN projects p ON p.id = v.project_id
@@ -128,7 +132,7 @@ def _version(row: asyncpg.Record) -> ModelVersion:
     return ModelVersion(row["id"], row["public_id"], row["model_public_id"], row["model_name"], row["version"],
                         _short_user(row), row["project_public_id"], row["experiment_id"], row["run_id"],
                         row["logged_model_id"], row["model_path"], row["source"], row["description"], row["tags"],
-                        row["status"], row["created_at"], row["updated_at"])
+                        row["status"], row["created_at"], row["updated_at"], list(row["aliases"]))
 
 
 def _copy_model_files(source: Path, target: Path) -> None:
@@ -388,6 +392,40 @@ class ModelRegistry:
             raise InvalidArgument(f"version {version.version} of {model.name!r} is being built: cancel the build first")
         await self.pool.execute("DELETE FROM registered_model_versions WHERE id = $1", version.id)
         await asyncio.to_thread(shutil.rmtree, self.files_of(version), True)
+
+    # Aliases ---------------------------------------------------------------------------------
+
+    async def set_alias(self, user: User, model: RegisteredModel, alias: Any, version: Any) -> None:
+        if model.permission == "viewer":
+            raise PermissionDenied(f"only the owner of registered model {model.name!r} (or a site admin) may change it")
+        if not isinstance(alias, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]{0,255}", alias) or \
+                re.fullmatch(r"v\d+|latest", alias, re.IGNORECASE):
+            raise InvalidArgument("an alias is a name of letters, digits, '_' and '-' (not 'latest' nor v<number>)")
+        found = await self.version(user, model, version)
+        await self.pool.execute(
+            "INSERT INTO registered_model_aliases (registered_model_id, alias, version) VALUES ($1, $2, $3)"
+            " ON CONFLICT (registered_model_id, alias) DO UPDATE SET version = excluded.version", model.id, alias, found.version)
+
+    async def delete_alias(self, user: User, model: RegisteredModel, alias: str) -> None:
+        if model.permission == "viewer":
+            raise PermissionDenied(f"only the owner of registered model {model.name!r} (or a site admin) may change it")
+        await self.pool.execute("DELETE FROM registered_model_aliases WHERE registered_model_id = $1 AND alias = $2",
+                                model.id, alias)
+
+    async def version_by_alias(self, user: User, model: RegisteredModel, alias: str) -> ModelVersion:
+        number = await self.pool.fetchval(
+            "SELECT version FROM registered_model_aliases WHERE registered_model_id = $1 AND alias = $2", model.id, alias)
+        if number is None:
+            raise NotFound(f"Registered model alias {alias} not found.")
+        return await self.version(user, model, number)
+
+    async def aliases(self, model_id: int) -> dict[int, list[str]]:
+        """version -> its aliases, for one registered model."""
+        out: dict[int, list[str]] = {}
+        for row in await self.pool.fetch("SELECT alias, version FROM registered_model_aliases WHERE registered_model_id = $1"
+                                         " ORDER BY alias", model_id):
+            out.setdefault(row["version"], []).append(row["alias"])
+        return out
 
     def download_uri(self, version: ModelVersion) -> str:
         """Where the MLflow client fetches the files: the artifacts API's registry branch."""

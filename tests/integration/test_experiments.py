@@ -313,6 +313,9 @@ REGISTER_SCRIPT = textwrap.dedent("""
     client = MlflowClient()
     client.update_model_version("iris classifier", second.version, description="the same model, by its id")
     loaded = mlflow.pyfunc.load_model("models:/iris classifier/1")
+    client.set_registered_model_alias("iris classifier", "champion", "1")
+    champion = mlflow.pyfunc.load_model("models:/iris classifier@champion")
+    by_alias = client.get_model_version_by_alias("iris classifier", "champion")
     out = {
         "run_id": run.info.run_id, "versions": [first.version, second.version], "status": first.status,
         "predicted": [int(v) for v in loaded.predict(X[:2])],
@@ -320,6 +323,8 @@ REGISTER_SCRIPT = textwrap.dedent("""
         "latest": [v.version for v in client.get_registered_model("iris classifier").latest_versions],
         "described": client.get_model_version("iris classifier", "2").description,
         "models": [m.name for m in client.search_registered_models(filter_string="name LIKE 'iris%'")],
+        "champion": [int(v) for v in champion.predict(X[:2])], "alias_version": by_alias.version,
+        "aliases": client.get_registered_model("iris classifier").aliases,
     }
     print("RESULT " + json.dumps(out))
 """)
@@ -337,6 +342,7 @@ async def test_register_build_and_deploy_a_logged_model(workload_python_on_path:
     assert out["versions"] == ["1", "2"] and out["status"] == "READY", out
     assert out["predicted"] == [0, 1] and out["searched"] == ["1", "2"] and out["latest"] == ["2"], out
     assert out["described"] == "the same model, by its id" and out["models"] == ["iris classifier"]
+    assert out["champion"] == [0, 1] and out["alias_version"] == "1" and out["aliases"] == {"champion": "1"}, out
 
     status, listed = await alice.get("/api/v2/registry/models", params={"search_filter": json.dumps({"name": "iris"})})
     assert status == 200, listed
@@ -388,6 +394,15 @@ async def test_register_build_and_deploy_a_logged_model(workload_python_on_path:
                                    json={"name": "iris classifier", "source": "mlflow-artifacts:/../../etc"},
                                    headers={"Authorization": f"Bearer {alice.key}"})
     assert resp.status in (400, 404) and (await resp.json())["error_code"] in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+    registry = f"/mlflow/{pid}/api/2.0/mlflow/registered-models"
+    auth = {"Authorization": f"Bearer {alice.key}"}
+    resp = await alice.client.post(f"{registry}/alias", json={"name": "iris classifier", "alias": "latest", "version": "1"},
+                                   headers=auth)
+    assert resp.status == 400 and (await resp.json())["error_code"] == "INVALID_PARAMETER_VALUE"  # MLflow reserves it
+    resp = await alice.client.delete(f"{registry}/alias", json={"name": "iris classifier", "alias": "champion"}, headers=auth)
+    assert resp.status == 200
+    resp = await alice.client.get(f"{registry}/alias", params={"name": "iris classifier", "alias": "champion"}, headers=auth)
+    assert resp.status == 404 and (await resp.json())["error_code"] == "RESOURCE_DOES_NOT_EXIST"
     resp = await alice.client.get(f"/mlflow/{pid}/api/2.0/mlflow/registered-models/get", params={"name": "missing"},
                                   headers={"Authorization": f"Bearer {bob.key}"})
     assert resp.status == 404 and (await resp.json())["error_code"] == "RESOURCE_DOES_NOT_EXIST"
