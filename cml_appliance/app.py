@@ -225,7 +225,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         )
         app[WORKLOADS] = service
         service.editors = EditorSockets(settings.secret_key)
-        app[EDITORS] = EditorProxy(pool, service.editors)
+        app[EDITORS] = EditorProxy(pool, service.editors, engines)
         if sandbox is None and not settings.allow_unsandboxed_local:
             service.unsandboxed_local = why_not
         app[SESSIONS] = SessionService(pool, app[PROJECTS], service, settings)

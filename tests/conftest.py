@@ -480,6 +480,38 @@ async def kube_client(aiohttp_client: Any, kube_settings: Settings) -> TestClien
     return await aiohttp_client(create_app(kube_settings, allow_local_git=True))
 
 
+JUPYTERLAB_IMAGE = "localhost/cml-runtime-jupyterlab:3.11"
+
+
+@pytest.fixture(scope="session")
+def jupyterlab_image(podman_url: str, python_image: str, workload_python: Path) -> str:
+    """The container runtime with JupyterLab, built by scripts/build-runtime-image.sh (once per
+    machine; JupyterLab from the package index, installed with the workloads' Python 3.11)."""
+    import subprocess
+
+    env = _podman_env() | {"PYTHON": str(workload_python)}
+    if subprocess.run(["podman", "image", "exists", JUPYTERLAB_IMAGE], env=env).returncode != 0:
+        proc = subprocess.run([str(REPO / "scripts" / "build-runtime-image.sh")], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"build-runtime-image.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return JUPYTERLAB_IMAGE
+
+
+@pytest.fixture(scope="session")
+def kube_jupyterlab_image(kube_cluster: Path, jupyterlab_image: str) -> str:
+    """The JupyterLab runtime in the test node's containerd too (nothing can be pulled here)."""
+    import subprocess
+
+    if not _containerd_has(jupyterlab_image):
+        with tempfile.TemporaryDirectory(prefix="cml-image-") as folder:
+            archive = Path(folder) / "image.tar"
+            subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), jupyterlab_image],
+                           env=_podman_env(), check=True, capture_output=True, timeout=600)
+            subprocess.run([str(TEST_CLUSTER), "import", str(archive)], check=True, capture_output=True, timeout=900)
+    assert _containerd_has(jupyterlab_image), f"{jupyterlab_image} is not in the node's containerd after the import"
+    return jupyterlab_image
+
+
 # The workloads' Python ------------------------------------------------------------------------
 
 WORKLOAD_VENV = REPO / ".venv-workload"

@@ -114,8 +114,8 @@ async def _proxy(request: web.Request, origin: EditorsOrigin, session_id: str) -
     if cookies:
         headers["Cookie"] = cookies
     headers["X-Forwarded-Proto"] = request.scheme
-    target = f"http://editor{request.path_qs}"
-    client = proxy.client(access.socket)
+    target = f"{access.base_url}{request.path_qs}"
+    client = proxy.client(access.target)
     if websocket:
         return await relay_websocket(request, client, target.replace("http://", "ws://", 1), headers, what="editor",
                                      max_msg_size=0)  # a kernel's messages carry whole outputs

@@ -35,8 +35,10 @@ JUPYTERLAB_MAIN = (
     '$CDSW_MEMORY_MB MB)"; '
     # jupyter-lab where it is installed with its scripts, else the module (an image's copy).
     'if command -v jupyter-lab >/dev/null; then set -- jupyter-lab; else set -- python3 -m jupyterlab; fi; '
-    'exec "$@" --no-browser --ServerApp.sock="$CML_EDITOR_SOCKET" '
-    '--ServerApp.sock_mode=0600 --ServerApp.base_url="$CML_EDITOR_BASE_URL" --ServerApp.root_dir="$HOME" '
+    # On a Unix socket (local and container engines), or on the pod's own 127.0.0.1 (Kubernetes).
+    'if [ -n "$CML_EDITOR_SOCKET" ]; then set -- "$@" --ServerApp.sock="$CML_EDITOR_SOCKET" --ServerApp.sock_mode=0600; '
+    'else set -- "$@" --ServerApp.ip=127.0.0.1 --ServerApp.port="$CML_EDITOR_PORT" --ServerApp.port_retries=0; fi; '
+    'exec "$@" --no-browser --ServerApp.base_url="$CML_EDITOR_BASE_URL" --ServerApp.root_dir="$HOME" '
     "--ServerApp.allow_remote_access=True --ServerApp.quit_button=False --LabApp.news_url=None "
     "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"
 )
@@ -114,9 +116,6 @@ class SessionService:
         if self.workloads.engine_name_for(runtime_id) == "local" and shutil.which("jupyter-lab") is None:
             raise InvalidArgument(f"runtime {runtime_id!r} needs JupyterLab in the host's Python, which has none: "
                                   "pip install jupyterlab (on the appliance's PATH), or use a Workbench runtime")
-        if self.workloads.engine_name_for(runtime_id) == "kubernetes":
-            raise InvalidArgument("JupyterLab sessions run on the local and container engines: "
-                                  f"runtime {runtime_id!r} runs on Kubernetes, choose a Workbench runtime there")
 
     async def get(self, user: User, project_id: str, session_id: str) -> tuple[Project, Workload]:
         project = await self.projects.get(user, project_id, Role.READ)

@@ -243,7 +243,7 @@ class WorkloadService:
             raise FireTaken(f"job fire {request.fire_id} has already started a run")
         env = self._environment(row, project, secret, request)
         if request.editor and self.editors is not None:
-            env |= await asyncio.to_thread(self.editors.prepare, public_id)
+            env |= await asyncio.to_thread(self.editors.prepare, public_id, in_pod=engine_name == "kubernetes")
         tls_dir = None
         if self.certificates is not None:
             try:

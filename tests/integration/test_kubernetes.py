@@ -628,3 +628,34 @@ async def test_one_pod_watcher_per_site_however_many_appliance_processes(kube_cl
     standby = second if second_watcher.role == "standby" else kube_client
     resp = await standby.get("/readyz")
     assert (await resp.json())["kubernetes"]["watch"] == "standby"
+
+
+async def test_a_jupyterlab_session_as_a_pod(kube_client: Any, kube_settings: Any, kube_jupyterlab_image: str,
+                                             aiohttp_client: Any) -> None:
+    """JupyterLab in a pod listens on the pod's own 127.0.0.1, behind the pod's relay (which
+    admits the appliance alone); the editors' proxy reaches it there, and a kernel runs in the
+    pod as uid 8536 with the project as its home."""
+    import dataclasses
+
+    from cml_appliance.app import create_app
+    from tests.conftest import user_maker
+    from tests.integration.editor_helpers import editors_listener, hand_over, run_in_kernel, start_jupyterlab, until_ready
+    from tests.integration.test_web_ui import sign_in
+
+    runtime = {"image_identifier": kube_jupyterlab_image, "editor": "JupyterLab", "kernel": "Python 3.11",
+               "edition": "Standard", "description": "JupyterLab, for tests", "full_version": "1.0", "status": "ENABLED"}
+    settings = dataclasses.replace(kube_settings, runtimes=(*kube_settings.runtimes, runtime))
+    client = await aiohttp_client(create_app(settings, allow_local_git=True))
+    kim = await user_maker(client)("kim")
+    pid, sid = await start_jupyterlab(kim, "pod notebooks", runtime=kube_jupyterlab_image)
+    assert (await sign_in(client, "kim")).status == 302
+    async with editors_listener(client) as editors:
+        origin = str(editors._base_url).rstrip("/")
+        await hand_over(client, editors, pid, sid)
+        resp = await until_ready(editors, f"/editors/{sid}/lab", timeout=120)
+        assert resp.status == 200 and "JupyterLab" in await resp.text()
+        out = await run_in_kernel(editors, sid, "import os, socket; print(os.getuid(), os.getcwd(), socket.gethostname())", origin)
+        uid, cwd, host = out.split()
+        assert (uid, cwd) == ("8536", "/home/cdsw") and host.startswith("cml-"), out
+    await kim.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
+    await wait_status(kim, pid, sid, "ENGINE_STOPPED", timeout=60)

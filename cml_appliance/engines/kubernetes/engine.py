@@ -28,6 +28,7 @@ from kubernetes_asyncio.stream import WsApiClient
 
 from cml_appliance.core import ownership
 from cml_appliance.engines.base import EngineError, EngineUnavailable, LaunchSpec
+from cml_appliance.editors.sockets import PORT_VARIABLE as EDITOR_PORT_VARIABLE
 from cml_appliance.engines.container import RELAY_PORT_OFFSET, RELAY_SOURCE, RELAYED_KINDS
 from cml_appliance.engines.kubernetes import objects
 
@@ -283,8 +284,10 @@ class KubernetesEngine:
                     "data": {".dockerconfigjson": base64.b64encode(json.dumps(docker_config).encode()).decode()}}
             await create_idempotent(lambda: self.core.create_namespaced_secret(namespace, body), "pull secret")
         relay = None
-        if spec.kind in RELAYED_KINDS and "CDSW_APP_PORT" in spec.env:
-            port = int(spec.env["CDSW_APP_PORT"])
+        # Applications and models serve on CDSW_APP_PORT, a session's editor on its own port.
+        port = int(spec.env["CDSW_APP_PORT"]) if spec.kind in RELAYED_KINDS and "CDSW_APP_PORT" in spec.env \
+            else int(spec.env.get(EDITOR_PORT_VARIABLE) or 0)
+        if port:
             peers = self.settings.appliance_cidrs or "*"
             relay = (["python3", "-c", RELAY_SOURCE, str(port + RELAY_PORT_OFFSET), str(port), peers], port)
         env = spec.env | {"HOME": objects.CONTAINER_HOME, "CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id}
