@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -74,6 +74,7 @@ __all__ = [
     "StatusListener",
     "free_port",
     "install_signal_handlers",
+    "interleaved",
     "marked_pids",
     "median",
     "parse_time",
@@ -102,6 +103,15 @@ def percentile(values: Iterable[float], q: float) -> float:
     if not ordered:
         return math.nan
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def interleaved(names: tuple[str, ...], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) in the order the comparing benchmarks measure: round 0 warms every side up
+    and is not counted; then the order alternates (a, b, b, a, ...), so that the machine's drift
+    falls on both sides alike."""
+    for i in range(rounds + 1):
+        for name in names if i % 2 == 0 else names[::-1]:
+            yield i, name
 
 
 def median(values: Iterable[float | None]) -> float:

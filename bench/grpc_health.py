@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api_list import free_port
-from common import REPO, Harness, install_signal_handlers, median, run_async, run_main
+from common import REPO, Harness, install_signal_handlers, interleaved, median, run_async, run_main
 from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -99,12 +99,11 @@ async def measure(appliance_port: int, bare_port: int, context: ssl.SSLContext, 
     rates: dict[str, list[float]] = {"appliance": [], "bare": []}
     ports = {"appliance": appliance_port, "bare": bare_port}
     order = ["appliance", "bare"]
-    for i in range(args.rounds + 1):  # round 0 warms up and is not counted
-        for name in order if i % 2 == 0 else order[::-1]:
-            rate = await calls_per_second(ports[name], context, args.calls)
-            if i:
-                rates[name].append(rate)
-            print(f"{i:>3}  {name:<9} {rate:8.0f} calls/s{'' if i else '  (warm-up)'}", flush=True)
+    for i, name in interleaved(tuple(order), args.rounds):
+        rate = await calls_per_second(ports[name], context, args.calls)
+        if i:
+            rates[name].append(rate)
+        print(f"{i:>3}  {name:<9} {rate:8.0f} calls/s{'' if i else '  (warm-up)'}", flush=True)
     return rates
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncpg
-from common import REPO, Harness, install_signal_handlers, median, run_async, run_main
+from common import REPO, Harness, install_signal_handlers, interleaved, median, run_async, run_main
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
@@ -127,21 +127,20 @@ async def run(h: Harness, args: argparse.Namespace) -> dict[str, object]:
         selector = f"{objects.SITE_LABEL}={site}"
         async with client.ApiClient(configuration) as api:
             plain = client.CoreV1Api(api)
-            for i in range(args.rounds + 1):  # round 0 warms up and is not counted
-                for name in ("watcher", "bare") if i % 2 == 0 else ("bare", "watcher"):
-                    started = time.perf_counter()
-                    if name == "watcher":
-                        watcher = PodWatcher(engine, pool, apply)
-                        await watcher._list()
-                        count = len(watcher.pods)
-                    else:
-                        count = len((await plain.list_pod_for_all_namespaces(label_selector=selector)).items)
-                    seconds = time.perf_counter() - started
-                    if count != len(ids):
-                        raise RuntimeError(f"{name} listed {count} pods of {len(ids)}")
-                    if i:
-                        (relists if name == "watcher" else bare).append(seconds)
-                    print(f"{i:>3}  {name:<8} {seconds:.3f} s{'' if i else '  (warm-up)'}", flush=True)
+            for i, name in interleaved(("watcher", "bare"), args.rounds):
+                started = time.perf_counter()
+                if name == "watcher":
+                    watcher = PodWatcher(engine, pool, apply)
+                    await watcher._list()
+                    count = len(watcher.pods)
+                else:
+                    count = len((await plain.list_pod_for_all_namespaces(label_selector=selector)).items)
+                seconds = time.perf_counter() - started
+                if count != len(ids):
+                    raise RuntimeError(f"{name} listed {count} pods of {len(ids)}")
+                if i:
+                    (relists if name == "watcher" else bare).append(seconds)
+                print(f"{i:>3}  {name:<8} {seconds:.3f} s{'' if i else '  (warm-up)'}", flush=True)
         results["relist"], results["bare"] = median(relists), median(bare)
 
         # The burst: statuses change while nobody watches; the watch then replays them all.

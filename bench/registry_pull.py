@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 from api_list import free_port
-from common import BenchError, Harness, install_signal_handlers, median, run_async, run_main
+from common import BenchError, Harness, install_signal_handlers, interleaved, median, run_async, run_main
 
 from cml_appliance.registry.client import RegistryClient
 
@@ -119,18 +119,17 @@ async def measure(h: Harness, registry_port: int, args: argparse.Namespace) -> d
         size = await push_image(RegistryClient(http, direct_base), repository, args.mb, h.workdir)
         print(f"image {repository}:1: one layer of {size / 1e6:.0f} MB", flush=True)
         order = ["proxy", "direct"]
-        for i in range(args.rounds + 1):  # the first round warms caches and is not counted
-            for name in order if i % 2 == 0 else order[::-1]:
-                client = (RegistryClient(http, api.base, username="bench", password=h.secret) if name == "proxy"
-                          else RegistryClient(http, direct_base))
-                started = time.perf_counter()
-                pulled = await pull(client, repository)
-                seconds = time.perf_counter() - started
-                if pulled < size:
-                    raise BenchError(f"{name}: pulled {pulled} bytes of {size}")
-                if i:
-                    times[name].append(seconds)
-                print(f"{i:>3}  {name:<7} {seconds:.3f} s  {pulled / seconds / 1e6:.0f} MB/s{'' if i else '  (warm-up)'}", flush=True)
+        for i, name in interleaved(tuple(order), args.rounds):
+            client = (RegistryClient(http, api.base, username="bench", password=h.secret) if name == "proxy"
+                      else RegistryClient(http, direct_base))
+            started = time.perf_counter()
+            pulled = await pull(client, repository)
+            seconds = time.perf_counter() - started
+            if pulled < size:
+                raise BenchError(f"{name}: pulled {pulled} bytes of {size}")
+            if i:
+                times[name].append(seconds)
+            print(f"{i:>3}  {name:<7} {seconds:.3f} s  {pulled / seconds / 1e6:.0f} MB/s{'' if i else '  (warm-up)'}", flush=True)
     return times
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api_list import _with_database, create_database, drop_database, free_port
-from common import REPO, Harness, install_signal_handlers, median, run_async, run_main
+from common import REPO, Harness, install_signal_handlers, interleaved, median, run_async, run_main
 
 TARGET = 1.0
 WORKLOAD_PYTHON = REPO / ".venv-workload" / "bin" / "python"
@@ -133,16 +133,15 @@ def main() -> int:
         print(f"client:    mlflow {_mlflow_version()} from {WORKLOAD_PYTHON}; {args.runs} runs x {args.points} points "
               f"(log_batch), then search_runs with a metric filter and order")
         order = ["appliance", "mlflow"]
-        for i in range(args.rounds + 1):  # round 0 warms up both and is not counted
-            for name in order if i % 2 == 0 else order[::-1]:
-                uri, token = targets[name]
-                result = run_client(uri, token, f"bench-{name}-{i}", args)
-                rate = args.runs * args.points / (result["log_s"] + result["search_s"])
-                result["rate"] = rate
-                if i:
-                    results[name].append(result)
-                print(f"{i:>3}  {name:<9} log {result['log_s']:6.2f} s  search {result['search_s'] * 1000:7.1f} ms  "
-                      f"{rate:9.0f} points/s{'' if i else '  (warm-up)'}", flush=True)
+        for i, name in interleaved(tuple(order), args.rounds):
+            uri, token = targets[name]
+            result = run_client(uri, token, f"bench-{name}-{i}", args)
+            rate = args.runs * args.points / (result["log_s"] + result["search_s"])
+            result["rate"] = rate
+            if i:
+                results[name].append(result)
+            print(f"{i:>3}  {name:<9} log {result['log_s']:6.2f} s  search {result['search_s'] * 1000:7.1f} ms  "
+                  f"{rate:9.0f} points/s{'' if i else '  (warm-up)'}", flush=True)
     finally:
         if mlflow_proc is not None:
             os.killpg(mlflow_proc.pid, 15)
