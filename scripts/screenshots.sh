@@ -3,4 +3,5 @@
 # writes them to artifacts/screenshots/ while it visits every page of a realistic site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec ./scripts/test.sh tests/e2e/test_ui_crawl.py tests/e2e/test_browser.py -q "$@"
+exec ./scripts/test.sh tests/e2e/test_ui_crawl.py tests/e2e/test_browser.py tests/e2e/test_experiments_ui.py \
+  tests/e2e/test_jupyterlab.py -q "$@"
