@@ -43,7 +43,6 @@ JUPYTERLAB_MAIN = (
     "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"
 )
 JUPYTERLAB = "JupyterLab"
-WORKBENCH = "Workbench"
 
 
 def _minutes(name: str, raw: str) -> float:
@@ -75,9 +74,9 @@ class SessionService:
             raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
         if runtime["status"] == "DISABLED":
             raise InvalidArgument(f"runtime {runtime_id!r} is disabled")
+        # JupyterLab is served by the appliance; any other editor (Workbench, a custom runtime's)
+        # gets what Workbench has: the terminal and the console.
         editor = runtime["editor"]
-        if editor not in (JUPYTERLAB, WORKBENCH):
-            raise InvalidArgument(f"runtime {runtime_id!r} has the editor {editor!r}: sessions offer Workbench and JupyterLab")
         if editor == JUPYTERLAB:
             self._check_jupyterlab(runtime_id)
         gpus = fields.get("nvidia_gpu", 0)
