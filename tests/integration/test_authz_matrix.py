@@ -126,6 +126,7 @@ def _url(path: str, ids: dict[str, str], who: Principal, route: str) -> str:
     values["id"] = "1"
     values["tail"] = "x/"
     values["tag_key"] = "t"
+    values["user_id"] = str(ids.get("user_ids", {}).get(who.user or "", 999999))  # each looks itself up
     values["action"] = "stop" if "deployment" in route else "restart"
     if "collaborator" in route:
         values["username"] = "uread"  # a collaborator, and not the caller
@@ -156,6 +157,7 @@ async def test_every_route_answers_every_principal_as_its_rule_says(client: Test
                 await owner.put(f"/api/v2/projects/{world['project_id']}/collaborators/{who.user}", json={"permission": who.role})
 
     await grant(ids)
+    ids["user_ids"] = {r["username"]: r["id"] for r in await pool.fetch("SELECT id, username FROM users")}  # type: ignore[assignment]
     who_owner = next(p for p in principals if p.role == "owner")
     who_owner.key = owner.key
     owner_user = await users.get_by_username(pool, "owner")

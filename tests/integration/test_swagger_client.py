@@ -658,3 +658,32 @@ async def test_model_registry(cml: Cml, make_user: Any) -> None:
                     version_id=version["model_version_id"])
     await cml("DeleteRegisteredModel", alice, model_id=model["model_id"])
     assert not (await cml("ListRegisteredModels", alice)).get("models")
+
+
+async def test_workload_listings_and_short_users(cml: Cml, make_user: Any) -> None:
+    """ListWorkloadTypes, ListWorkloadStatus, ListProjectNames and GetShortUserByID, in CML's shapes;
+    a user's record is for themselves, admins and the people they share a project with."""
+    from cml_appliance.web.keys import POOL
+
+    alice, bob, carol = await make_user("alice"), await make_user("bob"), await make_user("carol")
+    assert (await cml("ListWorkloadTypes", alice))["workload_type"] == ["session", "job", "application", "model"]
+    statuses = (await cml("ListWorkloadStatus", alice))["workload_status"]
+    assert "ENGINE_RUNNING" in statuses and "ENGINE_SUCCEEDED" in statuses
+    for name in ("Churn model", "churn data", "Forecast"):
+        await cml("CreateProject", alice, body={"name": name})
+    names = await cml("ListProjectNames", alice, search_filter=json.dumps({"name": "churn"}), sort="name")
+    assert sorted(names["project_names"], key=str.lower) == ["churn data", "Churn model"]
+    first = await cml("ListProjectNames", alice, sort="-name", page_size=2)
+    second = await cml("ListProjectNames", alice, sort="-name", page_size=2, page_token=first["next_page_token"])
+    assert len(first["project_names"]) == 2 and len(second["project_names"]) == 1 and second["next_page_token"] == ""
+    assert (await cml("ListProjectNames", bob))["project_names"] == []  # bob sees none of them
+
+    pool = alice.client.app[POOL]
+    ids = {r["username"]: r["id"] for r in await pool.fetch("SELECT id, username FROM users")}
+    assert (await cml("GetShortUserByID", alice, user_id=ids["alice"]))["username"] == "alice"
+    await cml.error(HTTPNotFound, "GetShortUserByID", alice, user_id=ids["bob"])  # nothing shared: not found
+    project = (await cml("ListProjects", alice))["projects"][0]
+    await cml("AddProjectCollaborator", alice, project_id=project["id"], username="bob", body={"permission": "read"})
+    assert (await cml("GetShortUserByID", bob, user_id=ids["alice"]))["email"] == "alice@example.com"
+    await cml.error(HTTPNotFound, "GetShortUserByID", carol, user_id=ids["alice"])
+    await cml.error(HTTPNotFound, "GetShortUserByID", carol, user_id=987654321)
