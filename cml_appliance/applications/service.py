@@ -298,7 +298,7 @@ class ApplicationService:
         run = await self.workloads.launch(user, project, LaunchRequest(
             kind="application", name=app.name, runtime_identifier=app.runtime_identifier, image=app.runtime_identifier,
             cpu=app.cpu, memory=app.memory, nvidia_gpu=0, command=command_for(app.script, ""),
-            environment=app.environment, script=app.script,
+            environment=app.environment, script=app.script, application_id=app.id,
         ))
         await self.pool.execute("UPDATE applications SET workload_id = $2, ready_at = NULL, updated_at = now() WHERE id = $1",
                                 app.id, run.id)

@@ -3,14 +3,21 @@ client may filter by, the names of the projects a user can see, and a user's sho
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+from typing import Any
+
+import asyncpg
 from aiohttp import web
 
 from cml_appliance.api.common import list_query, page
+from cml_appliance.api.listing import next_page_token, sql_where_and_order
+from cml_appliance.core.timefmt import parse_rfc3339, rfc3339
 from cml_appliance.auth.users import get_by_id
 from cml_appliance.core.errors import InvalidArgument, NotFound
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import POOL, PROJECTS
+from cml_appliance.web.keys import POOL, PROJECTS, SETTINGS
 from cml_appliance.workloads import states
 
 # What CML calls the kinds of workload (WorkloadDetails.workload_type).
@@ -60,8 +67,164 @@ async def get_short_user(request: web.Request) -> web.Response:
     return web.json_response(found.short())
 
 
+# ListWorkloadExecutions -------------------------------------------------------------------
+#
+# An execution is a workload row (a session, a job run, an application's run, a model replica);
+# its workload is the session itself, the job, the application or the model. CML names both by
+# CRN; the appliance's are crn:cml-appliance:<site>:<type>:<id>, stable and unique on the site.
+
+_EXECUTIONS = """
+SELECT w.*, p.id AS project_pk, p.public_id AS project_public_id, p.name AS project_name,
+       pc.username AS project_creator, po.id AS owner_pk, po.username AS owner_username, u.username AS run_as,
+       CASE w.kind WHEN 'session' THEN 'session' WHEN 'job_run' THEN 'job' WHEN 'application' THEN 'application'
+                   ELSE 'model' END AS workload_type,
+       CASE w.kind WHEN 'session' THEN w.public_id WHEN 'job_run' THEN j.public_id WHEN 'application' THEN a.public_id
+                   ELSE m.public_id END AS workload_public_id,
+       CASE w.kind WHEN 'session' THEN w.name WHEN 'job_run' THEN j.name WHEN 'application' THEN a.name
+                   ELSE m.name END AS workload_name,
+       CASE w.kind WHEN 'session' THEN w.created_at WHEN 'job_run' THEN j.created_at WHEN 'application' THEN a.created_at
+                   ELSE m.created_at END AS workload_created_at,
+       wc.username AS workload_creator,
+       coalesce(w.running_at, w.starting_at, w.created_at) AS start_time, w.finished_at AS end_time,
+       rt.description AS rt_description, rt.editor AS rt_editor, rt.edition AS rt_edition, rt.kernel AS rt_kernel,
+       rt.full_version AS rt_full_version, d.replicas AS requested_replicas
+FROM workloads w
+JOIN projects p ON p.id = w.project_id
+JOIN users pc ON pc.id = p.creator_id
+JOIN users po ON po.id = p.owner_id
+JOIN users u ON u.id = w.creator_id
+LEFT JOIN jobs j ON j.id = w.job_id
+LEFT JOIN applications a ON a.id = w.application_id
+LEFT JOIN model_deployments d ON d.id = w.deployment_id
+LEFT JOIN models m ON m.id = d.model_id
+LEFT JOIN users wc ON wc.id = CASE w.kind WHEN 'session' THEN w.creator_id WHEN 'job_run' THEN j.creator_id
+                                          WHEN 'application' THEN a.creator_id ELSE m.creator_id END
+LEFT JOIN runtimes rt ON rt.image_identifier = w.runtime_identifier
+"""
+_EXECUTION_FILTERS = {"status": "w.status"}
+_EXECUTION_SORTS = {"start_time": "coalesce(w.running_at, w.starting_at, w.created_at)", "end_time": "w.finished_at",
+                    "status": "w.status"}
+_TIME_COLUMNS = _EXECUTION_SORTS
+_FAILED = (states.FAILED, states.TIMEDOUT)
+
+
+def _crn(site: str, kind: str, public_id: str) -> str:
+    return f"crn:cml-appliance:{site}:{kind}:{public_id}"
+
+
+def _time_ranges(raw: str, args: list[Any]) -> list[str]:
+    """time_range_search_filter={"start_time":{"min":"<RFC 3339>","max":"<RFC 3339>"},"end_time":{…}}."""
+    if not raw:
+        return []
+    try:
+        ranges = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        ranges = None
+    if not isinstance(ranges, dict) or not all(isinstance(v, dict) for v in ranges.values()):
+        raise InvalidArgument('time_range_search_filter is a JSON object such as {"start_time":{"min":"2024-04-11T21:55:28Z"}}')
+    conditions = []
+    for key, bounds in ranges.items():
+        if key not in ("start_time", "end_time"):
+            raise InvalidArgument(f"time_range_search_filter key {key!r} is not supported; use start_time or end_time")
+        for bound, operator in (("min", ">="), ("max", "<=")):
+            if bound in bounds:
+                try:
+                    args.append(parse_rfc3339(str(bounds[bound])))
+                except ValueError as exc:
+                    raise InvalidArgument(f"time_range_search_filter {key}.{bound}: {exc}") from None
+                conditions.append(f"{_TIME_COLUMNS[key]} {operator} ${len(args)}")
+        unknown = set(bounds) - {"min", "max"}
+        if unknown:
+            raise InvalidArgument(f"time_range_search_filter {key} takes min and max, not {sorted(unknown)}")
+    return conditions
+
+
+def _crn_filter(raw: str, args: list[Any], site: str) -> list[str]:
+    """multi_column_search_filter={"workload_crn":"<part of a workload's CRN>"}."""
+    if not raw:
+        return []
+    try:
+        parsed = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict) or set(parsed) - {"workload_crn"} or not all(isinstance(v, str) for v in parsed.values()):
+        raise InvalidArgument('multi_column_search_filter takes {"workload_crn": "<text>"}')
+    if "workload_crn" not in parsed:
+        return []
+    args.append(parsed["workload_crn"])
+    crn = (f"'crn:cml-appliance:' || {_site_literal(site)} || ':' || CASE w.kind WHEN 'session' THEN 'session' WHEN 'job_run' THEN 'job' "
+           "WHEN 'application' THEN 'application' ELSE 'model' END || ':' || coalesce(CASE w.kind WHEN 'session' THEN w.public_id "
+           "WHEN 'job_run' THEN j.public_id WHEN 'application' THEN a.public_id ELSE m.public_id END, '')")
+    return [f"strpos({crn}, ${len(args)}) > 0"]
+
+
+def _site_literal(site: str) -> str:
+    return "'" + site.replace("'", "''") + "'"
+
+
+def _execution(row: asyncpg.Record, site: str, workload_crn: str) -> dict[str, Any]:
+    handle = row["handle"] or ""
+    out: dict[str, Any] = {
+        "workload_crn": workload_crn, "workload_execution_crn": _crn(site, "execution", row["public_id"]),
+        "parent_workload_execution_crn": "", "pod_name": handle.partition("/")[2] if row["engine"] == "kubernetes" else "",
+        "start_time": rfc3339(row["start_time"]), "allocated_cpu_cores": row["cpu"], "allocated_memory_gb": row["memory"],
+        "allocated_gpu_cores": float(row["nvidia_gpu"]), "status": row["status"],
+        "failure_reason": row["reason"] if row["status"] in _FAILED else "",
+        "run_as_user_crn": _crn(site, "user", row["run_as"]), "run_as_user_name": row["run_as"],
+        "runtime": {"description": row["rt_description"] or "", "editor": row["rt_editor"] or "",
+                    "edition": row["rt_edition"] or "", "kernel": row["rt_kernel"] or "",
+                    "full_version": row["rt_full_version"] or ""},
+        "spark_event_log_dir": "", "requested_replicas": row["requested_replicas"] or 0,
+    }
+    if row["end_time"] is not None:
+        out["end_time"] = rfc3339(row["end_time"])
+    return out
+
+
+def _workload(row: asyncpg.Record, site: str, workload_crn: str) -> dict[str, Any]:
+    created: datetime = row["workload_created_at"] or row["created_at"]
+    return {
+        "workload_crn": workload_crn, "workload_name": row["workload_name"] or "", "workload_type": row["workload_type"],
+        "create_time": rfc3339(created), "creator_user_crn": _crn(site, "user", row["workload_creator"] or ""),
+        "creator_user_name": row["workload_creator"] or "",
+        "project": {"id": row["project_pk"], "crn": _crn(site, "project", row["project_public_id"]), "name": row["project_name"],
+                    "created_by_crn": _crn(site, "user", row["project_creator"]), "created_by_name": row["project_creator"],
+                    "owner": {"id": row["owner_pk"], "crn": _crn(site, "user", row["owner_username"]),
+                              "name": row["owner_username"], "is_team": False}},
+        "deleted": row["workload_public_id"] is None,
+    }
+
+
+async def list_workload_executions(request: web.Request) -> web.Response:
+    """Every execution the caller may see (a site admin: the site's; others: those of the
+    projects they can read), with the workloads they belong to; one page of executions."""
+    user = current_user(request)
+    q = list_query(request, _EXECUTION_FILTERS, _EXECUTION_SORTS)
+    pool = request.app[POOL]
+    site = str(await pool.fetchval("SELECT site_id FROM site"))
+    args: list[Any] = []
+    where, order = sql_where_and_order(q, _EXECUTION_FILTERS, _EXECUTION_SORTS, "w.created_at DESC, w.id DESC", args)
+    conditions = [where, *_time_ranges(request.query.get("time_range_search_filter", ""), args),
+                  *_crn_filter(request.query.get("multi_column_search_filter", ""), args, site)]
+    if not user.is_admin:
+        args.append(await project_store.visible_ids(pool, user))
+        conditions.append(f"w.project_id = ANY(${len(args)}::bigint[])")
+    args += [q.page_size + 1, q.offset]
+    rows = await pool.fetch(f"{_EXECUTIONS} WHERE {' AND '.join(conditions)} ORDER BY {order}"
+                            f" LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+    executions, workloads = [], {}
+    for row in rows[: q.page_size]:
+        # A job, application or model deleted since: its executions stay, under a CRN of their own.
+        crn = _crn(site, row["workload_type"], row["workload_public_id"] or f"deleted-{row['public_id']}")
+        executions.append(_execution(row, site, crn))
+        workloads.setdefault(crn, _workload(row, site, crn))
+    token = next_page_token(q, request.app[SETTINGS].secret_key, len(rows) > q.page_size)
+    return web.json_response({"workloads": list(workloads.values()), "executions": executions, "next_page_token": token})
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.get("/api/v2/workloads/executions", list_workload_executions, name="api_list_workload_executions"),
         web.get("/api/v2/workloadtypes", list_workload_types, name="api_list_workload_types"),
         web.get("/api/v2/workloadstatus", list_workload_status, name="api_list_workload_status"),
         web.get("/api/v2/projectnames", list_project_names, name="api_list_project_names"),

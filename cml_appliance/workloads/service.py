@@ -93,6 +93,7 @@ class LaunchRequest:
     job_id: int | None = None
     attempt: int = 1
     deployment_id: int | None = None
+    application_id: int | None = None
     # Where the workload runs; default: the project's directory (a model build's snapshot differs).
     workdir: Path | None = None
     # The pending job fire (job_fires) this run starts: consumed with the insert, exactly once.
@@ -205,6 +206,7 @@ class WorkloadService:
             "environment": request.environment, "idle_timeout_minutes": request.idle_timeout_minutes,
             "max_duration_minutes": request.max_duration_minutes, "job_id": request.job_id,
             "attempt": request.attempt, "deployment_id": request.deployment_id, "editor": request.editor,
+            "application_id": request.application_id,
         }
 
     async def record_unlaunched(self, user: User, project: Project, request: LaunchRequest, status: str,

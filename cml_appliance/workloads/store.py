@@ -52,6 +52,7 @@ class Workload:
     finished_at: datetime | None
     last_activity_at: datetime
     editor: str = ""
+    application_id: int | None = None
     project_name: str = ""
 
     @property

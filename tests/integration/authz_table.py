@@ -97,7 +97,7 @@ RULES: dict[str, str] = {
     "mlflow_unknown_endpoint": "skip",
     # Listings about workloads and people
     "api_list_workload_types": "signed_in", "api_list_workload_status": "signed_in", "api_list_project_names": "signed_in",
-    "api_get_short_user": "signed_in",
+    "api_get_short_user": "signed_in", "api_list_workload_executions": "signed_in",
     # A session's editor: its owner's alone (not even a project admin's), tests/integration/test_editors.py
     "ui_session_editor": "session_creator",
 }

@@ -687,3 +687,49 @@ async def test_workload_listings_and_short_users(cml: Cml, make_user: Any) -> No
     assert (await cml("GetShortUserByID", bob, user_id=ids["alice"]))["email"] == "alice@example.com"
     await cml.error(HTTPNotFound, "GetShortUserByID", carol, user_id=ids["alice"])
     await cml.error(HTTPNotFound, "GetShortUserByID", carol, user_id=987654321)
+
+
+async def test_workload_executions_across_projects(cml: Cml, make_user: Any) -> None:
+    """ListWorkloadExecutions: sessions, job runs and their jobs, in CML's shapes, with its filters;
+    a user sees the executions of the projects they can read, a site admin every one."""
+    alice, bob, root = await make_user("alice"), await make_user("bob"), await make_user("root", admin=True)
+    project = await cml("CreateProject", alice, body={"name": "busy"})
+    pid = project["id"]
+    _, session = await alice.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/python3"})  # ours
+    job = await cml("CreateJob", alice, project_id=pid, body={"project_id": pid, "name": "nightly", "script": "missing.py",
+                                                              "runtime_identifier": "host/python3"})
+    run = await cml("CreateJobRun", alice, project_id=pid, job_id=job["id"], body={"project_id": pid, "job_id": job["id"]})
+    for _ in range(200):
+        run = await cml("GetJobRun", alice, project_id=pid, job_id=job["id"], run_id=run["id"])
+        if run["status"] == "ENGINE_FAILED":
+            break
+        await asyncio.sleep(0.05)
+    app = await cml("CreateApplication", alice, project_id=pid, body={
+        "project_id": pid, "name": "dash", "subdomain": "dash-exec", "script": "app.py", "runtime_identifier": "host/python3"})
+
+    listed = await cml("ListWorkloadExecutions", alice)
+    by_type = {w["workload_type"]: w for w in listed["workloads"]}
+    assert set(by_type) == {"session", "job", "application"} and by_type["job"]["workload_name"] == "nightly"
+    assert by_type["application"]["workload_name"] == "dash" and by_type["application"]["workload_crn"].endswith(app["id"])
+    assert by_type["job"]["project"]["name"] == "busy" and by_type["job"]["creator_user_name"] == "alice"
+    executions = {e["workload_crn"]: e for e in listed["executions"]}
+    failed = executions[by_type["job"]["workload_crn"]]
+    assert failed["status"] == "ENGINE_FAILED" and failed["failure_reason"] and failed["run_as_user_name"] == "alice"
+    assert failed["runtime"]["edition"] == "Host" and failed["allocated_cpu_cores"] > 0
+    assert by_type["session"]["workload_crn"].endswith(session["id"])
+
+    running = await cml("ListWorkloadExecutions", alice, search_filter=json.dumps({"status": "failed"}))
+    assert {e["workload_crn"] for e in running["executions"]} >= {by_type["job"]["workload_crn"]}
+    assert all(e["status"] == "ENGINE_FAILED" for e in running["executions"])
+    only_job = await cml("ListWorkloadExecutions", alice, multi_column_search_filter=json.dumps({"workload_crn": job["id"]}))
+    assert [e["workload_crn"] for e in only_job["executions"]] == [by_type["job"]["workload_crn"]]
+    future = await cml("ListWorkloadExecutions", alice, time_range_search_filter=json.dumps({"start_time": {"min": "2100-01-01T00:00:00Z"}}))
+    assert future.get("executions", []) == []
+    page1 = await cml("ListWorkloadExecutions", alice, sort="-start_time", page_size=1)
+    assert len(page1["executions"]) == 1 and page1["next_page_token"]
+    await cml.error(HTTPBadRequest, "ListWorkloadExecutions", alice, time_range_search_filter="yesterday")
+    await cml.error(HTTPBadRequest, "ListWorkloadExecutions", alice, sort="colour")
+
+    assert (await cml("ListWorkloadExecutions", bob)).get("executions", []) == []
+    assert len((await cml("ListWorkloadExecutions", root))["executions"]) == 3
+    await alice.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
