@@ -103,6 +103,7 @@ from cml_appliance.web.keys import (
     WORKLOADS,
 )
 from cml_appliance.web.metrics import Metrics
+from cml_appliance.api import unimplemented
 from cml_appliance.workloads import api as workloads_api
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.workloads.events import StatusHub
@@ -355,6 +356,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(models_api.routes())
     app.router.add_routes(experiments_api.routes())
     app.router.add_routes(workloads_api.routes())
+    app.router.add_routes(unimplemented.routes())
     app.router.add_routes(registry_api.routes())
     app.router.add_routes(mlflow_registry_api.routes())  # before mlflow_api's catch-all
     app.router.add_routes(mlflow_api.routes())

@@ -75,6 +75,13 @@ class TooManyRequests(AppError):
         self.retry_after = retry_after
 
 
+class Unimplemented(AppError):
+    """An operation of CML's API that has no meaning on this appliance; the message says why."""
+
+    status = 501
+    grpc_code = 12
+
+
 class Unavailable(AppError):
     status = 503
     grpc_code = 14

@@ -136,7 +136,7 @@ def _url(path: str, ids: dict[str, str], who: Principal, route: str) -> str:
         values["run_id"] = ids["experiment_run_id"]
     if "registered" in route:  # a registered model, not a project's model
         values["model_id"] = ids["registered_model_id"]
-    return re.sub(r"{(\w+)(:[^}]*)?}", lambda m: values[m.group(1)], path)
+    return re.sub(r"{(\w+)(:[^}]*)?}", lambda m: values.get(m.group(1), "x1"), path)
 
 
 async def test_every_route_answers_every_principal_as_its_rule_says(client: TestClient, make_user: Any) -> None:
@@ -191,6 +191,8 @@ async def test_every_route_answers_every_principal_as_its_rule_says(client: Test
         path = info.get("path") or info.get("formatter") or ""
         routes.append((route.name, route.method, path))
     rules = RULES | {name: MLFLOW_RULE for name, _, _ in routes if name.startswith("mlflow_") and name not in RULES}
+    # CML's operations that have no meaning here: 501 for anyone signed in (api/unimplemented.py).
+    rules |= {name: "signed_in" for name, _, _ in routes if name.startswith("api_unimplemented_")}
     missing = sorted({name for name, _, _ in routes} - set(rules))
     assert not missing, f"routes without a rule in authz_table.py: {missing}"
 

@@ -51,6 +51,7 @@ try:
             HTTPError,
             HTTPForbidden,
             HTTPNotFound,
+            HTTPNotImplemented,
             HTTPUnauthorized,
         )
         from bravado.requests_client import RequestsClient
@@ -201,9 +202,9 @@ class Cml:
             await self(op_id, user, **params)
         self.check_declared(op_id, caught.value.response)
         body = caught.value.swagger_result
-        if "schema" not in self.ops[op_id].op_spec["responses"]["default"]:
-            # UploadFile and DownloadProjectFile declare no error schema: hold their errors to
-            # runtimeError all the same, as every other operation's are.
+        # UploadFile and DownloadProjectFile declare no error schema, and bravado leaves a 5xx
+        # answer unread: hold those to runtimeError all the same, as every other error is.
+        if "schema" not in self.ops[op_id].op_spec["responses"]["default"] or body is None:
             spec = self.swagger.swagger_spec
             body = caught.value.response.json()
             validate_schema_object(spec, spec.spec_dict["definitions"]["runtimeError"], body)
@@ -733,3 +734,23 @@ async def test_workload_executions_across_projects(cml: Cml, make_user: Any) -> 
     assert (await cml("ListWorkloadExecutions", bob)).get("executions", []) == []
     assert len((await cml("ListWorkloadExecutions", root))["executions"]) == 3
     await alice.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
+
+
+
+async def test_what_has_no_meaning_here_is_a_501_that_says_why(cml: Cml, make_user: Any) -> None:
+    """Spark defaults, Copilot, dashboards, ML serving apps, news feeds, legacy engines: CML's
+    error shape, 501 UNIMPLEMENTED and a reason, through the generic client; never a bare 404."""
+    from cml_appliance.api.unimplemented import UNIMPLEMENTED
+
+    alice = await make_user("alice")
+    for _, _, operation, why in UNIMPLEMENTED:
+        op = cml.ops[operation].op_spec
+        params: dict[str, Any] = {}
+        for param in op.get("parameters", []):
+            if param["in"] == "path":
+                params[param["name"]] = True if param.get("type") == "boolean" else (7 if param.get("type") == "integer" else "x1")
+            elif param["in"] == "body":
+                params["body"] = {}
+        body = await cml.error(HTTPNotImplemented, operation, alice, **params)
+        assert body["code"] == 12 and body["message"] == why, (operation, body)
+        await cml.error(HTTPUnauthorized, operation, None, **params)  # signed in first
