@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import assert_error
 from tests.integration.editor_helpers import editors_listener, hand_over, run_in_kernel, start_jupyterlab, until_ready
-from tests.integration.test_web_ui import sign_in
+from tests.integration.test_web_ui import csrf_of, sign_in
 
 
 @pytest.fixture
@@ -122,4 +122,17 @@ async def test_a_jupyterlab_session_in_a_container(aiohttp_client: Any, containe
         out = await run_in_kernel(editors, sid, "import os; print(os.getuid(), os.getcwd(), os.path.exists('/.dockerenv') or os.path.exists('/run/.containerenv'))", origin)
         uid, cwd, in_container = out.split()
         assert (uid, cwd, in_container) == ("8536", "/home/cdsw", "True"), out
-    await alice.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
+
+    # The appliance restarts; the container (and its JupyterLab) keeps running, and the editor
+    # is there again after a new hand-over: its socket and token do not depend on the process.
+    await client.close()
+    client = await aiohttp_client(create_app(settings, allow_local_git=True))
+    assert (await sign_in(client, "alice")).status == 302
+    async with editors_listener(client) as editors:
+        origin = str(editors._base_url).rstrip("/")
+        await hand_over(client, editors, pid, sid)
+        resp = await until_ready(editors, f"/editors/{sid}/api/contents")
+        assert resp.status == 200, await resp.text()
+        assert (await run_in_kernel(editors, sid, "print(6 * 7)", origin)).strip() == "42"
+    resp = await client.post(f"/projects/{pid}/sessions/{sid}/stop", data={"csrf_token": await csrf_of(client, f"/projects/{pid}/sessions/{sid}")})
+    assert resp.status in (200, 302, 303)
