@@ -98,12 +98,15 @@ from cml_appliance.web.keys import (
     SETTINGS,
     STATUS_HUB,
     SUPERVISOR,
+    TEAMS,
     TRACKING,
     WEBSOCKETS,
     WORKLOADS,
 )
 from cml_appliance.web.metrics import Metrics
 from cml_appliance.api import unimplemented
+from cml_appliance.teams import api as teams_api
+from cml_appliance.teams.service import TeamService
 from cml_appliance.workloads import api as workloads_api
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.workloads.events import StatusHub
@@ -180,6 +183,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         if failed:
             log.warning("marked %d project creation(s) interrupted by a restart as failed", failed)
         app[PROJECTS] = projects
+        app[TEAMS] = projects.teams = TeamService(app[POOL])
         app[TRACKING] = TrackingService(app[POOL], projects, settings.data_dir / "artifacts")
         app[MODEL_REGISTRY] = ModelRegistry(app[POOL], app[TRACKING], settings.data_dir / "model-registry")
         app[ARTIFACTS] = ArtifactStore(app[TRACKING], app[MODEL_REGISTRY], settings.max_upload_mb * 1024 * 1024)
@@ -356,6 +360,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(models_api.routes())
     app.router.add_routes(experiments_api.routes())
     app.router.add_routes(workloads_api.routes())
+    app.router.add_routes(teams_api.routes())
     app.router.add_routes(unimplemented.routes())
     app.router.add_routes(registry_api.routes())
     app.router.add_routes(mlflow_registry_api.routes())  # before mlflow_api's catch-all

@@ -32,6 +32,8 @@ JOB = _path_param("job_id", "the job's id")
 RUN = _path_param("run_id", "the run's id")
 APP = _path_param("app_id", "the application's id")
 MODEL = _path_param("model_id", "the model's id")
+TEAM = _path_param("team_name", "the team's username")
+USERNAME = _path_param("username", "a user's username")
 PAGE = [
     {"name": "page_size", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     {"name": "page_token", "in": "query", "schema": {"type": "string"}},
@@ -80,6 +82,16 @@ def _events(operation_id: str, what: str, params: list[dict[str, Any]]) -> dict[
 
 
 SCHEMAS: dict[str, Any] = {
+    "Team": {
+        "type": "object", "description": "CML's Team, with what a local team has",
+        "properties": {k: {"type": "string"} for k in ("id", "username", "type", "name", "bio", "email", "joined_on",
+                                                       "members", "private_projects")}
+        | {"admin": {"type": "boolean"}, "business_user": {"type": "boolean"}},
+    },
+    "TeamMember": {
+        "type": "object", "properties": {"id": {"type": "integer"}, "username": {"type": "string"},
+                                         "name": {"type": "string"}, "permission": {"type": "string"}},
+    },
     "Error": {
         "type": "object", "required": ["error", "code", "message"],
         "properties": {"error": {"type": "string"}, "code": {"type": "integer"}, "message": {"type": "string"},
@@ -228,6 +240,28 @@ def document() -> dict[str, Any]:
         "/api/v2/openapi.json": {"get": _op("GetOpenAPI", "This document", [],
                                             {"200": {"description": "OpenAPI 3.0", "content": {JSON: {"schema": {"type": "object"}}}}},
                                             security=[{}])},
+        "/api/v2/teams": {"get": _op("ListTeams", "Teams (member=true: the caller's own), by username", [
+            {"name": "search_filter", "in": "query", "description": 'JSON, e.g. {"username": "data"}', "schema": {"type": "string"}},
+            {"name": "member", "in": "query", "schema": {"type": "boolean"}}, *PAGE],
+            _json("a page of teams", {"type": "object", "properties": {
+                "teams": {"type": "array", "items": _ref("Team")}, "next_page_token": {"type": "string"}}}))},
+        "/api/v2/teams/{team_name}": {
+            "get": _op("GetTeam", "A team", [TEAM], _json("the team", _ref("Team"))),
+            "patch": _op("UpdateTeam", "Change a team's bio, display name or members' default role (team admins)", [TEAM],
+                         _json("the team", _ref("Team")), body={"type": "object", "properties": {
+                             "bio": {"type": "string"}, "name": {"type": "string"},
+                             "permission": {"type": "string", "enum": ["read", "operator", "write", "admin"]}}}),
+        },
+        "/api/v2/teams/{team_name}/members": {"get": _op(
+            "ListTeamMembers", "A team's members and their team roles", [TEAM],
+            _json("the members", {"type": "object", "properties": {"members": {"type": "array", "items": _ref("TeamMember")}}}))},
+        "/api/v2/teams/{team_name}/members/{username}": {
+            "put": _op("PutTeamMember", "Add a member, or change their team role (team admins)", [TEAM, USERNAME],
+                       _json("the member", _ref("TeamMember")), body={"type": "object", "properties": {
+                           "permission": {"type": "string", "enum": ["read", "operator", "write", "admin"]}}}),
+            "delete": _op("DeleteTeamMember", "Remove a member (team admins; anyone may leave)", [TEAM, USERNAME],
+                          _json("done", {"type": "object"})),
+        },
         "/model": _model_call("CallModel"),
         "/api/altus-ds-1/models/call-model": _model_call("CallModelAltus"),
     }

@@ -110,11 +110,11 @@ async def get_by_id(pool: asyncpg.Pool, user_id: int) -> User | None:
 
 
 async def list_users(pool: asyncpg.Pool) -> list[User]:
-    return [_user(r) for r in await pool.fetch(f"SELECT {_COLUMNS} FROM users ORDER BY username")]
+    return [_user(r) for r in await pool.fetch(f"SELECT {_COLUMNS} FROM users WHERE NOT is_team ORDER BY username")]
 
 
 async def count_users(pool: asyncpg.Pool) -> int:
-    return int(await pool.fetchval("SELECT count(*) FROM users"))
+    return int(await pool.fetchval("SELECT count(*) FROM users WHERE NOT is_team"))
 
 
 async def update_user(
@@ -150,7 +150,7 @@ async def authenticate(pool: asyncpg.Pool, username: str, password: str, remote:
     )
     if failures["by_user"] >= max_failures or failures["by_remote"] >= max_failures * 4:
         raise TooManyRequests("too many failed sign-ins: wait 15 minutes and try again", retry_after=900)
-    row = await pool.fetchrow(f"SELECT {_COLUMNS}, password_hash FROM users WHERE username = $1", username)
+    row = await pool.fetchrow(f"SELECT {_COLUMNS}, password_hash FROM users WHERE username = $1 AND NOT is_team", username)
     stored = row["password_hash"] if row else None
     ok = await asyncio.to_thread(verify_password, password, stored)
     if not ok or row is None or not row["is_active"]:

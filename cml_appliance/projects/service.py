@@ -119,6 +119,9 @@ class ProjectService:
         self.repos = repos
         self.allow_private_git_hosts = allow_private_git_hosts
 
+    # Team lookups for team-owned projects (teams/service.py), set by the app.
+    teams: TeamService | None = None
+
     def directory(self, project: Project) -> Path:
         return self.projects_dir / project.public_id
 
@@ -136,8 +139,11 @@ class ProjectService:
         if user.scope_project_id is not None:
             raise PermissionDenied("a workload's own key reaches only its project: it cannot create projects")
         name = check_name(fields.get("name", ""))
-        if fields.get("team_name"):
-            raise InvalidArgument("teams are not supported: leave team_name empty to create the project as yourself")
+        owner_id = user.id
+        if fields.get("team_name"):  # the team owns it; its members hold their team roles on it
+            if self.teams is None:
+                raise InvalidArgument("teams are not available here: leave team_name empty")
+            owner_id = await self.teams.owner_for_project(user, str(fields["team_name"]))
         if fields.get("parent_project"):
             raise InvalidArgument("forking with parent_project is not supported; create from git_url instead")
         git_url = fields.get("git_url", "").strip()
@@ -164,14 +170,15 @@ class ProjectService:
 
         public_id = new_public_id()
         async with self.pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval("SELECT 1 FROM projects WHERE owner_id = $1 AND name = $2", user.id, name):
-                raise AlreadyExists(f"you already have a project named {name!r}")
-            slug = await self._free_slug(conn, user.id, slugify(name))
+            whose = "the team already has" if owner_id != user.id else "you already have"
+            if await conn.fetchval("SELECT 1 FROM projects WHERE owner_id = $1 AND name = $2", owner_id, name):
+                raise AlreadyExists(f"{whose} a project named {name!r}")
+            slug = await self._free_slug(conn, owner_id, slugify(name))
             values = {
                 "public_id": public_id,
                 "name": name,
                 "slug": slug,
-                "owner_id": user.id,
+                "owner_id": owner_id,
                 "creator_id": user.id,
                 "description": fields.get("description", ""),
                 "visibility": visibility,
@@ -185,7 +192,7 @@ class ProjectService:
             try:
                 await store.insert(conn, values)
             except asyncpg.UniqueViolationError:
-                raise AlreadyExists(f"you already have a project named {name!r}") from None
+                raise AlreadyExists(f"{whose} a project named {name!r}") from None
             await audit.record(conn, user.id, "project.create", "project", public_id, {"name": name, "template": template})
             if template != "git":
                 (self.projects_dir / public_id).mkdir(parents=True, exist_ok=False)

@@ -50,20 +50,36 @@ class Project:
     role: Role
 
 
-# The caller's role: owner and site admins are admin, then the collaborator row, then public read.
+# The caller's role: the owner and site admins are admin; otherwise the highest of the caller's
+# collaborator permission, their team role when a team owns the project, the permission of a team
+# of theirs that is a collaborator, and read on a public project.
 _SELECT = """
 SELECT p.*,
-       ow.username AS ow_username, ow.name AS ow_name, ow.email AS ow_email,
+       ow.username AS ow_username, ow.name AS ow_name, ow.email AS ow_email, ow.is_team AS ow_is_team,
        cr.username AS cr_username, cr.name AS cr_name, cr.email AS cr_email,
        CASE WHEN p.owner_id = $1 OR $2 THEN 'admin'
-            WHEN c.permission IS NOT NULL THEN c.permission
-            WHEN p.visibility = 'public' THEN 'read'
-            ELSE '' END AS role
+            ELSE coalesce((
+              SELECT (ARRAY['read', 'operator', 'write', 'admin'])[max(array_position(ARRAY['read', 'operator', 'write', 'admin'], g.permission))]
+              FROM (SELECT c.permission FROM project_collaborators c WHERE c.project_id = p.id AND c.user_id = $1
+                    UNION ALL
+                    SELECT m.permission FROM team_members m WHERE m.team_id = p.owner_id AND m.user_id = $1
+                    UNION ALL
+                    SELECT tc.permission FROM project_collaborators tc
+                    JOIN team_members tm ON tm.team_id = tc.user_id AND tm.user_id = $1 WHERE tc.project_id = p.id
+                    UNION ALL
+                    SELECT 'read' WHERE p.visibility = 'public') g), '') END AS role
 FROM projects p
 JOIN users ow ON ow.id = p.owner_id
 JOIN users cr ON cr.id = p.creator_id
-LEFT JOIN project_collaborators c ON c.project_id = p.id AND c.user_id = $1
 """
+
+
+# The projects $1 holds a role on, public ones aside: owned by them or by a team of theirs, or
+# with them or a team of theirs as a collaborator.
+_HOLDS_A_ROLE = """(p.owner_id = $1
+  OR p.owner_id IN (SELECT m.team_id FROM team_members m WHERE m.user_id = $1)
+  OR EXISTS (SELECT 1 FROM project_collaborators c WHERE c.project_id = p.id
+             AND (c.user_id = $1 OR c.user_id IN (SELECT m.team_id FROM team_members m WHERE m.user_id = $1))))"""
 
 
 def _project(row: asyncpg.Record) -> Project:
@@ -112,7 +128,7 @@ async def list_visible(
 ) -> tuple[list[Project], bool]:
     """One page of the projects the user may see; returns (page, whether more follow)."""
     args: list[Any] = [user.id, user.is_admin]
-    visible = "(p.owner_id = $1 OR c.user_id IS NOT NULL"
+    visible = f"({_HOLDS_A_ROLE}"
     if include_all and user.is_admin:
         visible = "(TRUE"
     elif include_public or include_all:

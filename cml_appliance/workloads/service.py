@@ -146,7 +146,7 @@ class WorkloadService:
     async def _refuse_unsandboxed_for_many(self) -> None:
         """Unsandboxed, a local workload runs with the appliance's rights: fine for one person on
         a laptop, not once the site has several users (unless the administrator accepted it)."""
-        users = await self.pool.fetchval("SELECT count(*) FROM users WHERE is_active")
+        users = await self.pool.fetchval("SELECT count(*) FROM users WHERE is_active AND NOT is_team")
         if users > 1:
             raise Unavailable(
                 f"the local engine cannot sandbox workloads here ({self.unsandboxed_local}), and this site has "

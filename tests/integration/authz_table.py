@@ -14,6 +14,8 @@ Rules:
   only);
 - session_owner: the session's owner or a project admin;
 - session_creator: the session's owner alone (a site administrator neither);
+- team_admin: an admin of the route's team (the owner made it) or a site administrator, never a
+  workload's key;
 - registered_model_owner: the owner of a (private) registered model, or a site administrator (a
   workload's key acts as its user);
 - skip: checked by its own credentials and tested on its own (static files; the application hand-over,
@@ -98,6 +100,15 @@ RULES: dict[str, str] = {
     # Listings about workloads and people
     "api_list_workload_types": "signed_in", "api_list_workload_status": "signed_in", "api_list_project_names": "signed_in",
     "api_get_short_user": "signed_in", "api_list_workload_executions": "signed_in",
+    # Teams (synced ones answer that no directory is configured, to anyone signed in)
+    "api_create_team": "user_not_workload", "api_list_teams": "signed_in", "api_get_team": "signed_in",
+    "api_update_team": "team_admin", "api_delete_team": "team_admin", "api_list_team_members": "signed_in",
+    "api_put_team_member": "team_admin", "api_delete_team_member": "team_admin",
+    "api_create_synced_team": "signed_in", "api_latest_sync_status": "signed_in", "api_teams_sync_status": "signed_in",
+    "api_users_sync_status": "signed_in", "api_list_synced_team_members": "signed_in",
+    "api_update_synced_team_member": "signed_in", "api_list_synced_team_groups": "signed_in",
+    "api_add_synced_team_group": "signed_in", "api_remove_synced_team_group": "signed_in",
+    "api_update_synced_team_group": "signed_in",
     # A session's editor: its owner's alone (not even a project admin's), tests/integration/test_editors.py
     "ui_session_editor": "session_creator",
 }

@@ -62,6 +62,8 @@ def allowed(rule: str, who: Principal, route_name: str) -> bool:
         return who.site_admin
     if rule == "self":
         return True  # each principal calls it with its own username (another's is checked below)
+    if rule == "team_admin":
+        return (who.role == "owner" or who.site_admin) and not who.workload_key_for  # the owner made the team
     if rule == "session_creator":
         return who.role == "owner" or who.workload_key_for == "own"  # the session is the owner's
     if rule == "registered_model_owner" and who.workload_key_for == "other":
@@ -108,6 +110,7 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
     artifacts = f"/mlflow/{pid}/api/2.0/mlflow-artifacts/artifacts/{eid}/{exp_run['id']}/artifacts"
     for name, body in (("notes.txt", b"notes"), ("model/MLmodel", b"flavors: {}\n")):
         await owner.put(f"{artifacts}/{name}", data=body)
+    _, team = await owner.post("/api/v2/site/teams", json={"username": f"team{secrets.token_hex(4)}"})
     _, registered = await owner.post("/api/v2/registry/models", json={
         "project_id": pid, "run_id": exp_run["id"], "model_path": "model", "model_name": f"m{secrets.token_hex(4)}"})
     return {
@@ -116,6 +119,7 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
         "replica_id": replica_id, "path": "notes.txt", "owner": "owner", "slug": project["slug"],
         "experiment_id": eid, "experiment_run_id": exp_run["id"], "metric_key": "loss",
         "registered_model_id": registered["model_id"], "version_id": registered["model_versions"][0]["model_version_id"],
+        "team_name": team["username"],
     }
 
 

@@ -93,7 +93,7 @@ async def test_bad_create_requests(alice: Api) -> None:
         ({"name": "x", "environment": {"A": 1}}, "environment"),
         ({"name": 5}, "name"),
         ({"name": "x", "unknown_field": 1}, "unknown field"),
-        ({"name": "x", "team_name": "t"}, "teams"),
+        ({"name": "x", "team_name": "t"}, "no team named 't'"),
         ({"name": "x", "shared_memory_limit": "64"}, "shared_memory_limit"),
     ]
     for payload, fragment in cases:

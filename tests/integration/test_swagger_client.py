@@ -754,3 +754,19 @@ async def test_what_has_no_meaning_here_is_a_501_that_says_why(cml: Cml, make_us
         body = await cml.error(HTTPNotImplemented, operation, alice, **params)
         assert body["code"] == 12 and body["message"] == why, (operation, body)
         await cml.error(HTTPUnauthorized, operation, None, **params)  # signed in first
+
+
+async def test_teams(cml: Cml, make_user: Any) -> None:
+    """CreateTeam and DeleteTeam in CML's shapes; a project created for the team is the team's."""
+    alice = await make_user("alice")
+    team = await cml("CreateTeam", alice, body={"username": "forecasting", "bio": "demand", "permission": "write"})
+    assert team["username"] == "forecasting" and team["bio"] == "demand" and team["members"] == "1"
+    project = await cml("CreateProject", alice, body={"name": "demand", "team_name": "forecasting"})
+    assert project["owner"]["username"] == "forecasting"
+    body = await cml.error(HTTPBadRequest, "DeleteTeam", alice, team_name="forecasting")
+    assert "owns 1 project" in body["message"]
+    await cml("DeleteProject", alice, project_id=project["id"])
+    await cml("DeleteTeam", alice, team_name="forecasting")
+    await cml.error(HTTPNotFound, "DeleteTeam", alice, team_name="forecasting")
+    body = await cml.error(HTTPBadRequest, "CreateSyncedTeam", alice, body={"username": "synced"})
+    assert "directory" in body["message"]

@@ -1,0 +1,1 @@
+"""Teams: accounts that own projects, with members in team roles."""
