@@ -106,6 +106,7 @@ from cml_appliance.web.keys import (
 from cml_appliance.web.metrics import Metrics
 from cml_appliance.api import unimplemented
 from cml_appliance.teams import api as teams_api
+from cml_appliance.teams import ui as teams_ui
 from cml_appliance.teams.service import TeamService
 from cml_appliance.workloads import api as workloads_api
 from cml_appliance.workloads import store as workload_store
@@ -369,6 +370,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(registry_proxy.routes())
     app.router.add_routes(experiments_ui.routes())
     app.router.add_routes(editors_proxy.routes())
+    app.router.add_routes(teams_ui.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

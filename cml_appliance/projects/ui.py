@@ -19,7 +19,7 @@ from cml_appliance.projects import files, readme
 from cml_appliance.projects.service import VISIBILITIES
 from cml_appliance.projects.store import Project
 from cml_appliance.web.context import check_csrf, current_user
-from cml_appliance.web.keys import APPLICATIONS, MODELS, POOL, PROJECTS, SETTINGS
+from cml_appliance.web.keys import APPLICATIONS, MODELS, POOL, PROJECTS, SETTINGS, TEAMS
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.web.templating import redirect
 
@@ -56,9 +56,13 @@ async def project_list(request: web.Request) -> web.StreamResponse:
 
 
 async def new_project_page(request: web.Request, *, error: str = "", form: dict[str, str] | None = None, status: int = 200) -> web.StreamResponse:
-    current_user(request)
+    user = current_user(request)
+    # Who may own it: the user, or a team in which they hold write or admin.
+    teams, _ = await request.app[TEAMS].list(member_of=user, limit=200)
+    owners = [t.username for t in teams if await request.app[TEAMS].role_of(t, user) in ("write", "admin")]
     return aiohttp_jinja2.render_template(
-        "project_new.html", request, {"error": error, "form": form or {}, "visibilities": VISIBILITIES}, status=status
+        "project_new.html", request,
+        {"error": error, "form": form or {}, "visibilities": VISIBILITIES, "team_owners": owners}, status=status
     )
 
 
@@ -117,6 +121,8 @@ async def create_project(request: web.Request) -> web.StreamResponse:
         "visibility": fields.get("visibility", "private"),
         "template": "local" if template == "upload" else template,
     }
+    if fields.get("team_name"):
+        body["team_name"] = fields["team_name"]
     if template == "git":
         body["git_url"] = fields.get("git_url", "").strip()
     service = request.app[PROJECTS]

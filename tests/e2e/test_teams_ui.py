@@ -1,0 +1,53 @@
+"""Teams in headless Chromium: one user makes a team, adds another as a Contributor, creates a
+project owned by the team; the other signs in and works in it; on a phone too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.e2e.conftest import PASSWORD, PHONE, Browser
+
+
+async def test_a_team_shares_its_project(browser: Browser, make_user: Any) -> None:
+    from playwright.async_api import expect
+
+    await make_user("alice", password=PASSWORD)
+    await make_user("bob", password=PASSWORD)
+    page = browser.page
+    await browser.sign_in("alice")
+
+    await page.click("nav[aria-label=Main] >> text=Teams")
+    await page.fill("#new-team input[name=username]", "data-science")
+    await page.fill("#new-team input[name=bio]", "churn and forecasting")
+    await page.click("#new-team button[type=submit]")
+    await expect(page.locator("h1")).to_have_text("data-science")
+    await page.fill("#add-member input[name=username]", "bob")
+    await page.select_option("#add-member select[name=permission]", "write")
+    await page.click("#add-member button[type=submit]")
+    await expect(page.locator("tr[data-member=bob] select")).to_have_value("write")
+    browser.expected_errors.add((400, "/teams/data-science/members"))
+    await page.fill("#add-member input[name=username]", "nobody")
+    await page.click("#add-member button[type=submit]")
+    await expect(page.locator(".flash.error")).to_contain_text("no user named 'nobody'")
+    await browser.shot("team")
+
+    await page.goto(browser.url("/projects/new"))
+    await page.fill("#new-project input[name=name]", "Churn")
+    await page.select_option("#new-project select[name=team_name]", "data-science")
+    await page.click("#new-project button[type=submit]")
+    await expect(page.locator(".page-head")).to_contain_text("data-science")
+    project_url = page.url
+
+    # bob, a Contributor of the team, finds the project and may upload to it.
+    await page.context.clear_cookies()
+    await browser.sign_in("bob")
+    await page.goto(browser.url("/teams/data-science"))
+    await expect(page.locator("#team-projects")).to_contain_text("Churn")
+    await page.goto(project_url + "/files")
+    await expect(page.locator("form#upload, input[type=file]").first).to_be_attached()
+    await page.set_viewport_size(PHONE)
+    await page.goto(browser.url("/teams/data-science"))
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the team page is {width} px wide on a phone"
+    await browser.shot("team-phone")
+    browser.assert_clean()
