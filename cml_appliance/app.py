@@ -98,6 +98,7 @@ from cml_appliance.web.keys import (
     SETTINGS,
     STATUS_HUB,
     SUPERVISOR,
+    QUOTAS,
     TEAMS,
     TRACKING,
     WEBSOCKETS,
@@ -105,6 +106,8 @@ from cml_appliance.web.keys import (
 )
 from cml_appliance.web.metrics import Metrics
 from cml_appliance.api import unimplemented
+from cml_appliance.quotas import api as quotas_api
+from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams import api as teams_api
 from cml_appliance.teams import ui as teams_ui
 from cml_appliance.teams.service import TeamService
@@ -231,6 +234,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
             runtime_engine=settings.runtime_engine,
         )
         app[WORKLOADS] = service
+        app[QUOTAS] = service.quotas = QuotaService(pool)
         service.editors = EditorSockets(settings.secret_key)
         app[EDITORS] = EditorProxy(pool, service.editors, engines)
         if sandbox is None and not settings.allow_unsandboxed_local:
@@ -362,6 +366,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(experiments_api.routes())
     app.router.add_routes(workloads_api.routes())
     app.router.add_routes(teams_api.routes())
+    app.router.add_routes(quotas_api.routes())
     app.router.add_routes(unimplemented.routes())
     app.router.add_routes(registry_api.routes())
     app.router.add_routes(mlflow_registry_api.routes())  # before mlflow_api's catch-all

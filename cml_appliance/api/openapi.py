@@ -82,6 +82,10 @@ def _events(operation_id: str, what: str, params: list[dict[str, Any]]) -> dict[
 
 
 SCHEMAS: dict[str, Any] = {
+    "Quota": {
+        "type": "object", "description": "vCPU, memory in GB and GPUs, as strings (CML's Quota); empty: no limit",
+        "properties": {k: {"type": "string"} for k in ("cpu", "memory", "nvidia_gpu")},
+    },
     "Team": {
         "type": "object", "description": "CML's Team, with what a local team has",
         "properties": {k: {"type": "string"} for k in ("id", "username", "type", "name", "bio", "email", "joined_on",
@@ -260,6 +264,12 @@ def document() -> dict[str, Any]:
                        _json("the member", _ref("TeamMember")), body={"type": "object", "properties": {
                            "permission": {"type": "string", "enum": ["read", "operator", "write", "admin"]}}}),
             "delete": _op("DeleteTeamMember", "Remove a member (team admins; anyone may leave)", [TEAM, USERNAME],
+                          _json("done", {"type": "object"})),
+        },
+        "/api/v2/usersquota/{username}": {
+            "put": _op("PutAccountQuota", "Give a user or a team a quota of its own (site admins); empty parts: no limit",
+                       [USERNAME], _json("the quota", _ref("Quota")), body=_ref("Quota")),
+            "delete": _op("DeleteAccountQuota", "Back to the default quota for users or teams (site admins)", [USERNAME],
                           _json("done", {"type": "object"})),
         },
         "/model": _model_call("CallModel"),

@@ -75,6 +75,13 @@ class TooManyRequests(AppError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(AppError):
+    """A workload would take its account past its quota; the message names the quota and what runs."""
+
+    status = 429
+    grpc_code = 8  # RESOURCE_EXHAUSTED
+
+
 class Unimplemented(AppError):
     """An operation of CML's API that has no meaning on this appliance; the message says why."""
 

@@ -24,6 +24,7 @@ from cml_appliance.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaExceeded,
     Unavailable,
 )
 from cml_appliance.core.ids import new_public_id
@@ -506,6 +507,15 @@ class JobService:
                 log.warning("job %s: its fire is tried again in %d s: %s", job.public_id, FIRE_RETRY_SECONDS, exc)
                 await self._postpone(fire, FIRE_RETRY_SECONDS)
                 return False
+        except QuotaExceeded as exc:
+            # Over its quota: a failed run that says so, rather than a fire dropped unseen.
+            if launcher is not None:
+                request = _run_request(job, fire["environment"], fire["arguments"], fire["attempt"], fire["id"])
+                try:
+                    await self.workloads.record_unlaunched(*launcher, request, states.FAILED, exc.message[:2000])
+                    return True
+                except asyncpg.PostgresError as record_error:
+                    log.warning("job %s: could not record its run refused by a quota: %s", job.public_id, record_error)
         except (Unavailable, asyncpg.PostgresConnectionError, OSError) as exc:
             # The engine or the database is away for now: the fire is owed still, tried again later.
             log.warning("job %s did not start (tried again in %d s): %s", job.public_id, FIRE_RETRY_SECONDS, exc)

@@ -21,6 +21,7 @@ from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
 from cml_appliance.projects.service import ProjectService
+from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams.service import TeamService
 from cml_appliance.registry.embedded import RegistryStatus
 from cml_appliance.sessions.service import SessionService
@@ -44,6 +45,7 @@ APPS_ORIGIN = web.AppKey("apps_origin", AppsOrigin)
 APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
 TEAMS = web.AppKey("teams", TeamService)
+QUOTAS = web.AppKey("quotas", QuotaService)
 # Session editors (editors/): their origin and the proxy to each session's JupyterLab.
 EDITORS_ORIGIN = web.AppKey("editors_origin", EditorsOrigin)
 EDITORS = web.AppKey("editors", EditorProxy)

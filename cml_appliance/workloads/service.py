@@ -35,6 +35,7 @@ from cml_appliance.engines.base import (
 from cml_appliance.grpc.certificates import WorkloadCertificates
 from cml_appliance.projects.store import Project
 from cml_appliance.editors.sockets import EditorSockets
+from cml_appliance.quotas.service import QuotaService
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
 from cml_appliance.workloads.store import Workload
@@ -136,6 +137,9 @@ class WorkloadService:
         self.certificates: WorkloadCertificates | None = None
         # Where session editors listen (set by the app): a socket directory per session.
         self.editors: EditorSockets | None = None
+        # Every start is checked against its account's quotas (set by the app).
+        self.quotas: QuotaService | None = None
+        self._quota_lock = asyncio.Lock()
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
@@ -237,10 +241,15 @@ class WorkloadService:
         }
         public_id = values["public_id"]
         secret, key = api_keys.workload_key(user.id, project.id, f"{request.kind} {public_id}")
-        try:
-            row = await store.insert(self.pool, values, api_key=key, consume_fire=request.fire_id)
-        except asyncpg.UniqueViolationError:
-            raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
+        # The quota check and the insert together: no two starts in this process pass it at once.
+        async with self._quota_lock:
+            if self.quotas is not None:
+                await self.quotas.check(user, project.id, request.cpu, request.memory, request.nvidia_gpu,
+                                        request.kind.replace("_", " "))
+            try:
+                row = await store.insert(self.pool, values, api_key=key, consume_fire=request.fire_id)
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists("the job already has an active run: stop it or wait for it to end") from None
         if row is None:
             raise FireTaken(f"job fire {request.fire_id} has already started a run")
         env = self._environment(row, project, secret, request)

@@ -770,3 +770,23 @@ async def test_teams(cml: Cml, make_user: Any) -> None:
     await cml.error(HTTPNotFound, "DeleteTeam", alice, team_name="forecasting")
     body = await cml.error(HTTPBadRequest, "CreateSyncedTeam", alice, body={"username": "synced"})
     assert "directory" in body["message"]
+
+
+async def test_quotas(cml: Cml, make_user: Any) -> None:
+    """The default-quota, usersquota and groupsquota operations in CML's shapes."""
+    admin, alice = await make_user("root", admin=True), await make_user("alice")
+    assert (await cml("GetDefaultQuota", alice))["quota"]["active"] is False  # none set yet
+    done = await cml("SetDefaultQuota", admin, body={"quota": {"requests_cpu": "4", "requests_memory": "16", "requests_gpu": "1"}})
+    assert done["success"] and "4 vCPU, 16 GB, 1 GPU(s)" in done["message"]
+    await cml("SetTeamDefaultQuota", admin, body={"quota": {"requests_cpu": "8", "active": False}})
+    quotas = {q["owner_type"]: q for q in (await cml("GetDefaultQuotas", alice))["request_quotas"]}
+    assert quotas["user"]["requests_gpu"] == "1" and quotas["user"]["active"] and not quotas["team"]["active"]
+    users = await cml("ListUsersQuota", admin, sort="-username", page_size=1)
+    assert [r["user"]["user_name"] for r in users["user_quota"]] == ["root"] and users["next_page_token"]
+    assert users["user_quota"][0]["quota_configured"] == {"cpu": "4", "memory": "16", "nvidia_gpu": "1"}
+    await cml("CreateTeam", alice, body={"username": "quota-team"})
+    groups = await cml("ListGroupsQuota", admin)
+    assert groups["group_quota"][0]["group"]["user_name"] == "quota-team"
+    assert groups["group_quota"][0]["quota_configured"] == {"cpu": "", "memory": "", "nvidia_gpu": ""}  # inactive default
+    await cml.error(HTTPForbidden, "SetDefaultQuota", alice, body={"quota": {"requests_cpu": "1"}})
+    await cml.error(HTTPBadRequest, "SetDefaultQuota", admin, body={"quota": {"requests_cpu": "many"}})

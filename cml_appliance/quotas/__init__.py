@@ -1,0 +1,1 @@
+"""Quotas: CPU, memory and GPUs an account may hold at once, checked at every start."""
