@@ -103,6 +103,9 @@ class QuotaService:
             return None
         return Quota(row["cpu"], row["memory"], row["nvidia_gpu"])
 
+    async def has_own(self, account_id: int) -> bool:
+        return bool(await self.pool.fetchval("SELECT 1 FROM account_quotas WHERE user_id = $1", account_id))
+
     async def set_default(self, actor: User, owner_type: str, quota: Quota, active: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(

@@ -51,3 +51,36 @@ async def test_a_team_shares_its_project(browser: Browser, make_user: Any) -> No
     assert width <= PHONE["width"], f"the team page is {width} px wide on a phone"
     await browser.shot("team-phone")
     browser.assert_clean()
+
+
+async def test_a_site_admin_sets_quotas_and_sees_what_each_uses(browser: Browser, make_user: Any) -> None:
+    from playwright.async_api import expect
+
+    await make_user("root", admin=True, password=PASSWORD)
+    alice = await make_user("alice", password=PASSWORD)
+    _, project = await alice.post("/api/v2/projects", json={"name": "busy"})
+    _, session = await alice.post(f"/api/v2/projects/{project['id']}/sessions",
+                                  json={"runtime_identifier": "host/python3", "cpu": 1, "memory": 2})
+    page = browser.page
+    await browser.sign_in("root")
+    await page.goto(browser.url("/admin/users"))
+    await page.click("text=Quotas")
+    await page.fill("#default-user input[name=cpu]", "1")
+    await page.fill("#default-user input[name=memory]", "4")
+    await page.click("#default-user button[type=submit]")
+    row = page.locator("tr[data-account=alice]")
+    await expect(row).to_contain_text("1 vCPU, 2 GB")  # in use
+    await expect(row).to_contain_text("1 vCPU, 4 GB (default)")
+    await browser.shot("admin-quotas")
+    # alice is at her quota: a second session is refused, and says why.
+    status, body = await alice.post(f"/api/v2/projects/{project['id']}/sessions", json={"runtime_identifier": "host/python3"})
+    assert status == 429 and "alice's quota of 1 vCPU, 4 GB" in body["message"], body
+    await row.locator("input[name=cpu]").fill("3")
+    await row.locator("button[value=set]").click()
+    await expect(page.locator("tr[data-account=alice]")).to_contain_text("3 vCPU")
+    await page.set_viewport_size(PHONE)
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the quotas page is {width} px wide on a phone"
+    await browser.shot("admin-quotas-phone")
+    await alice.post(f"/api/v2/projects/{project['id']}/sessions/{session['id']}:stop")
+    browser.assert_clean()

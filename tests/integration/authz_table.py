@@ -113,6 +113,7 @@ RULES: dict[str, str] = {
     "api_get_default_quota": "signed_in", "api_set_default_quota": "site_admin", "api_get_default_quotas": "signed_in",
     "api_set_team_default_quota": "site_admin", "api_list_users_quota": "signed_in", "api_list_groups_quota": "signed_in",
     "api_put_account_quota": "site_admin", "api_delete_account_quota": "site_admin",
+    "ui_admin_quotas": "site_admin", "ui_admin_quota_default": "site_admin", "ui_admin_quota_account": "site_admin",
     "ui_teams": "signed_in", "ui_team_create": "signed_in", "ui_team": "signed_in", "ui_team_member_put": "team_admin",
     "ui_team_member_delete": "team_admin", "ui_team_delete": "team_admin",
     # A session's editor: its owner's alone (not even a project admin's), tests/integration/test_editors.py

@@ -130,6 +130,7 @@ def _url(path: str, ids: dict[str, str], who: Principal, route: str) -> str:
     values["id"] = "1"
     values["tail"] = "x/"
     values["tag_key"] = "t"
+    values["kind"] = "user"
     values["user_id"] = str(ids.get("user_ids", {}).get(who.user or "", 999999))  # each looks itself up
     values["action"] = "stop" if "deployment" in route else "restart"
     if "collaborator" in route:
