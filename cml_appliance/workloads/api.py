@@ -106,6 +106,8 @@ _EXECUTION_SORTS = {"start_time": "coalesce(w.running_at, w.starting_at, w.creat
                     "status": "w.status"}
 _TIME_COLUMNS = _EXECUTION_SORTS
 _FAILED = (states.FAILED, states.TIMEDOUT)
+_WORKLOAD_TYPE = ("CASE w.kind WHEN 'session' THEN 'session' WHEN 'job_run' THEN 'job' WHEN 'application' THEN 'application' "
+                  "ELSE 'model' END")
 
 
 def _crn(site: str, kind: str, public_id: str) -> str:
@@ -222,8 +224,116 @@ async def list_workload_executions(request: web.Request) -> web.Response:
     return web.json_response({"workloads": list(workloads.values()), "executions": executions, "next_page_token": token})
 
 
+# ListUsage ----------------------------------------------------------------------------------
+#
+# One row per workload (CML's usage view): who ran what, where, with what resources, for how long.
+# "group" is the team that owns the project, if a team does.
+
+_USAGE = """
+SELECT w.*, p.id AS project_pk, p.name AS project_name, p.slug AS project_slug, p.public_id AS project_public_id,
+       ow.username AS owner_username, ow.id AS owner_pk, ow.is_team AS owner_is_team, ow.name AS owner_name,
+       u.username AS creator_username, u.name AS creator_name, u.id AS creator_pk,
+       CASE w.kind WHEN 'session' THEN 'session' WHEN 'job_run' THEN 'job' WHEN 'application' THEN 'application'
+                   ELSE 'model' END AS workload_type
+FROM workloads w
+JOIN projects p ON p.id = w.project_id
+JOIN users ow ON ow.id = p.owner_id
+JOIN users u ON u.id = w.creator_id
+"""
+_USAGE_FILTERS = {"name": "w.name", "creator": "u.username", "group": "CASE WHEN ow.is_team THEN ow.username ELSE '' END",
+                  "project_name": "p.name", "workload_type": _WORKLOAD_TYPE, "status": "w.status"}
+_USAGE_SORTS = _USAGE_FILTERS | {"cpu": "w.cpu", "memory": "w.memory", "nvidia_gpu": "w.nvidia_gpu", "created_at": "w.created_at"}
+
+
+def _usage_time_range(raw: str, args: list[Any]) -> list[str]:
+    """time_range_search_filter={"created_time":{"min":"2023-12-11 21:06:51","max":"…"}} (RFC 3339 or that form, UTC)."""
+    if not raw:
+        return []
+    try:
+        ranges = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        ranges = None
+    if not isinstance(ranges, dict) or set(ranges) - {"created_time"} or not all(isinstance(v, dict) for v in ranges.values()):
+        raise InvalidArgument('time_range_search_filter takes {"created_time":{"min":"2023-12-11 21:06:51","max":"…"}}')
+    conditions = []
+    for bound, operator in (("min", ">="), ("max", "<=")):
+        value = ranges.get("created_time", {}).get(bound)
+        if value is None:
+            continue
+        text = str(value).strip().replace(" ", "T", 1)
+        try:
+            args.append(parse_rfc3339(text if text.endswith("Z") or "+" in text[10:] else text + "Z"))
+        except ValueError as exc:
+            raise InvalidArgument(f"time_range_search_filter created_time.{bound}: {exc}") from None
+        conditions.append(f"w.created_at {operator} ${len(args)}")
+    return conditions
+
+
+def _name_filter(raw: str, args: list[Any]) -> list[str]:
+    """multi_column_search_filter={"project_or_workload_name":"churn"}."""
+    if not raw:
+        return []
+    try:
+        parsed = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict) or set(parsed) - {"project_or_workload_name"} or not all(isinstance(v, str) for v in parsed.values()):
+        raise InvalidArgument('multi_column_search_filter takes {"project_or_workload_name": "<text>"}')
+    if not parsed:
+        return []
+    args.append(parsed["project_or_workload_name"])
+    return [f"(strpos(lower(p.name), lower(${len(args)})) > 0 OR strpos(lower(w.name), lower(${len(args)})) > 0)"]
+
+
+def _usage(row: asyncpg.Record, base: str) -> dict[str, Any]:
+    end = row["finished_at"] or datetime.now(row["created_at"].tzinfo)
+    begun = row["running_at"] or row["starting_at"]
+    seconds = int((end - begun).total_seconds()) if begun else 0
+    out: dict[str, Any] = {
+        "id": row["public_id"], "name": row["name"], "creator": row["creator_username"],
+        "group": row["owner_username"] if row["owner_is_team"] else "", "project_name": row["project_name"],
+        "cpu": row["cpu"], "memory": row["memory"], "nvidia_gpu": float(row["nvidia_gpu"]),
+        "workload_type": row["workload_type"], "created_at": rfc3339(row["created_at"]), "duration": str(max(seconds, 0)),
+        "status": row["status"], "message": row["reason"] or "",
+        "oom_killed": "OOM" in (row["reason"] or "") or "out of memory" in (row["reason"] or "").lower(),
+        "creator_info": {"id": row["creator_pk"], "name": row["creator_name"], "user_name": row["creator_username"]},
+        "project_info": {"id": row["project_pk"], "slug": row["project_slug"],
+                         "html_url": f"{base}/projects/{row['project_public_id']}"},
+        "workload_url": f"{base}/projects/{row['project_public_id']}",
+    }
+    if row["owner_is_team"]:
+        out["group_info"] = {"id": row["owner_pk"], "name": row["owner_name"], "user_name": row["owner_username"]}
+    if row["engine"] == "kubernetes":
+        out["k8s_info"] = {"k8s_exit_code": row["exit_code"] or 0, "k8s_reason": row["reason"] or "", "k8s_message": "",
+                           "k8s_signal": ""}
+    return out
+
+
+async def list_usage(request: web.Request) -> web.Response:
+    """Every workload and what it took, for site admins (CML's usage page); others see their own."""
+    user = current_user(request)
+    q = list_query(request, _USAGE_FILTERS, _USAGE_SORTS)
+    args: list[Any] = []
+    where, order = sql_where_and_order(q, _USAGE_FILTERS, _USAGE_SORTS, "w.created_at DESC, w.id DESC", args)
+    conditions = [where, *_usage_time_range(request.query.get("time_range_search_filter", ""), args),
+                  *_name_filter(request.query.get("multi_column_search_filter", ""), args)]
+    if not (user.is_admin and user.scope_project_id is None):
+        args.append(user.id)
+        conditions.append(f"w.creator_id = ${len(args)}")
+    pool = request.app[POOL]
+    total = int(await pool.fetchval(f"SELECT count(*) FROM ({_USAGE} WHERE {' AND '.join(conditions)}) t", *args))
+    args += [q.page_size + 1, q.offset]
+    rows = await pool.fetch(f"{_USAGE} WHERE {' AND '.join(conditions)} ORDER BY {order}"
+                            f" LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+    base = request.app[SETTINGS].base_url
+    token = next_page_token(q, request.app[SETTINGS].secret_key, len(rows) > q.page_size)
+    return web.json_response({"usage_response": [_usage(r, base) for r in rows[: q.page_size]],
+                              "total_count": str(total), "next_page_token": token})
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.get("/api/v2/usage", list_usage, name="api_list_usage"),
         web.get("/api/v2/workloads/executions", list_workload_executions, name="api_list_workload_executions"),
         web.get("/api/v2/workloadtypes", list_workload_types, name="api_list_workload_types"),
         web.get("/api/v2/workloadstatus", list_workload_status, name="api_list_workload_status"),

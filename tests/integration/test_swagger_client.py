@@ -790,3 +790,34 @@ async def test_quotas(cml: Cml, make_user: Any) -> None:
     assert groups["group_quota"][0]["quota_configured"] == {"cpu": "", "memory": "", "nvidia_gpu": ""}  # inactive default
     await cml.error(HTTPForbidden, "SetDefaultQuota", alice, body={"quota": {"requests_cpu": "1"}})
     await cml.error(HTTPBadRequest, "SetDefaultQuota", admin, body={"quota": {"requests_cpu": "many"}})
+
+
+async def test_usage(cml: Cml, make_user: Any) -> None:
+    """ListUsage: one row per workload with what it took, its filters and sorts; a site admin sees
+    every one, a user their own."""
+    admin, alice, bob = await make_user("root", admin=True), await make_user("alice"), await make_user("bob")
+    await cml("CreateTeam", alice, body={"username": "usage-team"})
+    project = await cml("CreateProject", alice, body={"name": "usage", "team_name": "usage-team"})
+    pid = project["id"]
+    _, first = await alice.post(f"/api/v2/projects/{pid}/sessions", json={"runtime_identifier": "host/python3", "name": "explore",
+                                                                           "cpu": 1, "memory": 2})
+    _, theirs = await bob.post("/api/v2/projects", json={"name": "bob's"})
+    await bob.post(f"/api/v2/projects/{theirs['id']}/sessions", json={"runtime_identifier": "host/python3", "name": "bob's"})
+
+    everything = await cml("ListUsage", admin, sort="-created_at")
+    assert everything["total_count"] == "2" and [u["name"] for u in everything["usage_response"]] == ["bob's", "explore"]
+    mine = (await cml("ListUsage", alice))["usage_response"]
+    assert [u["name"] for u in mine] == ["explore"]
+    row = mine[0]
+    assert row["group"] == "usage-team" and row["group_info"]["user_name"] == "usage-team"
+    assert (row["cpu"], row["memory"], row["workload_type"], row["creator"]) == (1.0, 2.0, "session", "alice")
+    filtered = await cml("ListUsage", admin, search_filter=json.dumps({"creator": "bob", "workload_type": "session"}))
+    assert [u["creator"] for u in filtered["usage_response"]] == ["bob"]
+    named = await cml("ListUsage", admin, multi_column_search_filter=json.dumps({"project_or_workload_name": "USAGE"}))
+    assert [u["name"] for u in named["usage_response"]] == ["explore"]
+    later = await cml("ListUsage", admin, time_range_search_filter=json.dumps({"created_time": {"min": "2100-01-01 00:00:00"}}))
+    assert later.get("usage_response", []) == [] and later["total_count"] == "0"
+    by_cpu = await cml("ListUsage", admin, sort="-cpu", page_size=1)
+    assert len(by_cpu["usage_response"]) == 1 and by_cpu["next_page_token"]
+    await cml.error(HTTPBadRequest, "ListUsage", admin, time_range_search_filter=json.dumps({"created_time": {"min": "noon"}}))
+    await alice.post(f"/api/v2/projects/{pid}/sessions/{first['id']}:stop")
