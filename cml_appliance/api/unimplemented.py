@@ -38,6 +38,9 @@ UNIMPLEMENTED: tuple[tuple[str, str, str, str], ...] = (
      "this appliance reads no news feeds: it does not reach the internet for its UI"),
     ("POST", "/api/v2/site/config:update", "DisableEngines",
      "this appliance has no legacy engines to disable: every workload runs on a runtime"),
+    ("POST", "/api/v2/users/{username}/v1_key:rotate", "RotateV1Key",
+     "this appliance has no API v1 keys: CDSW's v1 job start takes an API v2 key "
+     "(POST /api/v2/users/{username}/v2_keys makes one, DELETE …/v2_keys/{key_id} retires one)"),
 )
 
 

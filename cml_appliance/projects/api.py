@@ -17,7 +17,7 @@ from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.projects import files, store
 from cml_appliance.projects.store import Project
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import PROJECTS, SETTINGS
+from cml_appliance.web.keys import POOL, PROJECTS, SETTINGS
 
 
 def project_json(p: Project) -> dict[str, Any]:
@@ -204,9 +204,39 @@ async def delete_file(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+MAX_BATCH = 100
+
+
+async def batch_list_projects(request: web.Request) -> web.Response:
+    """BatchListProjects: the projects of these ids that the caller can see, in the order asked;
+    an id the caller cannot see is left out, as ListProjects would."""
+    user = current_user(request)
+    ids = [i for raw in request.query.getall("project_ids", []) for i in raw.split(",") if i.strip()]
+    if len(ids) > MAX_BATCH:
+        raise InvalidArgument(f"at most {MAX_BATCH} project_ids at a time")
+    found = []
+    for public_id in dict.fromkeys(i.strip() for i in ids):
+        project = await store.get(request.app[POOL], user, public_id)
+        if project is not None and project.role > Role.NONE:
+            found.append(project_json(project))
+    return web.json_response({"projects": found})
+
+
+async def list_machine_users(request: web.Request) -> web.Response:
+    """ListAllRunAsMachineUserCollaborators: the machine users a project's workloads may run as.
+    This appliance has none (workloads run as the user who starts them), so the list is empty,
+    for those who may read the project."""
+    await request.app[PROJECTS].get(current_user(request), request.match_info["project_id"])
+    list_query(request, {"username": "username"}, {"username": "username"})  # its parameters, checked
+    return web.json_response({"run_as_machine_user_collaborators": [], "next_page_token": ""})
+
+
 def routes() -> list[web.RouteDef]:
     base = "/api/v2/projects/{project_id}"
     return [
+        web.get(base + "/machineusers", list_machine_users, name="api_list_machine_users"),
+        # Before GetProject, whose {project_id} would take "batch" for an id.
+        web.get("/api/v2/projects/batch", batch_list_projects, name="api_batch_list_projects"),
         web.get("/api/v2/projects", list_projects, name="api_list_projects"),
         web.post("/api/v2/projects", create_project, name="api_create_project"),
         web.get(base, get_project, name="api_get_project"),

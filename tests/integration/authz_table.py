@@ -100,6 +100,7 @@ RULES: dict[str, str] = {
     # Listings about workloads and people
     "api_list_workload_types": "signed_in", "api_list_workload_status": "signed_in", "api_list_project_names": "signed_in",
     "api_get_short_user": "signed_in", "api_list_workload_executions": "signed_in", "api_list_usage": "signed_in",
+    "api_list_machine_users": "read", "api_batch_list_projects": "signed_in",
     # Teams (synced ones answer that no directory is configured, to anyone signed in)
     "api_create_team": "user_not_workload", "api_list_teams": "signed_in", "api_get_team": "signed_in",
     "api_update_team": "team_admin", "api_delete_team": "team_admin", "api_list_team_members": "signed_in",

@@ -821,3 +821,15 @@ async def test_usage(cml: Cml, make_user: Any) -> None:
     assert len(by_cpu["usage_response"]) == 1 and by_cpu["next_page_token"]
     await cml.error(HTTPBadRequest, "ListUsage", admin, time_range_search_filter=json.dumps({"created_time": {"min": "noon"}}))
     await alice.post(f"/api/v2/projects/{pid}/sessions/{first['id']}:stop")
+
+
+async def test_batch_list_projects_and_machine_users(cml: Cml, make_user: Any) -> None:
+    alice, bob = await make_user("alice"), await make_user("bob")
+    first = await cml("CreateProject", alice, body={"name": "one"})
+    second = await cml("CreateProject", alice, body={"name": "two"})
+    theirs = await cml("CreateProject", bob, body={"name": "bob's"})
+    listed = await cml("BatchListProjects", alice, project_ids=[second["id"], first["id"], theirs["id"], "nope"])
+    assert [p["id"] for p in listed["projects"]] == [second["id"], first["id"]]  # bob's and unknown ids left out
+    machine = await cml("ListAllRunAsMachineUserCollaborators", alice, project_id=first["id"])
+    assert machine.get("run_as_machine_user_collaborators", []) == []
+    await cml.error(HTTPNotFound, "ListAllRunAsMachineUserCollaborators", bob, project_id=first["id"])
