@@ -110,46 +110,54 @@ _WORKLOAD_TYPE = ("CASE w.kind WHEN 'session' THEN 'session' WHEN 'job_run' THEN
                   "ELSE 'model' END")
 
 
+def _json_object(raw: str, name: str, example: str) -> dict[str, Any]:
+    """A query parameter that holds a JSON object ({} when absent), or a 400 that shows its form."""
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"{name} is a JSON object such as {example}")
+    return parsed
+
+
+def _time_bounds(ranges: dict[str, Any], columns: dict[str, str], name: str, args: list[Any]) -> list[str]:
+    """{"<key>": {"min": <time>, "max": <time>}} as SQL conditions on columns[key]; times in RFC 3339
+    or CML's "2023-12-11 21:06:51" (UTC)."""
+    conditions = []
+    for key, bounds in ranges.items():
+        if key not in columns:
+            raise InvalidArgument(f"{name} key {key!r} is not supported; use {', '.join(columns)}")
+        if not isinstance(bounds, dict) or set(bounds) - {"min", "max"}:
+            raise InvalidArgument(f"{name} {key} takes an object with min and max")
+        for bound, operator in (("min", ">="), ("max", "<=")):
+            if bound not in bounds:
+                continue
+            text = str(bounds[bound]).strip().replace(" ", "T", 1)
+            try:
+                args.append(parse_rfc3339(text if text.endswith("Z") or "+" in text[10:] else text + "Z"))
+            except ValueError as exc:
+                raise InvalidArgument(f"{name} {key}.{bound}: {exc}") from None
+            conditions.append(f"{columns[key]} {operator} ${len(args)}")
+    return conditions
+
+
 def _crn(site: str, kind: str, public_id: str) -> str:
     return f"crn:cml-appliance:{site}:{kind}:{public_id}"
 
 
 def _time_ranges(raw: str, args: list[Any]) -> list[str]:
-    """time_range_search_filter={"start_time":{"min":"<RFC 3339>","max":"<RFC 3339>"},"end_time":{…}}."""
-    if not raw:
-        return []
-    try:
-        ranges = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        ranges = None
-    if not isinstance(ranges, dict) or not all(isinstance(v, dict) for v in ranges.values()):
-        raise InvalidArgument('time_range_search_filter is a JSON object such as {"start_time":{"min":"2024-04-11T21:55:28Z"}}')
-    conditions = []
-    for key, bounds in ranges.items():
-        if key not in ("start_time", "end_time"):
-            raise InvalidArgument(f"time_range_search_filter key {key!r} is not supported; use start_time or end_time")
-        for bound, operator in (("min", ">="), ("max", "<=")):
-            if bound in bounds:
-                try:
-                    args.append(parse_rfc3339(str(bounds[bound])))
-                except ValueError as exc:
-                    raise InvalidArgument(f"time_range_search_filter {key}.{bound}: {exc}") from None
-                conditions.append(f"{_TIME_COLUMNS[key]} {operator} ${len(args)}")
-        unknown = set(bounds) - {"min", "max"}
-        if unknown:
-            raise InvalidArgument(f"time_range_search_filter {key} takes min and max, not {sorted(unknown)}")
-    return conditions
+    """time_range_search_filter={"start_time":{"min":"…","max":"…"},"end_time":{…}}."""
+    ranges = _json_object(raw, "time_range_search_filter", '{"start_time":{"min":"2024-04-11T21:55:28Z"}}')
+    return _time_bounds(ranges, {k: _TIME_COLUMNS[k] for k in ("start_time", "end_time")}, "time_range_search_filter", args)
 
 
 def _crn_filter(raw: str, args: list[Any], site: str) -> list[str]:
     """multi_column_search_filter={"workload_crn":"<part of a workload's CRN>"}."""
-    if not raw:
-        return []
-    try:
-        parsed = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        parsed = None
-    if not isinstance(parsed, dict) or set(parsed) - {"workload_crn"} or not all(isinstance(v, str) for v in parsed.values()):
+    parsed = _json_object(raw, "multi_column_search_filter", '{"workload_crn": "<text>"}')
+    if set(parsed) - {"workload_crn"} or not all(isinstance(v, str) for v in parsed.values()):
         raise InvalidArgument('multi_column_search_filter takes {"workload_crn": "<text>"}')
     if "workload_crn" not in parsed:
         return []
@@ -246,38 +254,15 @@ _USAGE_SORTS = _USAGE_FILTERS | {"cpu": "w.cpu", "memory": "w.memory", "nvidia_g
 
 
 def _usage_time_range(raw: str, args: list[Any]) -> list[str]:
-    """time_range_search_filter={"created_time":{"min":"2023-12-11 21:06:51","max":"…"}} (RFC 3339 or that form, UTC)."""
-    if not raw:
-        return []
-    try:
-        ranges = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        ranges = None
-    if not isinstance(ranges, dict) or set(ranges) - {"created_time"} or not all(isinstance(v, dict) for v in ranges.values()):
-        raise InvalidArgument('time_range_search_filter takes {"created_time":{"min":"2023-12-11 21:06:51","max":"…"}}')
-    conditions = []
-    for bound, operator in (("min", ">="), ("max", "<=")):
-        value = ranges.get("created_time", {}).get(bound)
-        if value is None:
-            continue
-        text = str(value).strip().replace(" ", "T", 1)
-        try:
-            args.append(parse_rfc3339(text if text.endswith("Z") or "+" in text[10:] else text + "Z"))
-        except ValueError as exc:
-            raise InvalidArgument(f"time_range_search_filter created_time.{bound}: {exc}") from None
-        conditions.append(f"w.created_at {operator} ${len(args)}")
-    return conditions
+    """time_range_search_filter={"created_time":{"min":"2023-12-11 21:06:51","max":"…"}}."""
+    ranges = _json_object(raw, "time_range_search_filter", '{"created_time":{"min":"2023-12-11 21:06:51"}}')
+    return _time_bounds(ranges, {"created_time": "w.created_at"}, "time_range_search_filter", args)
 
 
 def _name_filter(raw: str, args: list[Any]) -> list[str]:
     """multi_column_search_filter={"project_or_workload_name":"churn"}."""
-    if not raw:
-        return []
-    try:
-        parsed = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        parsed = None
-    if not isinstance(parsed, dict) or set(parsed) - {"project_or_workload_name"} or not all(isinstance(v, str) for v in parsed.values()):
+    parsed = _json_object(raw, "multi_column_search_filter", '{"project_or_workload_name": "<text>"}')
+    if set(parsed) - {"project_or_workload_name"} or not all(isinstance(v, str) for v in parsed.values()):
         raise InvalidArgument('multi_column_search_filter takes {"project_or_workload_name": "<text>"}')
     if not parsed:
         return []
