@@ -505,6 +505,7 @@ class Harness:
             CML_PORT=str(port),
             CML_APPS_PORT=str(self.apps_port),
             CML_GRPC_PORT="0",
+            CML_EDITORS_PORT="0",
             CML_LOG_LEVEL="WARNING",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
         )

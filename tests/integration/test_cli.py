@@ -77,7 +77,8 @@ def fresh_db(database_server: str) -> Iterator[str]:
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CML_")}
-    env.update({"CML_DATA_DIR": str(tmp_path / "data"), "CML_LOG_LEVEL": "WARNING", "CML_APPS_PORT": "0", "CML_GRPC_PORT": "0"})
+    env.update({"CML_DATA_DIR": str(tmp_path / "data"), "CML_LOG_LEVEL": "WARNING", "CML_APPS_PORT": "0", "CML_GRPC_PORT": "0",
+                "CML_EDITORS_PORT": "0"})
     return env
 
 

@@ -166,7 +166,7 @@ def _run_with_tls(ctr: str, app_dsn: str, timings: dict[str, float]) -> None:
     try:
         t0 = time.monotonic()
         _podman("run", "-d", "--name", ctr, "--network", "host", "-e", f"CML_DATABASE_URL={app_dsn}",
-                "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0", "-e", "CML_GRPC_PORT=0", "-e", "CML_TLS=self-signed", IMAGE)
+                "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0", "-e", "CML_EDITORS_PORT=0", "-e", "CML_GRPC_PORT=0", "-e", "CML_TLS=self-signed", IMAGE)
         status, body = 0, ""
         while time.monotonic() - t0 < READY_DEADLINE_S:
             ca = _podman("exec", ctr, "cml-appliance", "certs", "ca", check=False).stdout
@@ -225,7 +225,7 @@ def _run_and_check(ctr: str, app_dsn: str, timings: dict[str, float]) -> None:
         t0 = time.monotonic()
         _podman(
             "run", "-d", "--name", ctr, "--network", "host",
-            "-e", f"CML_DATABASE_URL={app_dsn}", "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0",
+            "-e", f"CML_DATABASE_URL={app_dsn}", "-e", f"CML_PORT={port}", "-e", "CML_APPS_PORT=0", "-e", "CML_EDITORS_PORT=0",
             "-e", "CML_GRPC_PORT=0", IMAGE,
         )
 

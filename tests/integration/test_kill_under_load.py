@@ -29,7 +29,8 @@ async def test_ten_kills_under_mixed_load_leave_nothing_half_done(clean_db: str,
     env = {k: v for k, v in os.environ.items() if not k.startswith("CML_")}
     data_dir = tmp_path / "data"
     env.update({"CML_DATABASE_URL": clean_db, "CML_DATA_DIR": str(data_dir), "CML_LOG_LEVEL": "WARNING",
-                "CML_STOP_GRACE_SECONDS": "2", "CML_MAX_UPLOAD_MB": "8"})
+                "CML_STOP_GRACE_SECONDS": "2", "CML_MAX_UPLOAD_MB": "8",
+                "CML_APPS_PORT": "0", "CML_EDITORS_PORT": "0", "CML_GRPC_PORT": "0"})
     assert subprocess.run(CLI + ["users", "create", "kim", "--email", "k@example.com", "--password-stdin"],
                           env=env, input=b"longpassword\n", capture_output=True).returncode == 0
     key = subprocess.run(CLI + ["api-keys", "create", "kim"], env=env, capture_output=True, text=True).stdout.split()[-1]

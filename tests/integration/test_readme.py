@@ -45,6 +45,8 @@ def test_serve_command_works_from_a_clean_copy(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CML_") and k != "DATABASE_URL"}
     env["PYTHON"] = sys.executable
     env["CML_LOG_LEVEL"] = "WARNING"
+    # Ports of its own for the listeners beside the UI's: others may be taken on this machine.
+    env.update({"CML_APPS_PORT": "0", "CML_EDITORS_PORT": "0", "CML_GRPC_PORT": "0"})
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
         ["./scripts/serve.sh", "--port", str(port)], cwd=copy, env=env, stdout=log, stderr=subprocess.STDOUT,

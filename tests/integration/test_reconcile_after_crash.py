@@ -75,6 +75,7 @@ async def test_sigkill_and_restart_leave_nothing_stuck_or_orphaned(
     env.update({
         "CML_DATABASE_URL": clean_db, "CML_DATA_DIR": str(tmp_path / "data"), "CML_CONTAINER_ENGINE_URL": podman_url,
         "CML_LOG_LEVEL": "WARNING", "CML_STOP_GRACE_SECONDS": "2",
+        "CML_APPS_PORT": "0", "CML_EDITORS_PORT": "0", "CML_GRPC_PORT": "0",
     })
     assert subprocess.run(CLI + ["users", "create", "kim", "--email", "k@example.com", "--password-stdin"],
                           env=env, input=b"longpassword\n", capture_output=True).returncode == 0

@@ -30,7 +30,7 @@ class Appliance:
     def __init__(self, dsn: str, tmp_path: Path):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CML_")}
         self.env.update({"CML_DATABASE_URL": dsn, "CML_DATA_DIR": str(tmp_path / "data"), "CML_LOG_LEVEL": "WARNING",
-                         "CML_STOP_GRACE_SECONDS": "2"})
+                         "CML_STOP_GRACE_SECONDS": "2", "CML_APPS_PORT": "0", "CML_EDITORS_PORT": "0", "CML_GRPC_PORT": "0"})
         self.port, self.log = free_port(), tmp_path / "serve.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
