@@ -1,4 +1,4 @@
-# The cml-appliance image: `docker run -e CML_DATABASE_URL=postgresql://... -p 8080:8080 -p 8081:8081 IMAGE`.
+# The cml-appliance image: `docker run -e CML_DATABASE_URL=postgresql://... -p 8080:8080 -p 8081:8081 -p 8082:8082 IMAGE`.
 #
 # Works unchanged on a normal machine (pulls python:3.11-slim) and offline on a
 # Debian base built locally by scripts/build-base-image.sh:
@@ -54,8 +54,9 @@ ENV HOME=/var/lib/cml-appliance \
 # State lives in CML_DATA_DIR; mount a volume there to keep it (-v cml-data:/var/lib/cml-appliance).
 # No VOLUME: each run would create an anonymous volume that outlives `rm` without -v.
 WORKDIR /var/lib/cml-appliance
-# 8080: the UI and the API; 8081: applications, on an origin of their own (CML_APPS_PORT).
-EXPOSE 8080 8081
+# 8080: the UI and the API; 8081: applications, on an origin of their own (CML_APPS_PORT);
+# 8082: session editors (JupyterLab), on an origin of their own too (CML_EDITORS_PORT).
+EXPOSE 8080 8081 8082
 # No curl in the base images: probe with the stdlib. Follows CML_PORT so that
 # `-e CML_PORT=...` (e.g. with --network host) keeps the check valid.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
