@@ -205,15 +205,9 @@ class ModelRegistry:
         q = search.Query()
         q.bind(user.id), q.bind(user.is_admin)  # $1 and $2, as _READABLE expects
         q.where.append(_READABLE)
-        try:
-            search.parse_filter(filter_text, q, REGISTERED_MODELS)
-            search.parse_order_by(order_by or [], q, REGISTERED_MODELS)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid filter or order_by: {exc}") from None
-        order = ", ".join(q.order + ["m.name ASC"])
-        rows = await self.pool.fetch(_MODEL_SELECT + f" WHERE {' AND '.join(q.where)} ORDER BY {order}"
-                                     f" LIMIT {q.bind(limit + 1)} OFFSET {q.bind(offset)}", *q.args)
-        return [_model(r, user) for r in rows[:limit]], len(rows) > limit
+        rows, more = await search.fetch_page(self.pool, _MODEL_SELECT, q, REGISTERED_MODELS, filter_text=filter_text,
+                                             order_by=order_by or [], tiebreak=["m.name ASC"], limit=limit, offset=offset)
+        return [_model(r, user) for r in rows], more
 
     async def update_model(self, user: User, model: RegisteredModel, *, description: Any = None, visibility: Any = None,
                            new_name: Any = None, tags: Any = None, delete_tag: str | None = None,
@@ -356,15 +350,10 @@ class ModelRegistry:
         q.where.append(_READABLE)
         if model is not None:
             q.where.append(f"m.id = {q.bind(model.id)}")
-        try:
-            search.parse_filter(filter_text, q, MODEL_VERSIONS)
-            search.parse_order_by(order_by or [], q, MODEL_VERSIONS)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid filter or order_by: {exc}") from None
-        order = ", ".join(q.order + ["m.name ASC", "v.version DESC"])
-        rows = await self.pool.fetch(_VERSION_SELECT + f" WHERE {' AND '.join(q.where)} ORDER BY {order}"
-                                     f" LIMIT {q.bind(limit + 1)} OFFSET {q.bind(offset)}", *q.args)
-        return [_version(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = await search.fetch_page(self.pool, _VERSION_SELECT, q, MODEL_VERSIONS, filter_text=filter_text,
+                                             order_by=order_by or [], tiebreak=["m.name ASC", "v.version DESC"],
+                                             limit=limit, offset=offset)
+        return [_version(r) for r in rows], more
 
     async def latest_versions(self, model: RegisteredModel) -> list[ModelVersion]:
         row = await self.pool.fetchrow(_VERSION_SELECT + " WHERE v.registered_model_id = $1 ORDER BY v.version DESC LIMIT 1",

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cml_appliance.core.errors import InvalidArgument
+
 _ENTITY = {
     "metrics": "metric", "metric": "metric",
     "params": "param", "param": "param", "parameters": "param", "parameter": "param",
@@ -258,3 +260,19 @@ def parse_order_by(items: list[str], q: Query, columns: Columns = RUNS) -> None:
                 raise ValueError(f"order_by: unknown attribute {key!r}")
             expression = columns.attributes[key][0]
         q.order.append(f"{expression} {direction} NULLS LAST")
+
+
+async def fetch_page(pool: Any, select: str, q: Query, columns: Columns, *, filter_text: str, order_by: list[str],
+                     tiebreak: list[str], limit: int, offset: int) -> tuple[list[Any], bool]:
+    """One page of `select` under q's conditions plus the filter, ordered by order_by then the
+    tie-breaking columns: (rows, whether more follow). A bad filter or order is a 400 that says
+    what is wrong."""
+    try:
+        parse_filter(filter_text, q, columns)
+        parse_order_by(order_by, q, columns)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid filter or order_by: {exc}") from None
+    order = ", ".join(q.order + tiebreak)
+    rows = await pool.fetch(f"{select} WHERE {' AND '.join(q.where)} ORDER BY {order}"
+                            f" LIMIT {q.bind(limit + 1)} OFFSET {q.bind(offset)}", *q.args)
+    return list(rows[:limit]), len(rows) > limit

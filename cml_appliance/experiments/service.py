@@ -400,16 +400,10 @@ class TrackingService:
         else:
             q.where.append(f"e.project_id = ANY({q.bind(await self._visible_project_ids(user))}::bigint[])")
         q.where.append(_view_condition(view, "e.lifecycle_stage"))
-        try:
-            search.parse_filter(filter_text, q, search.EXPERIMENTS)
-            search.parse_order_by(order_by or [], q, search.EXPERIMENTS)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid filter or order_by: {exc}") from None
-        order = ", ".join(q.order + ["e.updated_at DESC", "e.id DESC"])
-        rows = await self.pool.fetch(
-            _EXPERIMENT_SELECT + f" WHERE {' AND '.join(q.where)} ORDER BY {order}"
-            f" LIMIT {q.bind(limit + 1)} OFFSET {q.bind(offset)}", *q.args)
-        return [_experiment(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = await search.fetch_page(self.pool, _EXPERIMENT_SELECT, q, search.EXPERIMENTS, filter_text=filter_text,
+                                             order_by=order_by or [], tiebreak=["e.updated_at DESC", "e.id DESC"],
+                                             limit=limit, offset=offset)
+        return [_experiment(r) for r in rows], more
 
     async def _visible_project_ids(self, user: User) -> list[int]:
         return await project_store.visible_ids(self.pool, user)
@@ -510,16 +504,10 @@ class TrackingService:
         q.where.append(f"e.project_id = {q.bind(project.id)}")
         q.where.append(f"r.experiment_id = ANY({q.bind(ids)}::bigint[])")
         q.where.append(_view_condition(view, "r.lifecycle_stage"))
-        try:
-            search.parse_filter(filter_text, q, search.RUNS)
-            search.parse_order_by(order_by or [], q, search.RUNS)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid filter or order_by: {exc}") from None
-        order = ", ".join(q.order + ["r.start_time DESC", "r.run_id"])
-        rows = await self.pool.fetch(
-            _RUN_SELECT + f" WHERE {' AND '.join(q.where)} ORDER BY {order}"
-            f" LIMIT {q.bind(limit + 1)} OFFSET {q.bind(offset)}", *q.args)
-        return [_run(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = await search.fetch_page(self.pool, _RUN_SELECT, q, search.RUNS, filter_text=filter_text,
+                                             order_by=order_by or [], tiebreak=["r.start_time DESC", "r.run_id"],
+                                             limit=limit, offset=offset)
+        return [_run(r) for r in rows], more
 
     # Logging -------------------------------------------------------------------------------
 
@@ -725,16 +713,10 @@ class TrackingService:
         q = search.Query()
         q.where += [f"e.project_id = {q.bind(project.id)}", f"m.experiment_id = ANY({q.bind(ids)}::bigint[])",
                     "m.lifecycle_stage = 'active'"]
-        try:
-            search.parse_filter(filter_text, q, search.LOGGED_MODELS)
-            for item in order_by or []:
-                if isinstance(item, dict) and item.get("field_name"):
-                    direction = "ASC" if item.get("ascending", True) else "DESC"
-                    search.parse_order_by([f"{item['field_name']} {direction}"], q, search.LOGGED_MODELS)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid filter or order_by: {exc}") from None
-        order = ", ".join(q.order + ["m.creation_timestamp DESC", "m.id DESC"])
-        rows = await self.pool.fetch(
-            _MODEL_SELECT + f" WHERE {' AND '.join(q.where)} ORDER BY {order} LIMIT {q.bind(limit + 1)} OFFSET {q.bind(offset)}",
-            *q.args)
-        return [_model(r) for r in rows[:limit]], len(rows) > limit
+        # MLflow 3 sends this order as [{field_name, ascending}]: the same as "field ASC|DESC".
+        order = [f"{item['field_name']} {'ASC' if item.get('ascending', True) else 'DESC'}"
+                 for item in order_by or [] if isinstance(item, dict) and item.get("field_name")]
+        rows, more = await search.fetch_page(self.pool, _MODEL_SELECT, q, search.LOGGED_MODELS, filter_text=filter_text,
+                                             order_by=order, tiebreak=["m.creation_timestamp DESC", "m.id DESC"],
+                                             limit=limit, offset=offset)
+        return [_model(r) for r in rows], more
