@@ -187,5 +187,32 @@ async def build_site(client: TestClient, alice: Api, bob: Api, tmp_path: Path) -
     await alice.post(f"{base}/models/{model['id']}/builds", json={"file_path": "predict.py", "function_name": "absent"})
     await wait_for(lambda: alice.get(f"{base}/models/{model['id']}/builds/{built['id']}/deployments"),
                    lambda r: r[1]["model_deployments"] and r[1]["model_deployments"][0]["status"] == "deployed")
+    # Experiments in the git-cloned project: runs with params, a metric's history and artifacts in
+    # nested folders with odd names (as the MLflow client uploads them), one registered; a team
+    # that owns a project; quotas.
+    cid = cloned["id"]
+    _, experiment = await alice.post(f"/api/v2/projects/{cid}/experiments", json={"name": "churn / baseline"})
+    eid = experiment["id"]
+    run_ids = []
+    for n, (depth, name) in enumerate(((3, "shallow trees"), (8, "deep trees"), (12, "deepest trees"))):
+        _, run = await alice.post(f"/api/v2/projects/{cid}/experiments/{eid}/runs", json={"run_name": name})
+        await alice.post(f"/api/v2/projects/{cid}/experiments/{eid}/runs/{run['id']}:logbatch", json={
+            "params": [{"key": "max_depth", "value": str(depth)}, {"key": "criterion", "value": "gini"}],
+            "metrics": [{"key": "auc", "value": 0.6 + n / 10 - step / 100, "step": str(step)} for step in range(5)]})
+        if n < 2:
+            await alice.patch(f"/api/v2/projects/{cid}/experiments/{eid}/runs/{run['id']}", json={"status": "EXPERIMENT_RUN_FINISHED"})
+        run_ids.append(run["id"])
+    artifacts = f"/mlflow/{cid}/api/2.0/mlflow-artifacts/artifacts/{eid}/{run_ids[1]}/artifacts"
+    for name, body in (("plots/2026 Q4/roc (final).svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
+                       ("data/empty.csv", b""), ("model/MLmodel", b"flavors: {}\n"), ("notes ünïcode.txt", b"hello")):
+        await alice.put(f"{artifacts}/{name}", data=body)
+    _, registered = await alice.post("/api/v2/registry/models", json={
+        "project_id": cid, "run_id": run_ids[1], "model_path": "model", "model_name": "churn classifier"})
+    await alice.post("/api/v2/site/teams", json={"username": "data-science", "bio": "churn and forecasting"})
+    await alice.put("/api/v2/teams/data-science/members/bob", json={"permission": "write"})
+    await alice.post("/api/v2/projects", json={"name": "Forecast", "team_name": "data-science"})
+    await alice.post("/api/v2/default-quota/user", json={"quota": {"requests_cpu": "16", "requests_memory": "64"}})
+
     return {"project": pid, "cloned": cloned["id"], "failed_clone": failed_clone["id"], "model": model["id"],
-            "running_session": running_session, "stopped_session": stopped_session}
+            "running_session": running_session, "stopped_session": stopped_session, "experiment": eid,
+            "run": run_ids[1], "registered": registered["model_id"]}

@@ -69,7 +69,8 @@ INLINE_SCRIPT = """() => {
   for (const s of document.querySelectorAll("script:not([src])")) if (s.type !== "application/json") found.push("inline <script>");
   return found;
 }"""
-LINKS = """() => Array.from(document.querySelectorAll("a[href]"), a => a.getAttribute("href"))"""
+# Pages only: a link marked download is a file (artifacts; test_experiments_ui.py downloads one).
+LINKS = """() => Array.from(document.querySelectorAll("a[href]:not([download])"), a => a.getAttribute("href"))"""
 STATUSES = """() => Array.from(document.querySelectorAll("[data-status]"), e => e.dataset.status)"""
 
 
@@ -147,6 +148,11 @@ def main_pages(site: dict[str, Any]) -> dict[str, str]:
         f"{p}/sessions/{site['stopped_session']}": "session-stopped", f"{p}/jobs": "jobs", f"{p}/applications": "applications",
         f"{p}/models": "models", f"{p}/models/{site['model']}": "model", f"{p}/collaborators": "collaborators",
         f"{p}/settings": "settings", f"/projects/{site['cloned']}": "project-from-git",
+        f"/projects/{site['cloned']}/experiments": "experiments",
+        f"/projects/{site['cloned']}/experiments/{site['experiment']}": "experiment-runs",
+        f"/projects/{site['cloned']}/experiments/{site['experiment']}/runs/{site['run']}": "experiment-run",
+        "/experiments": "experiments-all", "/registry": "registry", f"/registry/{site['registered']}": "registered-model",
+        "/teams": "teams", "/teams/data-science": "team", "/admin/quotas": "admin-quotas",
     }
 
 
@@ -159,6 +165,7 @@ async def test_every_page_on_a_realistic_site_at_desktop_and_phone_widths(
     expected = {
         "ENGINE_RUNNING", "ENGINE_STOPPED", "ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT",
         "APPLICATION_RUNNING", "APPLICATION_FAILED", "deployed", "built", "build failed", "failure", "never run",
+        "EXPERIMENT_RUN_FINISHED", "EXPERIMENT_RUN_RUNNING",
     }
     for viewport, prefix, accessibility in ((DESKTOP, "desktop", True), (PHONE, "phone", False)):
         async with browser_for(client, viewport) as browser:
