@@ -52,6 +52,8 @@ LAUNCH_GRACE_SECONDS = 60
 # An ended pod that no process here follows is removed after this long (one that follows its
 # output, perhaps in another appliance process, removes it as soon as it has read it).
 REPORTED_CLEANUP_DELAY = 15
+# How long a pod's end waits for its output to be read to the end before it is recorded.
+OUTPUT_DRAIN_SECONDS = 5.0
 # Variables the platform sets; user environments cannot change them.
 PLATFORM_VARIABLES = frozenset(
     {"CDSW_PROJECT", "CDSW_PROJECT_ID", "CDSW_ENGINE_ID", "CDSW_APIV2_KEY", "CDSW_API_URL", "CDSW_DOMAIN",
@@ -130,6 +132,8 @@ class WorkloadService:
         self.runtime_engine = runtime_engine
         # Reported engines (Kubernetes): rows this process waits on, set when they end.
         self._ended: dict[int, asyncio.Event] = {}
+        # ... and set once this process has read all of their output.
+        self._drained: dict[int, asyncio.Event] = {}
         # Why local workloads run unsandboxed, when they do and the administrator has not accepted it.
         self.unsandboxed_local = ""
         # Called with each workload that reached its final status (dependent jobs, notifications).
@@ -317,6 +321,7 @@ class WorkloadService:
         as the pod watcher reports (apply_observed), in whichever appliance process watches."""
         handle = ""
         self._ended[row.id] = asyncio.Event()
+        self._drained[row.id] = asyncio.Event()
         try:
             current = await store.get_by_id(self.pool, row.id)
             if current is None or not current.active or current.status == states.STOPPING:
@@ -345,13 +350,19 @@ class WorkloadService:
         finally:
             self._owned.pop(row.id, None)
             self._ended.pop(row.id, None)
+            self._drained.pop(row.id, None)
 
     async def _follow_reported(self, row: Workload, engine: Engine, handle: str, *, new_only: bool = False) -> None:
         """Keep the pod's output; then wait for the watcher to record how it ended, and remove
         the pod (its output is all read by then)."""
         output = engine.output(handle, new_only=new_only)  # type: ignore[call-arg]
-        async for chunk in output:
-            self.logs.append(row.public_id, chunk)
+        try:
+            async for chunk in output:
+                self.logs.append(row.public_id, chunk)
+        finally:
+            drained = self._drained.get(row.id)
+            if drained is not None:
+                drained.set()
         ended = self._ended.get(row.id)
         while True:
             current = await store.get_by_id(self.pool, row.id)
@@ -397,6 +408,14 @@ class WorkloadService:
             return
         engine = self.engines.get(engine_name)
         if row.active:
+            # The pod's last lines first: a run that reads as ended has all its output (the
+            # follower in this process reads to the end of the log stream; bounded wait).
+            drained = self._drained.get(row.id)
+            if drained is not None:
+                try:
+                    await asyncio.wait_for(drained.wait(), OUTPUT_DRAIN_SECONDS)
+                except TimeoutError:
+                    log.warning("workload %s ended before its output was all read", row.public_id)
             if row.status == states.STOPPING or row.stop_status:
                 target, reason = row.stop_status or states.STOPPED, row.reason
             else:
@@ -618,6 +637,7 @@ class WorkloadService:
         finally:
             self._owned.pop(row.id, None)
             self._ended.pop(row.id, None)
+            self._drained.pop(row.id, None)
 
     async def _adopt(self, row: Workload, engine: Engine, handle: str) -> None:
         try:
