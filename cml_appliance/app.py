@@ -68,12 +68,16 @@ from cml_appliance.registry import proxy as registry_proxy
 from cml_appliance.runtimes import api as runtimes_api
 from cml_appliance.runtimes import catalog
 from cml_appliance.runtimes import ui as runtimes_ui
+from cml_appliance.runtimes.credentials import DockerCredentials
+from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.sessions import api as sessions_api
 from cml_appliance.sessions import ui as sessions_ui
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, listener, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
+    CUSTOM_RUNTIMES,
+    DOCKER_CREDENTIALS,
     LOCAL_SANDBOX,
     POD_WATCHER,
     APP_PROXY_SESSION,
@@ -236,6 +240,10 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         )
         app[WORKLOADS] = service
         app[QUOTAS] = service.quotas = QuotaService(pool)
+        app[DOCKER_CREDENTIALS] = DockerCredentials(pool, settings.secret_key)
+        app[CUSTOM_RUNTIMES] = service.runtime_images = CustomRuntimes(
+            pool, app[DOCKER_CREDENTIALS], engines.get("container"), settings.domain,
+            app[INTERNAL_URL].removeprefix("http://") if INTERNAL_URL in app else None)
         service.editors = EditorSockets(settings.secret_key)
         app[EDITORS] = EditorProxy(pool, service.editors, engines)
         if sandbox is None and not settings.allow_unsandboxed_local:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -154,14 +155,70 @@ class ContainerEngine:
                 raise EngineError(f"the container engine could not pull {image}: {exc.message}") from None
         await self.docker.images.pull(image, auth=auth)
 
+    async def pull_image(self, image: str, auth: dict[str, str]) -> None:
+        """Pull `image` with a registry login ({} for none); EngineError says why it could not."""
+        try:
+            await self._pull(image, auth)
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"the container engine could not pull {image}: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    async def inspect_image(self, image: str) -> dict[str, Any]:
+        """The engine's description of a local image (Config.Labels, Config.User, Architecture...)."""
+        try:
+            return dict(await self.docker.images.inspect(image))
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                raise EngineError(f"the container engine has no image {image}") from None
+            raise EngineError(f"the container engine cannot describe {image}: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    async def tag_image(self, image: str, reference: str) -> None:
+        """Give a local image another name (repository[:tag])."""
+        last = reference.rsplit("/", 1)[-1]
+        repository, tag = (reference.rsplit(":", 1) if ":" in last else (reference, "latest"))
+        try:
+            await self.docker.images.tag(image, repository, tag=tag)
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"the container engine cannot name {image} {reference}: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    async def probe(self, image: str, command: list[str], timeout: float = 60) -> tuple[int, str]:
+        """Run `command` in a throwaway container of `image` as workloads run (same user, no
+        capabilities), without network or project: (exit code, output)."""
+        config: dict[str, Any] = {
+            "Image": image, "Cmd": command, "User": self.user, "WorkingDir": "/", "Tty": False,
+            "Labels": {SITE_LABEL: self.site_id, KIND_LABEL: "probe"},
+            "HostConfig": {"NetworkMode": "none", "CapDrop": ["ALL"], "SecurityOpt": ["no-new-privileges"],
+                           "PidsLimit": 256, "Memory": 1024 ** 3, "MemorySwap": 1024 ** 3},
+        }
+        container = None
+        try:
+            container = await self.docker.containers.create(config, name=f"cml-probe-{os.urandom(6).hex()}")
+            await container.start()
+            async with asyncio.timeout(timeout):
+                code = int((await container.wait()).get("StatusCode", -1))
+            output = "".join(await container.log(stdout=True, stderr=True))
+            return code, output
+        except TimeoutError:
+            raise EngineError(f"{image} did not answer within {timeout:g} s") from None
+        except aiodocker.DockerError as exc:
+            if "executable file not found" in str(exc.message) or "no such file or directory" in str(exc.message):
+                return 127, str(exc.message)  # as a shell says of a command it cannot find
+            raise EngineError(f"the container engine cannot run {image}: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        finally:
+            if container is not None:
+                with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
+                    await container.delete(force=True)
+
     async def start(self, spec: LaunchSpec) -> str:
         if spec.registry_auth is not None:
-            try:
-                await self._pull(spec.image, spec.registry_auth)
-            except aiodocker.DockerError as exc:
-                raise EngineError(f"the container engine could not pull {spec.image}: {exc.message}") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise _unavailable(exc) from None
+            await self.pull_image(spec.image, spec.registry_auth)
         if spec.mount_project:
             await asyncio.to_thread(self._prepare_mount, spec)
         env = spec.env | {"HOME": CONTAINER_HOME, "CML_SITE_ID": self.site_id, "CML_WORKLOAD_ID": spec.workload_id}

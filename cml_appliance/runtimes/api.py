@@ -1,15 +1,17 @@
-"""API v2: the runtime catalog (/runtimes) and resource profiles (/cpuprofiles)."""
+"""API v2: the runtime catalog (/runtimes), custom runtimes, docker credentials, runtime repos
+and resource profiles (/cpuprofiles). Changes are for site administrators; listings for everyone
+signed in (docker credentials show no username or password)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from cml_appliance.api.bodies import FLOAT, INT
+from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, INT64, STR, STR_LIST
 from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.core.errors import InvalidArgument, NotFound
-from cml_appliance.runtimes import catalog
+from cml_appliance.runtimes import catalog, credentials, repos
 from cml_appliance.web.context import current_user, require_site_admin
-from cml_appliance.web.keys import POOL
+from cml_appliance.web.keys import CUSTOM_RUNTIMES, DOCKER_CREDENTIALS, POOL
 
 
 async def list_runtimes(request: web.Request) -> web.Response:
@@ -66,9 +68,129 @@ async def delete_profile(request: web.Request) -> web.Response:
     return web.json_response({"rows_affected": rows})
 
 
+# Custom runtimes ---------------------------------------------------------------------------------
+
+
+def _credential_id(raw: object) -> int | None:
+    return None if raw in (None, "", "0") else credentials.parse_id(raw)
+
+
+async def validate_runtime(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    credential_id = _credential_id(request.query.get("docker_credential_id"))
+    answer = await request.app[CUSTOM_RUNTIMES].validate(admin.id, request.query.get("url", ""), credential_id)
+    return web.json_response(answer)
+
+
+async def register_runtime(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    body = await json_body(request, {"url": STR, "docker_credential_id": STR})
+    credential_id = _credential_id(body.get("docker_credential_id"))
+    return web.json_response(await request.app[CUSTOM_RUNTIMES].register(admin.id, body.get("url", ""), credential_id))
+
+
+async def update_runtime_status(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    body = await json_body(request, {"status": STR, "runtime_id": ANY, "image_identifier": STR_LIST})
+    ids = body.get("runtime_id") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidArgument("runtime_id must list whole numbers")
+    rows = await request.app[CUSTOM_RUNTIMES].update_status(
+        admin.id, body.get("status", "ENABLED"), [i for i in ids if 0 < i < 2**63], body.get("image_identifier", []))
+    return web.json_response({"rows_affected": rows})
+
+
+# Docker credentials ------------------------------------------------------------------------------
+
+CREDENTIAL_SPEC = {"id": STR, "name": STR, "server": STR, "username": STR, "password": STR, "is_default": BOOL}
+
+
+async def list_credentials(request: web.Request) -> web.Response:
+    current_user(request)
+    q = list_query(request, credentials.FILTER_KEYS, credentials.SORT_KEYS)
+    items, more = await request.app[DOCKER_CREDENTIALS].list(q)
+    return page(request, "docker_credentials", items, q, more)
+
+
+async def create_credential(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    body = await json_body(request, CREDENTIAL_SPEC)
+    return web.json_response(await request.app[DOCKER_CREDENTIALS].create(admin.id, body))
+
+
+async def update_credential(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    credential_id = credentials.parse_id(request.match_info["docker_credential_id"])
+    body = await json_body(request, CREDENTIAL_SPEC)
+    if body.pop("id", None) not in (None, "", str(credential_id)):
+        raise InvalidArgument("id in the body must match the path")
+    return web.json_response(await request.app[DOCKER_CREDENTIALS].update(admin.id, credential_id, body))
+
+
+async def delete_credential(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    await request.app[DOCKER_CREDENTIALS].delete(admin.id, credentials.parse_id(request.match_info["docker_credential_id"]))
+    return web.json_response({})
+
+
+async def set_runtime_credential(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    body = await json_body(request, {"docker_credential_id": STR, "runtime_identifier": STR})
+    if not body.get("runtime_identifier"):
+        raise InvalidArgument("runtime_identifier is required")
+    await request.app[DOCKER_CREDENTIALS].set_for_runtime(
+        admin.id, _credential_id(body.get("docker_credential_id")), body["runtime_identifier"])
+    return web.json_response({})
+
+
+# Runtime repos -----------------------------------------------------------------------------------
+
+REPO_SPEC = {"id": INT64, "name": STR, "url": STR}
+
+
+async def list_repos(request: web.Request) -> web.Response:
+    current_user(request)
+    q = list_query(request, repos.FILTER_KEYS, repos.SORT_KEYS)
+    items, more = await repos.list_repos(request.app[POOL], q)
+    return page(request, "runtimerepos", items, q, more)
+
+
+async def create_repo(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    body = await json_body(request, REPO_SPEC)
+    return web.json_response(await repos.create_repo(request.app[POOL], admin.id, body.get("name"), body.get("url")))
+
+
+async def update_repo(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    repo_id = repos.parse_id(request.match_info["runtimerepo_id"])
+    body = await json_body(request, REPO_SPEC)
+    if body.get("id") not in (None, 0, repo_id):
+        raise InvalidArgument("id in the body must match the path")
+    return web.json_response(await repos.update_repo(request.app[POOL], admin.id, repo_id, body.get("name"), body.get("url")))
+
+
+async def delete_repo(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    await repos.delete_repo(request.app[POOL], admin.id, repos.parse_id(request.match_info["runtime_repo_id"]))
+    return web.json_response({})
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/api/v2/runtimes", list_runtimes, name="api_list_runtimes"),
+        web.post("/api/v2/runtimes", register_runtime, name="api_register_runtime"),
+        web.get("/api/v2/runtimes:validate", validate_runtime, name="api_validate_runtime"),
+        web.post("/api/v2/runtimes:update", update_runtime_status, name="api_update_runtime_status"),
+        web.post("/api/v2/runtimes/credential:set", set_runtime_credential, name="api_set_runtime_credential"),
+        web.get("/api/v2/dockercredentials", list_credentials, name="api_list_docker_credentials"),
+        web.post("/api/v2/dockercredentials", create_credential, name="api_create_docker_credential"),
+        web.patch("/api/v2/dockercredentials/{docker_credential_id}", update_credential, name="api_update_docker_credential"),
+        web.delete("/api/v2/dockercredentials/{docker_credential_id}", delete_credential, name="api_delete_docker_credential"),
+        web.get("/api/v2/runtimerepos", list_repos, name="api_list_runtime_repos"),
+        web.post("/api/v2/runtimerepos", create_repo, name="api_create_runtime_repo"),
+        web.patch("/api/v2/runtimerepos/{runtimerepo_id}", update_repo, name="api_update_runtime_repo"),
+        web.delete("/api/v2/runtimerepos/{runtime_repo_id}", delete_repo, name="api_delete_runtime_repo"),
         web.get("/api/v2/cpuprofiles", list_profiles, name="api_list_cpu_profiles"),
         web.post("/api/v2/cpuprofiles", create_profile, name="api_create_cpu_profile"),
         web.patch("/api/v2/cpuprofiles/{id}", update_profile, name="api_update_cpu_profile"),

@@ -24,6 +24,8 @@ from cml_appliance.projects.service import ProjectService
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams.service import TeamService
 from cml_appliance.registry.embedded import RegistryStatus
+from cml_appliance.runtimes.credentials import DockerCredentials
+from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.sessions.service import SessionService
 from cml_appliance.web.metrics import Metrics
 from cml_appliance.workloads.events import StatusHub
@@ -46,6 +48,9 @@ APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
 TEAMS = web.AppKey("teams", TeamService)
 QUOTAS = web.AppKey("quotas", QuotaService)
+# Custom runtimes (runtimes/custom.py) and the registry logins their images are pulled with.
+CUSTOM_RUNTIMES = web.AppKey("custom_runtimes", CustomRuntimes)
+DOCKER_CREDENTIALS = web.AppKey("docker_credentials", DockerCredentials)
 # Session editors (editors/): their origin and the proxy to each session's JupyterLab.
 EDITORS_ORIGIN = web.AppKey("editors_origin", EditorsOrigin)
 EDITORS = web.AppKey("editors", EditorProxy)

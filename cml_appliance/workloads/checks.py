@@ -20,9 +20,11 @@ MIN_MEMORY_GB = 0.0625
 async def check_runtime(pool: asyncpg.Pool, runtime_id: str | None) -> str:
     runtime_id = runtime_id or DEFAULT_RUNTIME
     try:
-        await catalog.get_runtime(pool, runtime_id)
+        runtime = await catalog.get_runtime(pool, runtime_id)
     except NotFound:
         raise InvalidArgument(f"unknown runtime {runtime_id!r}: see GET /api/v2/runtimes") from None
+    if runtime["status"] == "DISABLED":
+        raise InvalidArgument(f"runtime {runtime_id!r} is disabled by an administrator")
     return runtime_id
 
 

@@ -36,6 +36,7 @@ from cml_appliance.grpc.certificates import WorkloadCertificates
 from cml_appliance.projects.store import Project
 from cml_appliance.editors.sockets import EditorSockets
 from cml_appliance.quotas.service import QuotaService
+from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
 from cml_appliance.workloads.store import Workload
@@ -144,6 +145,8 @@ class WorkloadService:
         # Every start is checked against its account's quotas (set by the app).
         self.quotas: QuotaService | None = None
         self._quota_lock = asyncio.Lock()
+        # Where custom runtimes' images are pulled from and with which login (set by the app).
+        self.runtime_images: CustomRuntimes | None = None
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
@@ -238,6 +241,10 @@ class WorkloadService:
             await engine.ping()
         except EngineUnavailable as exc:
             raise Unavailable(str(exc)) from None
+        image, registry_auth = request.image, request.registry_auth
+        if self.runtime_images is not None and registry_auth is None and image == request.runtime_identifier:
+            # A custom runtime's image is pulled at each start, with the login it needs.
+            image, registry_auth = await self.runtime_images.launch_image(request.runtime_identifier)
         own_ports = engine.shares_host_network
         values = self._row_values(user, project, request) | {
             "app_port": _free_port() if own_ports else CONTAINER_APP_PORT,
@@ -275,10 +282,10 @@ class WorkloadService:
             command=request.command,
             env=env,
             project_dir=request.workdir or self.projects_dir / project.public_id,
-            image=request.image,
+            image=image,
             cpu=request.cpu,
             memory_mb=int(request.memory * 1024),
-            registry_auth=request.registry_auth,
+            registry_auth=registry_auth,
             mount_project=request.mount_project,
             tls_dir=tls_dir,
             owner=user.username,

@@ -44,6 +44,11 @@ RULES: dict[str, str] = {
     # Runtimes and profiles
     "api_list_runtimes": "signed_in", "api_list_cpu_profiles": "signed_in", "api_create_cpu_profile": "site_admin",
     "api_update_cpu_profile": "site_admin", "api_delete_cpu_profile": "site_admin",
+    "api_register_runtime": "site_admin", "api_validate_runtime": "site_admin", "api_update_runtime_status": "site_admin",
+    "api_set_runtime_credential": "site_admin", "api_list_docker_credentials": "signed_in",
+    "api_create_docker_credential": "site_admin", "api_update_docker_credential": "site_admin",
+    "api_delete_docker_credential": "site_admin", "api_list_runtime_repos": "signed_in",
+    "api_create_runtime_repo": "site_admin", "api_update_runtime_repo": "site_admin", "api_delete_runtime_repo": "site_admin",
     # Sessions
     "api_list_my_sessions": "signed_in", "api_list_sessions": "read", "api_start_session": "write",
     "api_get_session": "read", "api_stop_session": "session_owner", "api_session_logs": "read",

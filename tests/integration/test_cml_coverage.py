@@ -22,10 +22,7 @@ START, END = "<!-- cml-compatibility:start -->", "<!-- cml-compatibility:end -->
 # Operations not answered yet (issue 13's remaining work): this list may only shrink.
 NOT_YET = {
     "CreateAmp", "GenerateDiagBundle", "GetDiagBundleStatus", "DownloadDiagnosticsBundle", "GetTimeSeries",
-    "ListDockerCredentials", "CreateDockerCredential", "UpdateDockerCredential", "DeleteDockerCredential",
-    "SetDockerCredential", "RegisterCustomRuntime", "ValidateCustomRuntime", "UpdateRuntimeStatus",
     "ListRuntimeAddons", "LoadRuntimeAddonsUpload", "UpdateRuntimeAddonStatus", "HandleCustomRuntimeUpload",
-    "ListRuntimeRepos", "CreateRuntimeRepo", "DeleteRuntimeRepo", "UpdateRuntimeRepo",
     "ListAllAcceleratorNodeLabels", "UpdateAcceleratorLabelsAdminConfig", "UpdateAcceleratorLabelsDefaultQuota",
     "ListAcceleratorBasedUserQuota", "UpdateAcceleratorBasedUserQuota", "ListAcceleratorBasedTeamQuota",
     "UpdateAcceleratorBasedTeamQuota", "CreateAcceleratorNodeLabelGpuProfile", "DeleteAcceleratorNodeLabelGpuProfile",

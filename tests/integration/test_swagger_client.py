@@ -833,3 +833,37 @@ async def test_batch_list_projects_and_machine_users(cml: Cml, make_user: Any) -
     machine = await cml("ListAllRunAsMachineUserCollaborators", alice, project_id=first["id"])
     assert machine.get("run_as_machine_user_collaborators", []) == []
     await cml.error(HTTPNotFound, "ListAllRunAsMachineUserCollaborators", bob, project_id=first["id"])
+
+
+async def test_custom_runtimes_credentials_and_repos(cml: Cml, make_user: Any) -> None:
+    """The runtime administration operations in CML's shapes (registration itself, which needs the
+    container engine, is tested in test_custom_runtimes.py)."""
+    admin, alice = await make_user("root", admin=True), await make_user("alice")
+    made = await cml("CreateDockerCredential", admin, body={"name": "hub", "server": "registry.example.com",
+                                                            "username": "robot", "password": "pw", "is_default": True})
+    assert made["is_default"] is True and "password" not in made
+    listed = await cml("ListDockerCredentials", alice, sort="name", page_size=5)
+    assert [c["id"] for c in listed["docker_credentials"]] == [made["id"]]
+    changed = await cml("UpdateDockerCredential", admin, **{"docker_credential.id": made["id"]}, body={"server": "r2.example.com"})
+    assert changed["server"] == "r2.example.com"
+    assert await cml("SetDockerCredential", admin, body={"docker_credential_id": made["id"],
+                                                         "runtime_identifier": "host/python3"}) == {}
+    assert await cml("DeleteDockerCredential", admin, docker_credential_id=made["id"]) == {}
+    await cml.error(HTTPForbidden, "CreateDockerCredential", alice, body={"name": "x", "server": "r.example.com",
+                                                                          "username": "u", "password": "p"})
+
+    repo = await cml("CreateRuntimeRepo", admin, body={"name": "catalog", "url": "https://example.com/runtimes.json"})
+    assert (await cml("ListRuntimeRepos", alice, search_filter=json.dumps({"name": "cat"})))["runtimerepos"] == [repo]
+    renamed = await cml("UpdateRuntimeRepo", admin, **{"runtimerepo.id": repo["id"]}, body={"name": "renamed"})
+    assert renamed == repo | {"name": "renamed"}
+    assert await cml("DeleteRuntimeRepo", admin, runtime_repo_id=repo["id"]) == {}
+
+    checked = await cml("ValidateCustomRuntime", admin, url="registry.example.com/team/runtime:1")
+    assert checked["success"] is False and checked["reason"] == "NO_CONTAINER_ENGINE"
+    registered = await cml("RegisterCustomRuntime", admin, body={"url": "registry.example.com/team/runtime:1"})
+    assert registered["insert_success"] is False and registered["validation_success"] is False
+    done = await cml("UpdateRuntimeStatus", admin, body={"status": "DEPRECATED", "image_identifier": ["host/python3"]})
+    assert done == {"rows_affected": 1}
+    runtimes = await cml("ListRuntimes", alice, search_filter=json.dumps({"image_identifier": "host/python3"}))
+    assert runtimes["runtimes"][0]["status"] == "DEPRECATED"
+    await cml.error(HTTPForbidden, "UpdateRuntimeStatus", alice, body={"status": "ENABLED", "image_identifier": ["host/python3"]})

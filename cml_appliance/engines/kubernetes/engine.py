@@ -275,7 +275,7 @@ class KubernetesEngine:
             tls_secret = f"{name}-tls"
             body = {"metadata": {"name": tls_secret, "labels": labels}, "type": "Opaque", "data": _tls_data(spec.tls_dir)}
             await create_idempotent(lambda: self.core.create_namespaced_secret(namespace, body), "tls secret")
-        if spec.registry_auth is not None:
+        if spec.registry_auth:  # {} pulls anonymously, as the kubelet does by itself
             pull_secret = f"{name}-pull"
             auth = spec.registry_auth
             token = base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode()
