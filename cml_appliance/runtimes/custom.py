@@ -44,6 +44,15 @@ _PROBE = (
     " 'editor_launcher': os.access('/usr/local/bin/ml-runtime-editor', os.X_OK)}))\n"
 )
 PULL_KEY_SECONDS = 600
+# What each refusal's reason means, for people (the UI says these; the API gives the codes).
+REASON_WORDS = {
+    "NO_CONTAINER_ENGINE": "No container engine is configured to check images",
+    "IMAGE_PULL_FAILED": "The image could not be pulled",
+    "IMAGE_CANNOT_RUN": "The image could not be run",
+    "PYTHON3_MISSING": "The image has no working python3",
+    "EDITOR_MISSING": "The image's editor is missing",
+    "ALREADY_REGISTERED": "The image is already in the catalog",
+}
 
 
 def check_reference(url: str) -> str:
@@ -168,7 +177,7 @@ class CustomRuntimes:
             await self.credentials.get(credential_id)
         if await self.pool.fetchval("SELECT 1 FROM runtimes WHERE image_identifier = $1", url):
             return {"validation_success": False, "insert_success": False, "reason": "ALREADY_REGISTERED",
-                    "reason_data": f"{url} is already in the catalog"}
+                    "reason_data": url}
         checked, short_version = await self._check(actor_id, url, credential_id)
         answer = {"validation_success": checked["success"], "insert_success": False, "reason": checked["reason"],
                   "reason_data": checked["reason_data"]} | ({"details": checked["details"]} if "details" in checked else {})
@@ -184,7 +193,7 @@ class CustomRuntimes:
                 url, d["editor"], d["kernel"], d["edition"], d["description"], d["version"], short_version,
                 d["maintenance_version"], actor_id, credential_id)
             if row is None:
-                return answer | {"reason": "ALREADY_REGISTERED", "reason_data": f"{url} is already in the catalog"}
+                return answer | {"reason": "ALREADY_REGISTERED", "reason_data": url}
             await audit.record(conn, actor_id, "runtime.register", "runtime", url, {k: d[k] for k in ("editor", "kernel", "edition")})
         return answer | {"insert_success": True}
 

@@ -113,9 +113,16 @@ const CML = (() => {
   });
 
   // <form data-confirm="Delete x?">: ask first.
+  // <form data-busy="Doing…">: work that takes seconds says so on its button meanwhile.
   document.addEventListener("submit", (event) => {
     const form = event.target;
-    if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) event.preventDefault();
+    if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) { event.preventDefault(); return; }
+    const button = form.dataset.busy && form.querySelector("button[type=submit]");
+    if (button) {
+      button.disabled = true;
+      button.textContent = form.dataset.busy;
+      form.setAttribute("aria-busy", "true");
+    }
   });
 
   // <select data-shows="prefix">: show the elements [data-show-for="prefix:value"] of the chosen
