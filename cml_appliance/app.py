@@ -117,6 +117,7 @@ from cml_appliance.teams import api as teams_api
 from cml_appliance.teams import ui as teams_ui
 from cml_appliance.teams.service import TeamService
 from cml_appliance.workloads import api as workloads_api
+from cml_appliance.workloads import ui as workloads_ui
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.workloads.events import StatusHub
 from cml_appliance.workloads.logs import LogStore
@@ -386,6 +387,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(editors_proxy.routes())
     app.router.add_routes(teams_ui.routes())
     app.router.add_routes(quotas_ui.routes())
+    app.router.add_routes(workloads_ui.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

@@ -9,13 +9,11 @@ the CSP lets through as data, not code) and static/js/charts.js draws them with 
 
 from __future__ import annotations
 
-import json
 from pathlib import PurePosixPath
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
-from markupsafe import Markup
 
 from cml_appliance.api.listing import ListQuery
 from cml_appliance.auth.permissions import Role
@@ -24,18 +22,13 @@ from cml_appliance.experiments.service import Run, TrackingService
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import ARTIFACTS, MODEL_REGISTRY, MODELS, POOL, TRACKING
-from cml_appliance.web.templating import redirect
+from cml_appliance.web.templating import json_data, redirect
 
 MAX_RUNS_SHOWN = 200
 MAX_COLUMNS = 40  # params and metrics each: a table wider than this reads as noise
 MAX_POINTS_CHARTED = 10_000
 SORTABLE_ATTRIBUTES = {"name": "attributes.run_name", "status": "attributes.status", "started": "attributes.start_time",
                        "user": "attributes.user_id"}
-
-
-def json_data(value: Any) -> Markup:
-    """JSON to sit raw inside <script type="application/json">: nothing in it can close the tag."""
-    return Markup(json.dumps(value, ensure_ascii=False).replace("<", "\\u003c"))
 
 
 def _columns(runs: list[Run]) -> tuple[list[str], list[str]]:

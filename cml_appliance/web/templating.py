@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp_jinja2
 import jinja2
+from markupsafe import Markup
 from aiohttp import hdrs, web
 
 from cml_appliance import __version__
@@ -28,6 +29,11 @@ def flash(request: web.Request, response: web.StreamResponse, kind: str, text: s
     value = f"{payload}.{sign(request.app[SETTINGS].secret_key, 'flash:' + payload)}"
     response.set_cookie(FLASH_COOKIE, value, httponly=True, samesite="Lax", path="/")
     return response
+
+
+def json_data(value: Any) -> Markup:
+    """JSON to sit raw inside <script type="application/json">: nothing in it can close the tag."""
+    return Markup(json.dumps(value, ensure_ascii=False).replace("<", "\\u003c"))
 
 
 def redirect(request: web.Request, location: str, kind: str = "", text: str = "") -> web.HTTPFound:

@@ -1,10 +1,11 @@
-"""CML API v2's small listings about workloads and people: the workload types and statuses a
-client may filter by, the names of the projects a user can see, and a user's short record."""
+"""CML API v2's listings about workloads and people: workload executions, usage (each workload,
+and over time), the workload types and statuses a client may filter by, the names of the
+projects a user can see, and a user's short record."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ from cml_appliance.core.errors import InvalidArgument, NotFound
 from cml_appliance.projects import store as project_store
 from cml_appliance.web.context import current_user
 from cml_appliance.web.keys import POOL, PROJECTS, SETTINGS
-from cml_appliance.workloads import states
+from cml_appliance.workloads import states, usage
 
 # What CML calls the kinds of workload (WorkloadDetails.workload_type).
 WORKLOAD_TYPES = ("session", "job", "application", "model")
@@ -302,9 +303,7 @@ async def list_usage(request: web.Request) -> web.Response:
     where, order = sql_where_and_order(q, _USAGE_FILTERS, _USAGE_SORTS, "w.created_at DESC, w.id DESC", args)
     conditions = [where, *_usage_time_range(request.query.get("time_range_search_filter", ""), args),
                   *_name_filter(request.query.get("multi_column_search_filter", ""), args)]
-    if not (user.is_admin and user.scope_project_id is None):
-        args.append(user.id)
-        conditions.append(f"w.creator_id = ${len(args)}")
+    conditions += usage_scope(user, args)
     pool = request.app[POOL]
     total = int(await pool.fetchval(f"SELECT count(*) FROM ({_USAGE} WHERE {' AND '.join(conditions)}) t", *args))
     args += [q.page_size + 1, q.offset]
@@ -316,9 +315,52 @@ async def list_usage(request: web.Request) -> web.Response:
                               "total_count": str(total), "next_page_token": token})
 
 
+def usage_scope(user: Any, args: list[Any]) -> list[str]:
+    """Site admins see every workload's usage, others their own."""
+    if user.is_admin and user.scope_project_id is None:
+        return []
+    args.append(user.id)
+    return [f"w.creator_id = ${len(args)}"]
+
+
+def _window(raw: str) -> usage.Window:
+    """The window of time_range_search_filter={"created_time":{"min":…,"max":…}} (the last day by default)."""
+    ranges = _json_object(raw, "time_range_search_filter", '{"created_time":{"min":"2023-12-11 21:06:51"}}')
+    if set(ranges) - {"created_time"}:
+        raise InvalidArgument("time_range_search_filter takes created_time only")
+    bounds = ranges.get("created_time") or {}
+    if not isinstance(bounds, dict) or set(bounds) - {"min", "max"}:
+        raise InvalidArgument("time_range_search_filter created_time takes an object with min and max")
+    found: dict[str, datetime] = {}
+    for bound in ("min", "max"):
+        if bound in bounds:
+            text = str(bounds[bound]).strip().replace(" ", "T", 1)
+            try:
+                found[bound] = parse_rfc3339(text if text.endswith("Z") or "+" in text[10:] else text + "Z")
+            except ValueError as exc:
+                raise InvalidArgument(f"time_range_search_filter created_time.{bound}: {exc}") from None
+    return usage.Window.of(found.get("min"), found.get("max"), datetime.now(UTC))
+
+
+async def get_time_series(request: web.Request) -> web.Response:
+    """How much CPU (millicores), memory (MB) or GPU the workloads matching the filters held over a
+    window, as averages per interval (workloads/usage.py)."""
+    user = current_user(request)
+    q = list_query(request, _USAGE_FILTERS, {})
+    args: list[Any] = []
+    where, _ = sql_where_and_order(q, _USAGE_FILTERS, {}, "w.id", args)
+    conditions = [where, *_name_filter(request.query.get("multi_column_search_filter", ""), args), *usage_scope(user, args)]
+    series_type = request.query.get("series_type") or "cpu"
+    window = _window(request.query.get("time_range_search_filter", ""))
+    points = await usage.time_series(request.app[POOL], series_type, window, conditions, args)
+    return web.json_response({"series_type": series_type, "next_page_token": "", "result": {
+        "values": [{"time_stamp": str(at), "count": str(round(value))} for at, value in points]}})
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/api/v2/usage", list_usage, name="api_list_usage"),
+        web.get("/api/v2/ts_data", get_time_series, name="api_get_time_series"),
         web.get("/api/v2/workloads/executions", list_workload_executions, name="api_list_workload_executions"),
         web.get("/api/v2/workloadtypes", list_workload_types, name="api_list_workload_types"),
         web.get("/api/v2/workloadstatus", list_workload_status, name="api_list_workload_status"),

@@ -1,7 +1,8 @@
-// Metric charts (experiment run and run comparison pages), drawn with the vendored dygraphs.
+// Charts (experiment run and run comparison pages, site usage), drawn with the vendored dygraphs.
 // The points come in the page itself, as JSON in <script type="application/json" id="chart-series">:
 //   run page:     {"<metric key>": [[step, value], ...], ...}, one chart per .chart[data-key]
 //   compare page: {"<run name>": [[step, value], ...], ...}, one chart with a line per run
+//   usage page:   {"cpu": [[unix seconds, amount], ...], ...}, one chart per .chart[data-key]
 // A NaN point arrives as null and is drawn as a gap.
 "use strict";
 
@@ -25,6 +26,14 @@
     // A single point (a final score) gets a dot large enough to see.
     new Dygraph(element, points, { ...common, labels: ["step", element.dataset.key], ylabel: element.dataset.key,
                                    pointSize: points.length === 1 ? 5 : 2 });
+  }
+
+  for (const element of document.querySelectorAll(".chart[data-chart='usage']")) {
+    const points = (series[element.dataset.key] || []).map(([at, value]) => [new Date(at * 1000), value]);
+    if (points.length === 0) { empty(element, "No points."); continue; }
+    new Dygraph(element, points, { labels: ["time", element.dataset.label], ylabel: element.dataset.label,
+                                   strokeWidth: 1.5, fillGraph: true, legend: "follow", includeZero: true,
+                                   digitsAfterDecimal: 2 });
   }
 
   const compare = document.querySelector(".chart[data-chart='compare']");

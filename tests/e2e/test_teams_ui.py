@@ -84,3 +84,48 @@ async def test_a_site_admin_sets_quotas_and_sees_what_each_uses(browser: Browser
     await browser.shot("admin-quotas-phone")
     await alice.post(f"/api/v2/projects/{project['id']}/sessions/{session['id']}:stop")
     browser.assert_clean()
+
+
+async def test_a_site_admin_sees_usage_as_charts(browser: Browser, make_user: Any) -> None:
+    """A session ran for half an hour an hour ago: the usage page charts it (vCPU, memory, GPUs),
+    sums it per user and team, and lists it; on a phone too."""
+    from datetime import UTC, datetime, timedelta
+
+    from playwright.async_api import expect
+
+    from cml_appliance.web.keys import POOL
+
+    await make_user("root", admin=True, password=PASSWORD)
+    alice = await make_user("alice", password=PASSWORD)
+    status, team = await alice.post("/api/v2/site/teams", json={"username": "forecasting"})
+    assert status == 200, team
+    _, project = await alice.post("/api/v2/projects", json={"name": "Demand", "team_name": "forecasting"})
+    began = datetime.now(UTC) - timedelta(hours=1)
+    await alice.client.app[POOL].execute(
+        "INSERT INTO workloads (public_id, kind, project_id, creator_id, engine, status, name, runtime_identifier, cpu,"
+        " memory, created_at, starting_at, running_at, finished_at)"
+        " SELECT 'usage-1', 'session', p.id, u.id, 'local', 'ENGINE_STOPPED', 'Backtest', 'host/python3', 2, 4, $1, $1, $1, $2"
+        " FROM projects p, users u WHERE p.public_id = $3 AND u.username = 'alice'",
+        began, began + timedelta(minutes=30), project["id"])
+    page = browser.page
+    await browser.sign_in("root")
+    await page.click("nav[aria-label=Main] >> text=Site admin")
+    await page.click("nav[aria-label='Site administration'] >> text=Usage")
+    await expect(page.locator("h1")).to_have_text("Usage")
+    for kind in ("cpu", "memory", "gpu"):
+        await expect(page.locator(f".chart[data-key={kind}] canvas").first).to_be_attached()
+    accounts = page.locator("#usage-accounts tbody tr")
+    await expect(accounts).to_have_count(2)  # alice and her team
+    await expect(accounts.first).to_contain_text("1.00")  # 2 vCPU for half an hour
+    await expect(page.locator("#usage-recent")).to_contain_text("Backtest")
+    await expect(page.locator("#usage-recent")).to_contain_text("Stopped")
+    await expect(page.locator("#usage-recent")).to_contain_text("30 min 0 s")
+    await page.click("text=Last 7 days")
+    await expect(page.locator(".window-tabs [aria-current=page]")).to_have_text("Last 7 days")
+    await browser.shot("usage")
+    await page.set_viewport_size(PHONE)
+    await page.reload()
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the usage page is {width} px wide on a phone"
+    await browser.shot("usage-phone")
+    browser.assert_clean()

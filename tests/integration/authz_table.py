@@ -76,7 +76,7 @@ RULES: dict[str, str] = {
     "ui_project_delete_file": "write", "ui_project_mkdir": "write", "ui_project_collaborator_put": "admin",
     "ui_project_collaborator_delete": "admin", "ui_project_environment": "write", "ui_project_settings": "write",
     "ui_project_delete": "admin", "ui_runtimes": "signed_in",
-    "ui_register_runtime": "site_admin", "ui_runtime_status": "site_admin", "ui_create_docker_credential": "site_admin",
+    "ui_admin_usage": "site_admin", "ui_register_runtime": "site_admin", "ui_runtime_status": "site_admin", "ui_create_docker_credential": "site_admin",
     "ui_delete_docker_credential": "site_admin", "ui_my_sessions": "signed_in", "ui_sessions": "read",
     "ui_session_start": "write", "ui_session": "read", "ui_session_stop": "session_owner", "ui_jobs": "read",
     "ui_job_create": "write", "ui_job": "read", "ui_job_update": "write", "ui_job_run": "operator",
@@ -106,7 +106,7 @@ RULES: dict[str, str] = {
     "mlflow_unknown_endpoint": "skip",
     # Listings about workloads and people
     "api_list_workload_types": "signed_in", "api_list_workload_status": "signed_in", "api_list_project_names": "signed_in",
-    "api_get_short_user": "signed_in", "api_list_workload_executions": "signed_in", "api_list_usage": "signed_in",
+    "api_get_short_user": "signed_in", "api_list_workload_executions": "signed_in", "api_get_time_series": "signed_in", "api_list_usage": "signed_in",
     "api_list_machine_users": "read", "api_batch_list_projects": "signed_in",
     # Teams (synced ones answer that no directory is configured, to anyone signed in)
     "api_create_team": "user_not_workload", "api_list_teams": "signed_in", "api_get_team": "signed_in",

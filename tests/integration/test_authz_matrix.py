@@ -111,6 +111,9 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
     for name, body in (("notes.txt", b"notes"), ("model/MLmodel", b"flavors: {}\n")):
         await owner.put(f"{artifacts}/{name}", data=body)
     _, team = await owner.post("/api/v2/site/teams", json={"username": f"team{secrets.token_hex(4)}"})
+    credential_id = await client.app[POOL].fetchval(
+        "INSERT INTO docker_credentials (name, server, username, password_sealed) VALUES ($1, 'r.example.com', 'u', 'x')"
+        " RETURNING id", f"matrix {secrets.token_hex(4)}")
     _, registered = await owner.post("/api/v2/registry/models", json={
         "project_id": pid, "run_id": exp_run["id"], "model_path": "model", "model_name": f"m{secrets.token_hex(4)}"})
     return {
@@ -119,7 +122,7 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
         "replica_id": replica_id, "path": "notes.txt", "owner": "owner", "slug": project["slug"],
         "experiment_id": eid, "experiment_run_id": exp_run["id"], "metric_key": "loss",
         "registered_model_id": registered["model_id"], "version_id": registered["model_versions"][0]["model_version_id"],
-        "team_name": team["username"],
+        "team_name": team["username"], "ui_credential_id": str(credential_id),
     }
 
 
@@ -135,6 +138,8 @@ def _url(path: str, ids: dict[str, str], who: Principal, route: str) -> str:
     values["action"] = "stop" if "deployment" in route else "restart"
     if "collaborator" in route:
         values["username"] = "uread"  # a collaborator, and not the caller
+    if route == "ui_delete_docker_credential":
+        values["id"] = ids["ui_credential_id"]
     if route == "api_download_file":
         values["path"] = ids["path"] + ":download"
     if "experiment" in route:  # an experiment's run, not a job's

@@ -32,7 +32,7 @@ import copy
 import json
 import re
 import warnings
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -867,3 +867,41 @@ async def test_custom_runtimes_credentials_and_repos(cml: Cml, make_user: Any) -
     runtimes = await cml("ListRuntimes", alice, search_filter=json.dumps({"image_identifier": "host/python3"}))
     assert runtimes["runtimes"][0]["status"] == "DEPRECATED"
     await cml.error(HTTPForbidden, "UpdateRuntimeStatus", alice, body={"status": "ENABLED", "image_identifier": ["host/python3"]})
+
+
+async def test_time_series_of_usage(cml: Cml, make_user: Any) -> None:
+    """GetTimeSeries: what the chosen workloads held over a window, averaged per interval, in
+    CML's units (millicores, MB, GPUs); a user sees their own workloads', a site admin everyone's."""
+    admin, alice, bob = await make_user("root", admin=True), await make_user("alice"), await make_user("bob")
+    from cml_appliance.web.keys import POOL
+
+    pool = alice.client.app[POOL]
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    for api, name, cpu, memory, start, minutes in ((alice, "train", 2.0, 4.0, t0, 30), (bob, "serve", 1.0, 1.0, t0, 60)):
+        project = await cml("CreateProject", api, body={"name": f"{name} project"})
+        await pool.execute(
+            "INSERT INTO workloads (public_id, kind, project_id, creator_id, engine, status, name, runtime_identifier, cpu,"
+            " memory, created_at, starting_at, running_at, finished_at)"
+            " SELECT $1, 'session', p.id, p.owner_id, 'local', 'ENGINE_STOPPED', $2, 'host/python3', $3, $4, $5, $5, $5, $6"
+            " FROM projects p WHERE p.public_id = $7",
+            f"ts-{name}", name, cpu, memory, start, start + timedelta(minutes=minutes), project["id"])
+    window = json.dumps({"created_time": {"min": "2026-03-01 11:00:00", "max": "2026-03-01 13:00:00"}})
+
+    def total(answer: dict[str, Any]) -> float:  # the integral over the window, in unit-minutes
+        values = answer["result"]["values"]
+        assert len(values) == 120 and values[0]["time_stamp"] == str(int((t0 - timedelta(hours=1)).timestamp()))
+        return sum(int(v["count"]) for v in values)
+
+    mine = await cml("GetTimeSeries", alice, series_type="cpu", time_range_search_filter=window)
+    assert mine["series_type"] == "cpu" and total(mine) == 2000 * 30  # 2 vCPU for 30 minutes
+    everyone = await cml("GetTimeSeries", admin, series_type="memory", time_range_search_filter=window)
+    assert total(everyone) == 4 * 1024 * 30 + 1024 * 60
+    only_bob = await cml("GetTimeSeries", admin, series_type="cpu", time_range_search_filter=window,
+                         search_filter=json.dumps({"creator": "bob"}))
+    assert total(only_bob) == 1000 * 60
+    by_name = await cml("GetTimeSeries", admin, series_type="gpu", time_range_search_filter=window,
+                        multi_column_search_filter=json.dumps({"project_or_workload_name": "train"}))
+    assert total(by_name) == 0
+    await cml.error(HTTPBadRequest, "GetTimeSeries", alice, series_type="disk")
+    await cml.error(HTTPBadRequest, "GetTimeSeries", alice, time_range_search_filter=json.dumps(
+        {"created_time": {"min": "2026-03-01 13:00:00", "max": "2026-03-01 11:00:00"}}))
