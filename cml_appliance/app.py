@@ -69,6 +69,10 @@ from cml_appliance.runtimes import api as runtimes_api
 from cml_appliance.runtimes import catalog
 from cml_appliance.runtimes import ui as runtimes_ui
 from cml_appliance.runtimes.credentials import DockerCredentials
+from cml_appliance.diagnostics import api as diagnostics_api
+from cml_appliance.diagnostics import ui as diagnostics_ui
+from cml_appliance.diagnostics.service import Diagnostics
+from cml_appliance.core.logs import recent_records
 from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.sessions import api as sessions_api
 from cml_appliance.sessions import ui as sessions_ui
@@ -77,6 +81,7 @@ from cml_appliance.web import health, listener, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
     CUSTOM_RUNTIMES,
+    DIAGNOSTICS,
     DOCKER_CREDENTIALS,
     LOCAL_SANDBOX,
     POD_WATCHER,
@@ -242,6 +247,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         app[WORKLOADS] = service
         app[QUOTAS] = service.quotas = QuotaService(pool)
         app[DOCKER_CREDENTIALS] = DockerCredentials(pool, settings.secret_key)
+        app[DIAGNOSTICS] = Diagnostics(pool, settings, tasks, recent_records(), engines)
         app[CUSTOM_RUNTIMES] = service.runtime_images = CustomRuntimes(
             pool, app[DOCKER_CREDENTIALS], engines.get("container"), settings.domain,
             app[INTERNAL_URL].removeprefix("http://") if INTERNAL_URL in app else None)
@@ -377,6 +383,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(workloads_api.routes())
     app.router.add_routes(teams_api.routes())
     app.router.add_routes(quotas_api.routes())
+    app.router.add_routes(diagnostics_api.routes())
     app.router.add_routes(unimplemented.routes())
     app.router.add_routes(registry_api.routes())
     app.router.add_routes(mlflow_registry_api.routes())  # before mlflow_api's catch-all
@@ -388,6 +395,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(teams_ui.routes())
     app.router.add_routes(quotas_ui.routes())
     app.router.add_routes(workloads_ui.routes())
+    app.router.add_routes(diagnostics_ui.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

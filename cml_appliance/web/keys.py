@@ -11,6 +11,7 @@ from aiohttp import web
 from cml_appliance.applications.origin import AppsOrigin
 from cml_appliance.applications.service import ApplicationService
 from cml_appliance.core.settings import Settings
+from cml_appliance.diagnostics.service import Diagnostics
 from cml_appliance.core.tasks import Supervisor
 from cml_appliance.editors.origin import EditorsOrigin
 from cml_appliance.editors.service import EditorProxy
@@ -51,6 +52,8 @@ QUOTAS = web.AppKey("quotas", QuotaService)
 # Custom runtimes (runtimes/custom.py) and the registry logins their images are pulled with.
 CUSTOM_RUNTIMES = web.AppKey("custom_runtimes", CustomRuntimes)
 DOCKER_CREDENTIALS = web.AppKey("docker_credentials", DockerCredentials)
+# Diagnostics bundles (diagnostics/service.py).
+DIAGNOSTICS = web.AppKey("diagnostics", Diagnostics)
 # Session editors (editors/): their origin and the proxy to each session's JupyterLab.
 EDITORS_ORIGIN = web.AppKey("editors_origin", EditorsOrigin)
 EDITORS = web.AppKey("editors", EditorProxy)

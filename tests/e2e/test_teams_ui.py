@@ -129,3 +129,29 @@ async def test_a_site_admin_sees_usage_as_charts(browser: Browser, make_user: An
     assert width <= PHONE["width"], f"the usage page is {width} px wide on a phone"
     await browser.shot("usage-phone")
     browser.assert_clean()
+
+
+async def test_a_site_admin_makes_and_downloads_a_diagnostics_bundle(browser: Browser, make_user: Any) -> None:
+    import tarfile
+
+    from playwright.async_api import expect
+
+    await make_user("root", admin=True, password=PASSWORD)
+    page = browser.page
+    await browser.sign_in("root")
+    await page.goto(browser.url("/admin/users"))
+    await page.click("nav[aria-label='Site administration'] >> text=Diagnostics")
+    await page.select_option("#make-bundle select[name=window]", "hour")
+    await page.click("#make-bundle button[type=submit]")
+    await expect(page.locator(".flash.ok")).to_contain_text("Making a bundle of the last hour")
+    link = page.locator("#bundles a:has-text('Download')")
+    await expect(link).to_have_count(1, timeout=15_000)  # the page refreshes itself while it is made
+    await expect(page.locator("#bundles")).to_contain_text("Ready")
+    async with page.expect_download() as info:
+        await link.click()
+    download = await info.value
+    path = await download.path()
+    with tarfile.open(path, "r:gz") as tar:
+        assert any(name.endswith("/system.json") for name in tar.getnames())
+    await browser.shot("diagnostics")
+    browser.assert_clean()

@@ -12,6 +12,7 @@ so the routes that delete or stop things are called last, on objects made for th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import secrets
@@ -21,7 +22,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from cml_appliance.auth import api_keys, users
-from cml_appliance.web.keys import POOL, PROJECTS
+from cml_appliance.web.keys import DIAGNOSTICS, POOL, PROJECTS
 from tests.conftest import Api, wait_build
 from tests.integration.authz_table import MLFLOW_RULE, RULES
 
@@ -111,6 +112,12 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
     for name, body in (("notes.txt", b"notes"), ("model/MLmodel", b"flavors: {}\n")):
         await owner.put(f"{artifacts}/{name}", data=body)
     _, team = await owner.post("/api/v2/site/teams", json={"username": f"team{secrets.token_hex(4)}"})
+    owner_id = await client.app[POOL].fetchval("SELECT id FROM users WHERE username = $1", owner.username)
+    bundle = await client.app[DIAGNOSTICS].request(owner_id, None, None)
+    for _ in range(200):
+        if (await client.app[DIAGNOSTICS].get(bundle["public_id"]))["status"] != "DIAG_IN_PROGRESS":
+            break
+        await asyncio.sleep(0.05)
     credential_id = await client.app[POOL].fetchval(
         "INSERT INTO docker_credentials (name, server, username, password_sealed) VALUES ($1, 'r.example.com', 'u', 'x')"
         " RETURNING id", f"matrix {secrets.token_hex(4)}")
@@ -123,6 +130,7 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
         "experiment_id": eid, "experiment_run_id": exp_run["id"], "metric_key": "loss",
         "registered_model_id": registered["model_id"], "version_id": registered["model_versions"][0]["model_version_id"],
         "team_name": team["username"], "ui_credential_id": str(credential_id),
+        "request_id": bundle["public_id"],
     }
 
 

@@ -143,7 +143,9 @@ def build_client(
 # Fields the appliance adds to CML's messages on purpose (none of them shows up in these tests'
 # happy paths, but a failed git clone's Project carries it).
 OWN_FIELDS = {"Project": {"creation_message"}, "JobRun": {"reason", "exit_code", "attempt"},
-              "ModelBuild": {"built_image", "failure_reason", "snapshot_commit"}}
+              "ModelBuild": {"built_image", "failure_reason", "snapshot_commit"},
+              # CML's answer lacks the id that GetDiagBundleStatus and the download take.
+              "DiagBundleStatusResponse": {"request_id", "failure"}}
 
 
 def undeclared(spec: Any, schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
@@ -905,3 +907,23 @@ async def test_time_series_of_usage(cml: Cml, make_user: Any) -> None:
     await cml.error(HTTPBadRequest, "GetTimeSeries", alice, series_type="disk")
     await cml.error(HTTPBadRequest, "GetTimeSeries", alice, time_range_search_filter=json.dumps(
         {"created_time": {"min": "2026-03-01 13:00:00", "max": "2026-03-01 11:00:00"}}))
+
+
+async def test_diagnostics_bundle(cml: Cml, make_user: Any) -> None:
+    """GenerateDiagBundle, then GetDiagBundleStatus until it is made (the request id comes beside
+    CML's fields); the archive's content is tested in test_diagnostics.py."""
+    admin, alice = await make_user("root", admin=True), await make_user("alice")
+    start = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S")
+    asked = await cml("GenerateDiagBundle", admin, body={"start_time": start})
+    assert asked["status"] == "DIAG_IN_PROGRESS" and asked["start_time"].startswith(start.replace(" ", "T"))
+    await cml.error(HTTPBadRequest, "GenerateDiagBundle", admin, body={"start_time": "2020-01-01 00:00:00"})  # > 31 days
+    for _ in range(200):
+        state = await cml("GetDiagBundleStatus", admin, request_id=asked["request_id"])
+        if state["status"] != "DIAG_IN_PROGRESS":
+            break
+        await asyncio.sleep(0.05)
+    assert state["status"] == "DIAG_COMPLETED", state
+    status, archive = await admin.get(f"/api/v2/diagnostics/download/{asked['request_id']}")
+    assert status == 200 and archive[:2] == b"\x1f\x8b"  # gzip
+    await cml.error(HTTPForbidden, "GenerateDiagBundle", alice, body={})
+    await cml.error(HTTPNotFound, "GetDiagBundleStatus", admin, request_id="none-such")
