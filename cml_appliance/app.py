@@ -69,6 +69,7 @@ from cml_appliance.runtimes import api as runtimes_api
 from cml_appliance.runtimes import catalog
 from cml_appliance.runtimes import ui as runtimes_ui
 from cml_appliance.runtimes.credentials import DockerCredentials
+from cml_appliance.projects.amps import AmpService
 from cml_appliance.diagnostics import api as diagnostics_api
 from cml_appliance.diagnostics import ui as diagnostics_ui
 from cml_appliance.diagnostics.service import Diagnostics
@@ -86,6 +87,7 @@ from cml_appliance.web.keys import (
     LOCAL_SANDBOX,
     POD_WATCHER,
     APP_PROXY_SESSION,
+    AMPS,
     APPLICATIONS,
     APPS_ORIGIN,
     ARTIFACTS,
@@ -279,6 +281,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
                                                         settings.build_concurrency, settings.build_timeout_seconds,
                                                         settings.build_lease_seconds),
                                    registry=app[MODEL_REGISTRY])
+        app[AMPS] = AmpService(app[PROJECTS], app[JOBS], app[MODELS], app[APPLICATIONS])
         app[METRICS].watch_gauge("cml_model_replacements_pending", "Lost model replicas waiting to be replaced",
                                  lambda: app[MODELS].replacements_pending)
         app[APP_PROXY_SESSION] = aiohttp.ClientSession(

@@ -9,15 +9,15 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from cml_appliance.api.bodies import ANY, BOOL, INT, STR, STR_MAP, open_multipart
+from cml_appliance.api.bodies import ANY, BOOL, INT, OBJECT, STR, STR_LIST, STR_MAP, check_body, open_multipart
 from cml_appliance.api.common import json_body, list_query, page, query_flag
 from cml_appliance.auth.permissions import Role
-from cml_appliance.core.errors import InvalidArgument, NotFound
+from cml_appliance.core.errors import InvalidArgument, NotFound, PermissionDenied
 from cml_appliance.core.timefmt import rfc3339
 from cml_appliance.projects import files, store
 from cml_appliance.projects.store import Project
 from cml_appliance.web.context import current_user
-from cml_appliance.web.keys import POOL, PROJECTS, SETTINGS
+from cml_appliance.web.keys import AMPS, POOL, PROJECTS, SETTINGS
 
 
 def project_json(p: Project) -> dict[str, Any]:
@@ -65,6 +65,27 @@ async def create_project(request: web.Request) -> web.Response:
     user = current_user(request)
     body = await json_body(request, CREATE_SPEC)
     project = await request.app[PROJECTS].create(user, body)
+    return web.json_response(project_json(project))
+
+
+CONFIGURE_SPEC = {"is_huggingface_space": BOOL, "is_community": BOOL, "execute_amp_steps": BOOL, "runtime_identifier": STR,
+                  "runtime_addon_identifiers": STR_LIST, "run_import_tasks": BOOL}
+
+
+async def create_amp(request: web.Request) -> web.Response:
+    """CreateAmp: a project from an AMP's git repository, set up by its .project-metadata.yaml
+    (projects/amps.py) in the background; the answer is the project, still creating."""
+    user = current_user(request)
+    if user.scope_project_id is not None:
+        raise PermissionDenied("a workload's own key reaches only its project: it cannot create projects")
+    body = await json_body(request, {"create_project_request": OBJECT, "configure_prototype_request": OBJECT})
+    fields = {
+        "create_project_request": check_body(body.get("create_project_request") or {}, CREATE_SPEC),
+        "configure_prototype_request": check_body(body.get("configure_prototype_request") or {}, CONFIGURE_SPEC),
+    }
+    if fields["configure_prototype_request"].get("is_huggingface_space"):
+        raise InvalidArgument("Hugging Face spaces are not AMPs this appliance can set up: give the AMP's git_url")
+    project = await request.app[AMPS].create(user, fields)
     return web.json_response(project_json(project))
 
 
@@ -239,6 +260,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/api/v2/projects/batch", batch_list_projects, name="api_batch_list_projects"),
         web.get("/api/v2/projects", list_projects, name="api_list_projects"),
         web.post("/api/v2/projects", create_project, name="api_create_project"),
+        web.post("/api/v2/amps", create_amp, name="api_create_amp"),
         web.get(base, get_project, name="api_get_project"),
         web.patch(base, update_project, name="api_update_project"),
         web.delete(base, delete_project, name="api_delete_project"),

@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -135,7 +136,10 @@ class ProjectService:
     async def list_projects(self, user: User, q: ListQuery, *, include_public: bool, include_all: bool) -> tuple[list[Project], bool]:
         return await store.list_visible(self.pool, user, q, include_public=include_public, include_all=include_all)
 
-    async def create(self, user: User, fields: dict[str, Any]) -> Project:
+    async def create(self, user: User, fields: dict[str, Any],
+                     then: Callable[[str], Awaitable[None]] | None = None) -> Project:
+        """A new project; with the git template its clone runs in the background, then `then`
+        (an AMP's set-up) once the project is there."""
         if user.scope_project_id is not None:
             raise PermissionDenied("a workload's own key reaches only its project: it cannot create projects")
         name = check_name(fields.get("name", ""))
@@ -203,7 +207,7 @@ class ProjectService:
             except GitError as exc:  # the git server makes it one on first use
                 log.warning("could not make project %s a git repository: %s", public_id, exc)
         if template == "git":
-            self.supervisor.spawn(f"clone-{public_id}", self._clone(public_id, git_url, fields.get("git_ref", "")))
+            self.supervisor.spawn(f"clone-{public_id}", self._clone(public_id, git_url, fields.get("git_ref", ""), then))
         return await self.get(user, public_id)
 
     async def _free_slug(self, conn: asyncpg.Connection, owner_id: int, base: str) -> str:
@@ -230,7 +234,7 @@ class ProjectService:
         if not remote and not local:
             raise InvalidArgument(f"git_url {url!r} is not a git URL such as https://host/owner/repo.git")
 
-    async def _clone(self, public_id: str, url: str, ref: str) -> None:
+    async def _clone(self, public_id: str, url: str, ref: str, then: Callable[[str], Awaitable[None]] | None = None) -> None:
         dest = self.projects_dir / public_id
         staging = self.projects_dir / f".clone-{public_id}-{uuid.uuid4().hex[:8]}"
         self.projects_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +263,8 @@ class ProjectService:
             status,
             message,
         )
+        if status == "success" and then is not None:
+            await then(public_id)
 
     async def _git(self, args: list[str], env: dict[str, str]) -> None:
         try:

@@ -19,7 +19,7 @@ from cml_appliance.projects import files, readme
 from cml_appliance.projects.service import VISIBILITIES
 from cml_appliance.projects.store import Project
 from cml_appliance.web.context import check_csrf, current_user
-from cml_appliance.web.keys import APPLICATIONS, MODELS, POOL, PROJECTS, SETTINGS, TEAMS
+from cml_appliance.web.keys import AMPS, APPLICATIONS, MODELS, POOL, PROJECTS, SETTINGS, TEAMS
 from cml_appliance.workloads import store as workload_store
 from cml_appliance.web.templating import redirect
 
@@ -123,11 +123,15 @@ async def create_project(request: web.Request) -> web.StreamResponse:
     }
     if fields.get("team_name"):
         body["team_name"] = fields["team_name"]
-    if template == "git":
+    if template in ("git", "amp"):
         body["git_url"] = fields.get("git_url", "").strip()
     service = request.app[PROJECTS]
     try:
-        project = await service.create(user, body)
+        if template == "amp":
+            project = await request.app[AMPS].create(user, {
+                "create_project_request": body, "configure_prototype_request": {"execute_amp_steps": bool(fields.get("execute_amp_steps"))}})
+        else:
+            project = await service.create(user, body)
     except AppError as exc:
         return await new_project_page(request, error=exc.message, form=fields, status=exc.status)
     uploaded = 0
@@ -139,6 +143,8 @@ async def create_project(request: web.Request) -> web.StreamResponse:
     note = f" with {uploaded} file(s)" if uploaded else ""
     if template == "git":
         note = "; cloning the repository now"
+    elif template == "amp":
+        note = "; cloning the AMP, then setting it up"
     raise redirect(request, f"/projects/{project.public_id}", "ok", f"Created project {project.name}{note}.") from None
 
 

@@ -21,6 +21,7 @@ from cml_appliance.experiments.service import TrackingService
 from cml_appliance.gitserver.repos import Repositories
 from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
+from cml_appliance.projects.amps import AmpService
 from cml_appliance.projects.service import ProjectService
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams.service import TeamService
@@ -36,6 +37,8 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 PROJECTS = web.AppKey("projects", ProjectService)
+# AMPs: projects set up by their .project-metadata.yaml (projects/amps.py).
+AMPS = web.AppKey("amps", AmpService)
 METRICS = web.AppKey("metrics", Metrics)
 WORKLOADS = web.AppKey("workloads", WorkloadService)
 SESSIONS = web.AppKey("sessions", SessionService)

@@ -12,7 +12,7 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 
 from cml_appliance.web.keys import POOL, PROJECTS
-from tests.e2e.conftest import PHONE, TIMEOUT_MS, Browser, browser_for
+from tests.e2e.conftest import PASSWORD, PHONE, TIMEOUT_MS, Browser, browser_for
 
 
 async def test_folders_open_show_their_contents_and_are_deleted_after_a_confirmation(browser: Browser, client: TestClient,
@@ -276,4 +276,33 @@ async def test_a_builds_log_streams_on_the_model_page(browser: Browser, client: 
     await expect(console).to_contain_text("[1/4] Fetching snapshot", timeout=20_000)
     await expect(console).to_contain_text("Done in", timeout=20_000)
     await expect(page.locator("#builds tr[data-build] .status").first).to_have_text("Built", timeout=20_000)
+    browser.assert_clean()
+
+
+async def test_a_project_from_an_amp_sets_itself_up_while_the_page_watches(browser: Browser, make_user: Any,
+                                                                            tmp_path: Path) -> None:
+    """New project → AMP: the page shows each task as it runs and, at the end, that it is set up;
+    the AMP's job ran and its application exists."""
+    from playwright.async_api import expect
+
+    from tests.integration.test_amps import APP, METADATA, SERVE, TRAIN, git_repo
+
+    alice = await make_user("alice", password=PASSWORD)
+    url = git_repo(tmp_path / "amp", {".project-metadata.yaml": METADATA, "code/train.py": TRAIN,
+                                      "code/serve.py": SERVE, "code/app.py": APP})
+    page = browser.page
+    await browser.sign_in("alice")
+    await page.goto(browser.url("/projects/new"))
+    await page.fill("#new-project input[name=name]", "Churn prototype")
+    await page.check("#new-project input[name=template][value=amp]")
+    await page.fill("#new-project input[name=git_url]", url)
+    await expect(page.locator("#new-project input[name=execute_amp_steps]")).to_be_checked()
+    await page.click("#new-project button[type=submit]")
+    await expect(page.locator(".flash.ok")).to_contain_text("cloning the AMP, then setting it up")
+    await expect(page.locator("#amp-state")).to_contain_text("AMP set up: 6 task(s) done", timeout=120_000)
+    await browser.shot("project-from-amp")
+    _, projects = await alice.get("/api/v2/projects")
+    pid = projects["projects"][0]["id"]
+    _, apps = await alice.get(f"/api/v2/projects/{pid}/applications")
+    assert [a["name"] for a in apps["applications"]] == ["Churn UI"]
     browser.assert_clean()

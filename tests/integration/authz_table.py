@@ -36,7 +36,7 @@ RULES: dict[str, str] = {
     # Keys
     "api_list_keys": "self", "api_create_key": "self", "api_delete_keys": "self", "api_delete_key": "self",
     # Projects
-    "api_list_projects": "signed_in", "api_create_project": "user_not_workload",
+    "api_list_projects": "signed_in", "api_create_project": "user_not_workload", "api_create_amp": "user_not_workload",
     "api_get_project": "read", "api_update_project": "write", "api_delete_project": "admin",
     "api_list_collaborators": "read", "api_put_collaborator": "admin", "api_delete_collaborator": "admin",
     "api_upload_files": "write", "api_list_files_root": "read", "api_list_files": "read",

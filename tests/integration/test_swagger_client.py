@@ -927,3 +927,15 @@ async def test_diagnostics_bundle(cml: Cml, make_user: Any) -> None:
     assert status == 200 and archive[:2] == b"\x1f\x8b"  # gzip
     await cml.error(HTTPForbidden, "GenerateDiagBundle", alice, body={})
     await cml.error(HTTPNotFound, "GetDiagBundleStatus", admin, request_id="none-such")
+
+
+async def test_create_amp(cml: Cml, make_user: Any, tmp_path: Path) -> None:
+    """CreateAmp answers the project (still cloning); the set-up itself is tested in test_amps.py."""
+    from tests.integration.test_amps import METADATA, git_repo
+
+    alice = await make_user("alice")
+    url = git_repo(tmp_path / "amp", {".project-metadata.yaml": METADATA})
+    project = await cml("CreateAmp", alice, body={"create_project_request": {"name": "amp", "git_url": url},
+                                                  "configure_prototype_request": {"execute_amp_steps": False}})
+    assert project["name"] == "amp" and project["creation_status"] == "creating"
+    await cml.error(HTTPBadRequest, "CreateAmp", alice, body={"create_project_request": {"name": "no url"}})
