@@ -179,6 +179,23 @@ async def try_advisory_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[async
                 raise
 
 
+@contextlib.asynccontextmanager
+async def advisory_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[asyncpg.Connection]:
+    """Hold a session-level advisory lock for the block, waiting for it: one holder site-wide,
+    whichever appliance process. Callers serialise within their process first (each waiter holds
+    a pool connection)."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", key)
+        try:
+            yield conn
+        finally:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            except BaseException:
+                conn.terminate()
+                raise
+
+
 async def create_pool(dsn: str, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_no_session_reset, **kwargs

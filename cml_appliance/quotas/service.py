@@ -4,9 +4,9 @@ A user's quota is their own (account_quotas), else the default for users when it
 else none. Every active workload a user started counts against them; the workloads of a
 team-owned project count against the team too (its own quota, else the default for teams). A
 start that would go past a quota is refused, on every engine, before anything is made: the
-message names the quota and what runs. Checks and inserts happen under one lock in this process
-(launches are short); two appliance processes starting workloads for one account at the same
-instant could pass a quota by one workload.
+message names the quota and what runs. Each check and the insert it allows happen under one
+site-wide lock (WorkloadService.launch: an asyncio lock in the process, a Postgres advisory lock
+across appliance processes), so starts racing from several processes cannot pass a quota.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from cml_appliance.auth import api_keys
 from cml_appliance.auth.users import User
 from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, Unavailable
 from cml_appliance.core.tasks import Supervisor
-from cml_appliance.db.pool import try_advisory_lock
+from cml_appliance.db.pool import advisory_lock, try_advisory_lock
 from cml_appliance.engines.base import (
     Engine,
     EngineError,
@@ -65,6 +65,9 @@ PLATFORM_VARIABLES = frozenset(
 
 class FireTaken(Exception):
     """The job fire a launch was to consume was consumed by another launch (no run twice)."""
+
+
+QUOTA_LOCK = 0x434D4C51  # "CMLQ": quota checks and the inserts they allow, site-wide
 
 
 def new_engine_id() -> str:
@@ -252,8 +255,10 @@ class WorkloadService:
         }
         public_id = values["public_id"]
         secret, key = api_keys.workload_key(user.id, project.id, f"{request.kind} {public_id}")
-        # The quota check and the insert together: no two starts in this process pass it at once.
-        async with self._quota_lock:
+        # The quota check and the insert together: no two starts pass it at once, in this process
+        # (the asyncio lock, which also keeps waiters from taking every pool connection) or in
+        # another one on the same database (the advisory lock).
+        async with self._quota_lock, advisory_lock(self.pool, QUOTA_LOCK):
             if self.quotas is not None:
                 await self.quotas.check(user, project.id, request.cpu, request.memory, request.nvidia_gpu,
                                         request.kind.replace("_", " "))

@@ -99,3 +99,22 @@ async def test_the_container_engine_is_held_to_quotas_too(aiohttp_client: Any, c
     assert_error(status, body, 429)
     assert "carl's quota of 1 vCPU, 8 GB" in body["message"]
     await carl.post(f"/api/v2/projects/{project['id']}/sessions/{first[1]['id']}:stop")
+
+
+async def test_starts_racing_from_two_appliance_processes_cannot_pass_a_quota(aiohttp_client: Any, settings: Any) -> None:
+    """Two appliances on one database (as two replicas behind a load balancer), eight starts at
+    once for a user whose quota holds two: two start, six are refused."""
+    from cml_appliance.app import create_app
+
+    first = await aiohttp_client(create_app(settings, allow_local_git=True))
+    second = await aiohttp_client(create_app(settings, allow_local_git=True))
+    make = user_maker(first)
+    admin, alice = await make("root", admin=True), await make("alice")
+    status, body = await admin.put("/api/v2/usersquota/alice", json={"cpu": "2", "memory": "", "nvidia_gpu": ""})
+    assert status == 200, body
+    _, project = await alice.post("/api/v2/projects", json={"name": "race"})
+    alice_there = Api(second, alice.key, "alice")
+    answers = await asyncio.gather(*(start(api, project["id"], cpu=1, memory=0.5, name=f"s{n}")
+                                     for n, api in enumerate([alice, alice_there] * 4)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200, 200] + [429] * 6, answers
