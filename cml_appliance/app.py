@@ -81,6 +81,7 @@ from cml_appliance.sessions.service import SessionService
 from cml_appliance.web import health, listener, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
+    ACCELERATORS,
     CUSTOM_RUNTIMES,
     DIAGNOSTICS,
     DOCKER_CREDENTIALS,
@@ -119,6 +120,8 @@ from cml_appliance.web.metrics import Metrics
 from cml_appliance.api import unimplemented
 from cml_appliance.quotas import api as quotas_api
 from cml_appliance.quotas import ui as quotas_ui
+from cml_appliance.quotas import accelerators_api
+from cml_appliance.quotas.accelerators import Accelerators
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams import api as teams_api
 from cml_appliance.teams import ui as teams_ui
@@ -248,6 +251,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         )
         app[WORKLOADS] = service
         app[QUOTAS] = service.quotas = QuotaService(pool)
+        app[ACCELERATORS] = service.accelerators = Accelerators(pool, engines)
+        await app[ACCELERATORS].seed_groups()
         app[DOCKER_CREDENTIALS] = DockerCredentials(pool, settings.secret_key)
         app[DIAGNOSTICS] = Diagnostics(pool, settings, tasks, recent_records(), engines)
         app[CUSTOM_RUNTIMES] = service.runtime_images = CustomRuntimes(
@@ -386,6 +391,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(workloads_api.routes())
     app.router.add_routes(teams_api.routes())
     app.router.add_routes(quotas_api.routes())
+    app.router.add_routes(accelerators_api.routes())
     app.router.add_routes(diagnostics_api.routes())
     app.router.add_routes(unimplemented.routes())
     app.router.add_routes(registry_api.routes())

@@ -45,6 +45,8 @@ class LaunchSpec:
     # Who started it (Kubernetes: the namespace is the user's) and the GPUs it asked for.
     owner: str = ""
     gpus: int = 0
+    # Kubernetes: the labels of the nodes it must run on (an accelerator's).
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Terminal(Protocol):

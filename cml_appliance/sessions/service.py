@@ -106,6 +106,7 @@ class SessionService:
             editor=JUPYTERLAB if editor == JUPYTERLAB else "",
             idle_timeout_minutes=idle,
             max_duration_minutes=longest,
+            accelerator_label_id=fields.get("accelerator_label_id") or None,
         )
         return await self.workloads.launch(user, project, request)
 

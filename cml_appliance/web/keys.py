@@ -23,6 +23,7 @@ from cml_appliance.jobs.service import JobService
 from cml_appliance.models.service import ModelService
 from cml_appliance.projects.amps import AmpService
 from cml_appliance.projects.service import ProjectService
+from cml_appliance.quotas.accelerators import Accelerators
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams.service import TeamService
 from cml_appliance.registry.embedded import RegistryStatus
@@ -52,6 +53,8 @@ APP_PROXY_SESSION = web.AppKey("app_proxy_session", aiohttp.ClientSession)
 MODELS = web.AppKey("models", ModelService)
 TEAMS = web.AppKey("teams", TeamService)
 QUOTAS = web.AppKey("quotas", QuotaService)
+# Resource groups (engines) and accelerators (GPU kinds) with their limits (quotas/accelerators.py).
+ACCELERATORS = web.AppKey("accelerators", Accelerators)
 # Custom runtimes (runtimes/custom.py) and the registry logins their images are pulled with.
 CUSTOM_RUNTIMES = web.AppKey("custom_runtimes", CustomRuntimes)
 DOCKER_CREDENTIALS = web.AppKey("docker_credentials", DockerCredentials)

@@ -36,6 +36,7 @@ from cml_appliance.grpc.certificates import WorkloadCertificates
 from cml_appliance.projects.store import Project
 from cml_appliance.editors.sockets import EditorSockets
 from cml_appliance.quotas.service import QuotaService
+from cml_appliance.quotas.accelerators import Accelerators
 from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
@@ -110,6 +111,8 @@ class LaunchRequest:
     mount_project: bool = True
     # A session's editor ('' or 'JupyterLab'): editors/ serves it, over a Unix socket.
     editor: str = ""
+    # The accelerator (kind of GPU) its GPUs are of, when it asks for one (quotas/accelerators.py).
+    accelerator_label_id: int | None = None
 
 
 class WorkloadService:
@@ -150,6 +153,8 @@ class WorkloadService:
         self._quota_lock = asyncio.Lock()
         # Where custom runtimes' images are pulled from and with which login (set by the app).
         self.runtime_images: CustomRuntimes | None = None
+        # Which resource groups take which workloads, and accelerators' limits (set by the app).
+        self.accelerators: Accelerators | None = None
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
@@ -220,7 +225,7 @@ class WorkloadService:
             "environment": request.environment, "idle_timeout_minutes": request.idle_timeout_minutes,
             "max_duration_minutes": request.max_duration_minutes, "job_id": request.job_id,
             "attempt": request.attempt, "deployment_id": request.deployment_id, "editor": request.editor,
-            "application_id": request.application_id,
+            "application_id": request.application_id, "accelerator_label_id": request.accelerator_label_id,
         }
 
     async def record_unlaunched(self, user: User, project: Project, request: LaunchRequest, status: str,
@@ -258,10 +263,16 @@ class WorkloadService:
         # The quota check and the insert together: no two starts pass it at once, in this process
         # (the asyncio lock, which also keeps waiters from taking every pool connection) or in
         # another one on the same database (the advisory lock).
+        node_selector: dict[str, str] = {}
+        if self.accelerators is not None:
+            await self.accelerators.check_group(engine_name, request.kind)
         async with self._quota_lock, advisory_lock(self.pool, QUOTA_LOCK):
             if self.quotas is not None:
                 await self.quotas.check(user, project.id, request.cpu, request.memory, request.nvidia_gpu,
                                         request.kind.replace("_", " "))
+            if self.accelerators is not None:
+                node_selector = await self.accelerators.check_launch(user, project.id, request.accelerator_label_id,
+                                                                     request.nvidia_gpu)
             try:
                 row = await store.insert(self.pool, values, api_key=key, consume_fire=request.fire_id)
             except asyncpg.UniqueViolationError:
@@ -295,6 +306,7 @@ class WorkloadService:
             tls_dir=tls_dir,
             owner=user.username,
             gpus=request.nvidia_gpu,
+            node_selector=node_selector,
         )
         self._specs[row.id] = spec
         self._owned[row.id] = self.supervisor.spawn(f"workload-{public_id}", self._run(row, engine, spec))

@@ -48,6 +48,12 @@ RULES: dict[str, str] = {
     "api_set_runtime_credential": "site_admin", "api_list_docker_credentials": "signed_in",
     "api_create_docker_credential": "site_admin", "api_update_docker_credential": "site_admin",
     "api_delete_docker_credential": "site_admin", "api_list_runtime_repos": "signed_in",
+    "api_list_resource_groups": "signed_in", "api_update_resource_group": "site_admin", "api_list_node_labels": "signed_in",
+    "api_node_labels_config": "site_admin", "api_node_labels_default_quota": "site_admin",
+    "api_list_accelerator_user_quotas": "site_admin", "api_set_accelerator_user_quotas": "site_admin",
+    "api_list_accelerator_team_quotas": "site_admin", "api_set_accelerator_team_quotas": "site_admin",
+    "api_create_gpu_profile": "site_admin", "api_update_gpu_profile": "site_admin", "api_delete_gpu_profile": "site_admin",
+    "api_list_users_accelerator_quota": "signed_in", "api_list_teams_accelerator_quota": "signed_in",
     "api_create_runtime_repo": "site_admin", "api_update_runtime_repo": "site_admin", "api_delete_runtime_repo": "site_admin",
     # Sessions
     "api_list_my_sessions": "signed_in", "api_list_sessions": "read", "api_start_session": "write",

@@ -22,11 +22,6 @@ START, END = "<!-- cml-compatibility:start -->", "<!-- cml-compatibility:end -->
 # Operations not answered yet (issue 13's remaining work): this list may only shrink.
 NOT_YET = {
     "ListRuntimeAddons", "LoadRuntimeAddonsUpload", "UpdateRuntimeAddonStatus", "HandleCustomRuntimeUpload",
-    "ListAllAcceleratorNodeLabels", "UpdateAcceleratorLabelsAdminConfig", "UpdateAcceleratorLabelsDefaultQuota",
-    "ListAcceleratorBasedUserQuota", "UpdateAcceleratorBasedUserQuota", "ListAcceleratorBasedTeamQuota",
-    "UpdateAcceleratorBasedTeamQuota", "CreateAcceleratorNodeLabelGpuProfile", "DeleteAcceleratorNodeLabelGpuProfile",
-    "UpdateAcceleratorNodeLabelGpuProfile", "ListUsersAcceleratorQuota", "ListTeamsAcceleratorQuota",
-    "UpdateResourceGroup", "ListAllResourceGroups",
 }
 
 

@@ -659,3 +659,63 @@ async def test_a_jupyterlab_session_as_a_pod(kube_client: Any, kube_settings: An
         assert (uid, cwd) == ("8536", "/home/cdsw") and host.startswith("cml-"), out
     await kim.post(f"/api/v2/projects/{pid}/sessions/{sid}:stop")
     await wait_status(kim, pid, sid, "ENGINE_STOPPED", timeout=60)
+
+
+async def test_gpus_of_an_accelerator_are_held_to_its_limits_and_run_on_its_nodes(kate: Api, core: Any) -> None:
+    """The node is made to offer 4 Tesla-T4 GPUs (an extended resource in its status, and NVIDIA's
+    product label, as the device plugin and GPU feature discovery would): the appliance finds the
+    accelerator; the administrator's per-workload limit and kate's quota refuse what is too
+    much, with why; a session within them is a pod that asks for the GPUs on that kind of node."""
+    from cml_appliance.auth.users import get_by_username
+
+    pool = kate.client.app[POOL]
+    admin_user = await users.create_user(pool, "gpu-admin", "g@example.com", "correct horse", is_admin=True)
+    admin = Api(kate.client, (await api_keys.create(pool, admin_user))[0], "gpu-admin")
+    (node,) = (await core.list_node()).items
+    name = node.metadata.name
+    await core.patch_node_status(name, [{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "4"}])
+    await core.patch_node(name, {"metadata": {"labels": {"nvidia.com/gpu.product": "Tesla-T4"}}})
+    try:
+        async def found() -> dict[str, Any] | None:
+            _, body = await kate.get("/api/v2/nodelabels")
+            return next((l for l in body["accelerator_node_label"] if l["label_value"] == "Tesla-T4"), None)
+
+        label = await wait_for(found, 30, "the accelerator to be found")
+        assert label["label_key"] == "nvidia.com/gpu.product" and label["availability"] and label["max_gpu_count"] == "4"
+        _, groups = await kate.get("/api/v2/resourcegroups")
+        kube_group = next(g for g in groups["resource_group"] if g["name"] == "kubernetes")
+        assert kube_group["gpu_count"] == "4" and kube_group["gpu_model"] == "Tesla-T4", kube_group
+
+        status, body = await admin.patch("/api/v2/nodelabels/config", json={"id_max_gpu_workload": {label["id"]: "2"}})
+        assert status == 200 and body == {"rows_affected": 1}, body
+        kate_id = (await get_by_username(pool, "kate")).id
+        status, body = await admin.patch("/api/v2/nodelabels/quota", json={"accelerator_based_user_quota": [
+            {"user_id": str(kate_id), "accelerator_id": label["id"], "gpu_quota": "1"}]})
+        assert status == 200, body
+        _, project = await kate.post("/api/v2/projects", json={"name": "gpu"})
+        pid = project["id"]
+        ask = {"runtime_identifier": BUSYBOX_IMAGE, "accelerator_label_id": label["id"], "cpu": 0.1, "memory": 0.1}
+        status, body = await kate.post(f"/api/v2/projects/{pid}/sessions", json=ask | {"nvidia_gpu": 3})
+        assert status == 400 and "at most 2 Tesla-T4 GPUs" in body["message"], body
+        status, body = await kate.post(f"/api/v2/projects/{pid}/sessions", json=ask | {"nvidia_gpu": 2})
+        assert status == 429 and "kate's quota of 1 Tesla-T4 GPUs has 1 left" in body["message"], body
+        _, mine = await kate.get("/api/v2/userslabels/quota")
+        assert mine["user_accelerator_quota"] == [{"user_id": str(kate_id), "username": "kate", "accelerator_id": label["id"],
+                                                   "quota_configured": {"cpu": "", "memory": "", "nvidia_gpu": "1"},
+                                                   "quota_usage": {"cpu": "", "memory": "", "nvidia_gpu": "0"}}]
+
+        status, session = await kate.post(f"/api/v2/projects/{pid}/sessions", json=ask | {"nvidia_gpu": 1})
+        assert status == 200, session
+        namespace = kate.client.app[SETTINGS].kubernetes_namespace_prefix + "-user-kate"
+        pod = await wait_for(lambda: pod_of(core, namespace, session["id"]), 30, "the pod")
+        assert pod.spec.node_selector == {"nvidia.com/gpu.product": "Tesla-T4"}
+        assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+        _, mine = await kate.get("/api/v2/userslabels/quota")
+        assert mine["user_accelerator_quota"][0]["quota_usage"]["nvidia_gpu"] == "1"
+        status, body = await kate.post(f"/api/v2/projects/{pid}/sessions", json=ask | {"nvidia_gpu": 1})
+        assert status == 429, body  # the one GPU of the quota is held
+        await kate.post(f"/api/v2/projects/{pid}/sessions/{session['id']}:stop")
+        await wait_status(kate, pid, session["id"], ("ENGINE_STOPPED", "ENGINE_FAILED"), timeout=60)
+    finally:
+        await core.patch_node_status(name, [{"op": "remove", "path": "/status/capacity/nvidia.com~1gpu"}])
+        await core.patch_node(name, {"metadata": {"labels": {"nvidia.com/gpu.product": None}}})

@@ -939,3 +939,35 @@ async def test_create_amp(cml: Cml, make_user: Any, tmp_path: Path) -> None:
                                                   "configure_prototype_request": {"execute_amp_steps": False}})
     assert project["name"] == "amp" and project["creation_status"] == "creating"
     await cml.error(HTTPBadRequest, "CreateAmp", alice, body={"create_project_request": {"name": "no url"}})
+
+
+async def test_resource_groups_gpu_profiles_and_accelerator_quotas(cml: Cml, make_user: Any) -> None:
+    """The resource-group and accelerator operations in CML's shapes (with GPUs on a real
+    cluster: test_kubernetes.py)."""
+    admin, alice = await make_user("root", admin=True), await make_user("alice")
+    groups = (await cml("ListAllResourceGroups", alice))["resource_group"]
+    assert [g["name"] for g in groups] == ["local"]
+    changed = await cml("UpdateResourceGroup", admin, body={"id": groups[0]["id"], "allow_models": False})
+    assert changed["allow_models"] is False and changed["allow_sessions"] is True
+    made = await cml("CreateAcceleratorNodeLabelGpuProfile", admin, resource_group_id=str(groups[0]["id"]),
+                     body={"gpu_count": "1", "cpu": 4.0, "memory": 16.0})
+    profile = made["accelerator_node_label"]
+    assert (await cml("UpdateAcceleratorNodeLabelGpuProfile", admin, resource_group_id=str(groups[0]["id"]),
+                      body={"id": profile["id"], "gpu_count": "2", "cpu": 8.0, "memory": 32.0}))["rows_affected"] == 1
+    listed = (await cml("ListAllAcceleratorNodeLabels", alice, display_all=True))["accelerator_node_label"]
+    assert [(l["id"], l["max_gpu_count"], l["cpu"]) for l in listed] == [(profile["id"], "2", 8.0)]
+    assert (await cml("UpdateAcceleratorLabelsAdminConfig", admin,
+                      body={"id_max_gpu_workload": {profile["id"]: "1"}}))["rows_affected"] == 1
+    assert (await cml("UpdateAcceleratorLabelsDefaultQuota", admin,
+                      body={"id_default_quota": {profile["id"]: "4"}}))["rows_affected"] == 1
+    assert (await cml("DeleteAcceleratorNodeLabelGpuProfile", admin, resource_group_id=str(groups[0]["id"]),
+                      id=profile["id"]))["rows_affected"] == 1
+    assert (await cml("ListAcceleratorBasedUserQuota", admin))["accelerator_based_user_quota"] == []
+    assert (await cml("ListAcceleratorBasedTeamQuota", admin))["accelerator_based_team_quota"] == []
+    assert (await cml("ListUsersAcceleratorQuota", alice))["user_accelerator_quota"] == []
+    assert (await cml("ListTeamsAcceleratorQuota", admin))["team_accelerator_quota"] == []
+    await cml.error(HTTPNotFound, "UpdateAcceleratorBasedUserQuota", admin, body={"accelerator_based_user_quota": [
+        {"user_id": "1", "accelerator_id": "999", "gpu_quota": "1"}]})
+    await cml.error(HTTPNotFound, "UpdateAcceleratorBasedTeamQuota", admin, body={"accelerator_based_team_quota": [
+        {"team_id": "1", "accelerator_id": "999", "gpu_quota": "1"}]})
+    await cml.error(HTTPForbidden, "UpdateResourceGroup", alice, body={"id": groups[0]["id"], "allow_jobs": False})

@@ -197,6 +197,23 @@ class KubernetesEngine:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _unavailable(exc) from None
 
+    async def node_resources(self) -> list[dict[str, Any]]:
+        """Each node's labels and allocatable vCPU, memory and GPUs (nvidia.com/gpu)."""
+        try:
+            nodes = await self.core.list_node()
+        except ApiException as exc:
+            raise EngineUnavailable(f"the Kubernetes apiserver answered {exc.status}: {api_message(exc)}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unavailable(exc) from None
+        out = []
+        for node in nodes.items:
+            allocatable = (node.status.allocatable if node.status else None) or {}
+            out.append({"name": node.metadata.name, "labels": dict(node.metadata.labels or {}),
+                        "cpu": objects.parse_quantity(allocatable.get("cpu", "0")),
+                        "memory_bytes": int(objects.parse_quantity(allocatable.get("memory", "0"))),
+                        "gpus": int(objects.parse_quantity(allocatable.get("nvidia.com/gpu", "0")))})
+        return out
+
     # Namespaces ------------------------------------------------------------------------------
 
     def namespace_for(self, username: str) -> str:
@@ -296,6 +313,7 @@ class KubernetesEngine:
             project_id=spec.project_dir.name, image=spec.image, command=spec.command, env=env, cpu=spec.cpu,
             memory_mb=spec.memory_mb, gpus=spec.gpus, grace_seconds=self.stop_grace,
             project_volume=self._project_volume(spec), tls_secret=tls_secret, pull_secret=pull_secret, relay=relay,
+            node_selector=spec.node_selector,
         )
         await create_idempotent(lambda: self.core.create_namespaced_pod(namespace, pod), f"pod {name}")
         if relay is not None:

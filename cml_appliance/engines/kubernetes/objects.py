@@ -93,10 +93,24 @@ def _quantity_mb(memory_mb: int) -> str:
     return f"{memory_mb}Mi"
 
 
+_SUFFIXES = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([a-zA-Z]*)$")
+
+
+def parse_quantity(text: str) -> float:
+    """A Kubernetes quantity ("1500m", "8Gi", "24683784Ki", "2") as a number; 0 when unreadable."""
+    match = _QUANTITY.match(str(text).strip())
+    if not match or match.group(2) not in _SUFFIXES:
+        return 0.0
+    return float(match.group(1)) * _SUFFIXES[match.group(2)]
+
+
 def pod_body(*, name: str, site_id: str, workload_id: str, kind: str, project_id: str, image: str,
              command: list[str], env: dict[str, str], cpu: float, memory_mb: int, gpus: int,
              grace_seconds: int, project_volume: dict[str, Any] | None, tls_secret: str | None,
-             pull_secret: str | None, relay: tuple[list[str], int] | None) -> dict[str, Any]:
+             pull_secret: str | None, relay: tuple[list[str], int] | None,
+             node_selector: dict[str, str] | None = None) -> dict[str, Any]:
     """A workload's pod: non-root (uid 8536), no privilege escalation, no capabilities, no
     service account token, the resource profile as requests and limits."""
     resources: dict[str, Any] = {
@@ -147,6 +161,8 @@ def pod_body(*, name: str, site_id: str, workload_id: str, kind: str, project_id
     }
     if pull_secret:
         spec["imagePullSecrets"] = [{"name": pull_secret}]
+    if node_selector:  # an accelerator's nodes (quotas/accelerators.py)
+        spec["nodeSelector"] = dict(node_selector)
     return {"metadata": {"name": name, "labels": labels}, "spec": spec}
 
 
