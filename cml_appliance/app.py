@@ -68,6 +68,7 @@ from cml_appliance.registry import proxy as registry_proxy
 from cml_appliance.runtimes import api as runtimes_api
 from cml_appliance.runtimes import catalog
 from cml_appliance.runtimes import ui as runtimes_ui
+from cml_appliance.runtimes.addons import RuntimeAddons
 from cml_appliance.runtimes.credentials import DockerCredentials
 from cml_appliance.projects.amps import AmpService
 from cml_appliance.diagnostics import api as diagnostics_api
@@ -82,6 +83,7 @@ from cml_appliance.web import health, listener, live, middlewares, templating
 from cml_appliance.web.keys import (
     CLOSING,
     ACCELERATORS,
+    RUNTIME_ADDONS,
     CUSTOM_RUNTIMES,
     DIAGNOSTICS,
     DOCKER_CREDENTIALS,
@@ -254,6 +256,8 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
         app[ACCELERATORS] = service.accelerators = Accelerators(pool, engines)
         await app[ACCELERATORS].seed_groups()
         app[DOCKER_CREDENTIALS] = DockerCredentials(pool, settings.secret_key)
+        app[RUNTIME_ADDONS] = service.addons = RuntimeAddons(pool, settings.data_dir / "runtime-addons",
+                                                             settings.max_upload_mb * 1024 * 1024)
         app[DIAGNOSTICS] = Diagnostics(pool, settings, tasks, recent_records(), engines)
         app[CUSTOM_RUNTIMES] = service.runtime_images = CustomRuntimes(
             pool, app[DOCKER_CREDENTIALS], engines.get("container"), settings.domain,

@@ -36,6 +36,9 @@ UNIMPLEMENTED: tuple[tuple[str, str, str, str], ...] = (
      "this appliance has no AI inference service (ML serving apps): models are served through POST /model"),
     ("GET", "/api/v2/newsfeeds/{category}", "ListNewsFeeds",
      "this appliance reads no news feeds: it does not reach the internet for its UI"),
+    ("POST", "/api/v2/runtimeaddons", "LoadRuntimeAddonsUpload",
+     "repo assemblies list Cloudera's add-on images (Spark, Hadoop CLI) in Cloudera's repository, which this appliance "
+     "does not reach; upload an add-on's files as a tarball with POST /api/v2/runtimeaddons/custom"),
     ("POST", "/api/v2/site/config:update", "DisableEngines",
      "this appliance has no legacy engines to disable: every workload runs on a runtime"),
     ("POST", "/api/v2/users/{username}/v1_key:rotate", "RotateV1Key",

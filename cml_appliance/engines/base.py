@@ -47,6 +47,8 @@ class LaunchSpec:
     gpus: int = 0
     # Kubernetes: the labels of the nodes it must run on (an accelerator's).
     node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Folders shown read-only inside the workload: {path inside: folder here} (runtime add-ons).
+    readonly_mounts: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
 class Terminal(Protocol):

@@ -234,6 +234,7 @@ class ContainerEngine:
             "HostConfig": {
                 "Binds": ([f"{spec.project_dir}:{CONTAINER_HOME}"] if spec.mount_project else [])
                          + ([f"{spec.tls_dir}:/run/cml/tls:ro"] if spec.tls_dir is not None else [])
+                         + [f"{source}:{inside}:ro" for inside, source in spec.readonly_mounts.items()]
                          + _socket_binds(spec),
                 "Memory": spec.memory_mb * 1024 * 1024,
                 "MemorySwap": spec.memory_mb * 1024 * 1024,

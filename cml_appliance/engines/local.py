@@ -316,7 +316,7 @@ class LocalEngine:
         sandbox = self.sandbox
         # A local model replica, and a session's editor, listen on a Unix socket in a directory of its own.
         writable = [Path(spec.env[name]).parent for name in SOCKET_VARIABLES if spec.env.get(name)]
-        readonly = {"/run/cml/tls": spec.tls_dir} if spec.tls_dir is not None else None
+        readonly = ({"/run/cml/tls": spec.tls_dir} if spec.tls_dir is not None else {}) | spec.readonly_mounts
         return lambda command: sandbox.wrap(command, project_dir=spec.project_dir, extra_writable=writable,
                                             readonly=readonly, new_session=new_session)
 
@@ -331,6 +331,8 @@ class LocalEngine:
     async def start(self, spec: LaunchSpec) -> str:
         if self._closing:
             raise EngineError("the local engine is shutting down")
+        if spec.readonly_mounts and self.sandbox is None:
+            raise EngineError("runtime add-ons are mounted by the sandbox, which this host cannot run")
         await self._give(spec)
         try:
             proc = await MainProcess.start(self._spawner, spec.command, spec.project_dir, self._env(spec),

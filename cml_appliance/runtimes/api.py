@@ -4,14 +4,17 @@ signed in (docker credentials show no username or password)."""
 
 from __future__ import annotations
 
-from aiohttp import web
+import tempfile
+from pathlib import Path
 
-from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, INT64, STR, STR_LIST
+from aiohttp import BodyPartReader, web
+
+from cml_appliance.api.bodies import ANY, BOOL, FLOAT, INT, INT64, STR, STR_LIST, open_multipart
 from cml_appliance.api.common import json_body, list_query, page
-from cml_appliance.core.errors import InvalidArgument, NotFound
-from cml_appliance.runtimes import catalog, credentials, repos
+from cml_appliance.core.errors import InvalidArgument, NotFound, PayloadTooLarge
+from cml_appliance.runtimes import addons, catalog, credentials, repos
 from cml_appliance.web.context import current_user, require_site_admin
-from cml_appliance.web.keys import CUSTOM_RUNTIMES, DOCKER_CREDENTIALS, POOL
+from cml_appliance.web.keys import CUSTOM_RUNTIMES, DOCKER_CREDENTIALS, POOL, RUNTIME_ADDONS
 
 
 async def list_runtimes(request: web.Request) -> web.Response:
@@ -176,6 +179,58 @@ async def delete_repo(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+# Runtime add-ons -----------------------------------------------------------------------------------
+
+
+async def list_addons(request: web.Request) -> web.Response:
+    current_user(request)
+    q = list_query(request, addons.FILTER_KEYS, addons.SORT_KEYS)
+    items, more = await request.app[RUNTIME_ADDONS].list(q)
+    return page(request, "runtime_addons", items, q, more)
+
+
+async def update_addon_status(request: web.Request) -> web.Response:
+    admin = require_site_admin(request)
+    body = await json_body(request, {"status": STR, "ids": ANY, "identifiers": STR_LIST})
+    ids = body.get("ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids):
+        raise InvalidArgument("ids must list whole numbers")
+    rows = await request.app[RUNTIME_ADDONS].update_status(admin.id, body.get("status", ""), ids, body.get("identifiers", []))
+    return web.json_response({"rows_affected": rows})
+
+
+async def upload_addon(request: web.Request) -> web.Response:
+    """HandleCustomRuntimeUpload: multipart with `metadata` (JSON) and `tarball`."""
+    admin = require_site_admin(request)
+    store = request.app[RUNTIME_ADDONS]
+    reader = await open_multipart(request)
+    metadata = b""
+    with tempfile.TemporaryDirectory(prefix="cml-addon-upload-") as folder:
+        archive = Path(folder) / "tarball"
+        got_tarball = False
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidArgument("nested multipart bodies are not accepted")
+            if part.name == "metadata":
+                metadata = await part.read(decode=False)
+                if len(metadata) > 64 * 1024:
+                    raise PayloadTooLarge("metadata is larger than 64 KB")
+            elif part.name == "tarball":
+                size = 0
+                with open(archive, "wb") as fh:
+                    while chunk := await part.read_chunk(1024 * 1024):
+                        size += len(chunk)
+                        if size > store.max_bytes:
+                            raise PayloadTooLarge(f"the tarball is larger than the limit of {store.max_bytes} bytes")
+                        fh.write(chunk)
+                got_tarball = True
+            else:
+                raise InvalidArgument(f"unexpected form field {part.name!r}: send metadata and tarball")
+        if not got_tarball or not metadata:
+            raise InvalidArgument("send both form fields: metadata (JSON) and tarball (the add-on's files)")
+        return web.json_response(await store.add(admin.id, metadata, archive))
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/api/v2/runtimes", list_runtimes, name="api_list_runtimes"),
@@ -187,6 +242,9 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/v2/dockercredentials", create_credential, name="api_create_docker_credential"),
         web.patch("/api/v2/dockercredentials/{docker_credential_id}", update_credential, name="api_update_docker_credential"),
         web.delete("/api/v2/dockercredentials/{docker_credential_id}", delete_credential, name="api_delete_docker_credential"),
+        web.get("/api/v2/runtimeaddons", list_addons, name="api_list_runtime_addons"),
+        web.post("/api/v2/runtimeaddons:updatestatus", update_addon_status, name="api_update_runtime_addon_status"),
+        web.post("/api/v2/runtimeaddons/custom", upload_addon, name="api_upload_runtime_addon"),
         web.get("/api/v2/runtimerepos", list_repos, name="api_list_runtime_repos"),
         web.post("/api/v2/runtimerepos", create_repo, name="api_create_runtime_repo"),
         web.patch("/api/v2/runtimerepos/{runtimerepo_id}", update_repo, name="api_update_runtime_repo"),

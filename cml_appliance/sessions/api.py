@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from cml_appliance.api.bodies import FLOAT, INT, INT64, STR, STR_MAP
+from cml_appliance.api.bodies import FLOAT, INT, INT64, STR, STR_LIST, STR_MAP
 from cml_appliance.api.common import json_body, list_query, page
 from cml_appliance.core.errors import InvalidArgument, PermissionDenied
 from cml_appliance.core.tasks import until_first_done
@@ -39,6 +39,7 @@ ACTIVITY_EVERY_SECONDS = 10
 START_SPEC = {
     "name": STR, "runtime_identifier": STR, "cpu": FLOAT, "memory": FLOAT, "nvidia_gpu": INT,
     "environment": STR_MAP, "resource_profile_id": INT, "project_id": STR, "accelerator_label_id": INT64,
+    "runtime_addon_identifiers": STR_LIST,
 }
 STATUS_FILTER = {"status": "status"}
 

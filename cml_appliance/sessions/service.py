@@ -107,6 +107,7 @@ class SessionService:
             idle_timeout_minutes=idle,
             max_duration_minutes=longest,
             accelerator_label_id=fields.get("accelerator_label_id") or None,
+            runtime_addon_identifiers=tuple(fields.get("runtime_addon_identifiers") or ()),
         )
         return await self.workloads.launch(user, project, request)
 

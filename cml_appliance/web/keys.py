@@ -27,6 +27,7 @@ from cml_appliance.quotas.accelerators import Accelerators
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams.service import TeamService
 from cml_appliance.registry.embedded import RegistryStatus
+from cml_appliance.runtimes.addons import RuntimeAddons
 from cml_appliance.runtimes.credentials import DockerCredentials
 from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.sessions.service import SessionService
@@ -58,6 +59,7 @@ ACCELERATORS = web.AppKey("accelerators", Accelerators)
 # Custom runtimes (runtimes/custom.py) and the registry logins their images are pulled with.
 CUSTOM_RUNTIMES = web.AppKey("custom_runtimes", CustomRuntimes)
 DOCKER_CREDENTIALS = web.AppKey("docker_credentials", DockerCredentials)
+RUNTIME_ADDONS = web.AppKey("runtime_addons", RuntimeAddons)
 # Diagnostics bundles (diagnostics/service.py).
 DIAGNOSTICS = web.AppKey("diagnostics", Diagnostics)
 # Session editors (editors/): their origin and the proxy to each session's JupyterLab.

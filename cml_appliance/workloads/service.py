@@ -37,6 +37,7 @@ from cml_appliance.projects.store import Project
 from cml_appliance.editors.sockets import EditorSockets
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.quotas.accelerators import Accelerators
+from cml_appliance.runtimes.addons import RuntimeAddons
 from cml_appliance.runtimes.custom import CustomRuntimes
 from cml_appliance.workloads import states, store
 from cml_appliance.workloads.logs import LogStore
@@ -113,6 +114,8 @@ class LaunchRequest:
     editor: str = ""
     # The accelerator (kind of GPU) its GPUs are of, when it asks for one (quotas/accelerators.py).
     accelerator_label_id: int | None = None
+    # Runtime add-ons to show it, read-only (runtimes/addons.py).
+    runtime_addon_identifiers: tuple[str, ...] = ()
 
 
 class WorkloadService:
@@ -155,6 +158,8 @@ class WorkloadService:
         self.runtime_images: CustomRuntimes | None = None
         # Which resource groups take which workloads, and accelerators' limits (set by the app).
         self.accelerators: Accelerators | None = None
+        # Runtime add-ons, mounted into the workloads that ask for them (set by the app).
+        self.addons: RuntimeAddons | None = None
         self.finish_listeners: list[Callable[[Workload], Coroutine[Any, Any, None]]] = []
         # Workloads this process owns: row id -> the task that watches them.
         self._owned: dict[int, asyncio.Task[Any]] = {}
@@ -264,6 +269,7 @@ class WorkloadService:
         # (the asyncio lock, which also keeps waiters from taking every pool connection) or in
         # another one on the same database (the advisory lock).
         node_selector: dict[str, str] = {}
+        mounts = await self.addons.mounts(list(request.runtime_addon_identifiers)) if self.addons is not None else {}
         if self.accelerators is not None:
             await self.accelerators.check_group(engine_name, request.kind)
         async with self._quota_lock, advisory_lock(self.pool, QUOTA_LOCK):
@@ -307,6 +313,7 @@ class WorkloadService:
             owner=user.username,
             gpus=request.nvidia_gpu,
             node_selector=node_selector,
+            readonly_mounts=mounts,
         )
         self._specs[row.id] = spec
         self._owned[row.id] = self.supervisor.spawn(f"workload-{public_id}", self._run(row, engine, spec))

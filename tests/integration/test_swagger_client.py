@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 import re
 import warnings
@@ -753,6 +754,8 @@ async def test_what_has_no_meaning_here_is_a_501_that_says_why(cml: Cml, make_us
                 params[param["name"]] = True if param.get("type") == "boolean" else (7 if param.get("type") == "integer" else "x1")
             elif param["in"] == "body":
                 params["body"] = {}
+            elif param["in"] == "formData":
+                params[param["name"]] = io.BytesIO(b"{}")
         body = await cml.error(HTTPNotImplemented, operation, alice, **params)
         assert body["code"] == 12 and body["message"] == why, (operation, body)
         await cml.error(HTTPUnauthorized, operation, None, **params)  # signed in first
@@ -971,3 +974,18 @@ async def test_resource_groups_gpu_profiles_and_accelerator_quotas(cml: Cml, mak
     await cml.error(HTTPNotFound, "UpdateAcceleratorBasedTeamQuota", admin, body={"accelerator_based_team_quota": [
         {"team_id": "1", "accelerator_id": "999", "gpu_quota": "1"}]})
     await cml.error(HTTPForbidden, "UpdateResourceGroup", alice, body={"id": groups[0]["id"], "allow_jobs": False})
+
+
+async def test_runtime_addons(cml: Cml, make_user: Any) -> None:
+    """HandleCustomRuntimeUpload (multipart: metadata and tarball), ListRuntimeAddons and
+    UpdateRuntimeAddonStatus; mounting is tested in test_runtime_addons.py."""
+    from tests.integration.test_runtime_addons import FILES, tarball
+
+    admin, alice = await make_user("root", admin=True), await make_user("alice")
+    await cml("HandleCustomRuntimeUpload", admin, metadata=io.BytesIO(b'{"identifier": "tools", "component": "Custom"}'),
+              tarball=io.BytesIO(tarball(FILES)))
+    listed = await cml("ListRuntimeAddons", alice, search_filter=json.dumps({"status": "AVAILABLE"}))
+    assert [(a["identifier"], a["status"]) for a in listed["runtime_addons"]] == [("tools", "AVAILABLE")]
+    done = await cml("UpdateRuntimeAddonStatus", admin, body={"status": "DEPRECATED", "identifiers": ["tools"]})
+    assert done == {"rows_affected": 1}
+    await cml.error(HTTPForbidden, "UpdateRuntimeAddonStatus", alice, body={"status": "AVAILABLE", "identifiers": ["tools"]})

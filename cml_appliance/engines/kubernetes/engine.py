@@ -284,6 +284,8 @@ class KubernetesEngine:
         return EngineError(f"Kubernetes refused the workload ({exc.status}): {message}")
 
     async def _start_in(self, namespace: str, spec: LaunchSpec) -> str:
+        if spec.readonly_mounts:
+            raise EngineError("runtime add-ons are mounted on the local and container engines, not yet into pods")
         name = objects.pod_name(spec.workload_id)
         labels = {objects.SITE_LABEL: self.site_id, objects.WORKLOAD_LABEL: spec.workload_id,
                   objects.MANAGED_LABEL: objects.MANAGED_BY}
