@@ -140,6 +140,10 @@ SCHEMAS: dict[str, Any] = {
             "cpu": {"type": "number"}, "memory": {"type": "number"}, "nvidia_gpu": {"type": "integer"},
             "environment": {"type": "object", "additionalProperties": {"type": "string"}},
             "resource_profile_id": {"type": "integer"}, "project_id": {"type": "string"},
+            "accelerator_label_id": {"type": "string", "format": "int64",
+                                     "description": "GPUs of this accelerator (GET /api/v2/nodelabels)"},
+            "runtime_addon_identifiers": {"type": "array", "items": {"type": "string"},
+                                          "description": "add-ons shown read-only at /runtime-addons/<identifier>"},
         },
     },
     "LogChunk": {
