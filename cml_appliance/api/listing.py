@@ -152,3 +152,20 @@ def sql_where_and_order(
     order = ", ".join(f"{sort_keys[k]} {'DESC' if d else 'ASC'}" for k, d in q.sort)
     order = f"{order}, {default_sort}" if order else default_sort
     return where, order
+
+
+async def fetch_listing(
+    conn: Any,
+    table: str,
+    q: ListQuery,
+    filter_keys: Mapping[str, str],
+    sort_keys: Mapping[str, str],
+    default_sort: str,
+) -> tuple[list[Any], bool]:
+    """One page of `table`'s rows, filtered and sorted as `q` asks: (rows, whether more follow)."""
+    args: list[Any] = []
+    where, order = sql_where_and_order(q, filter_keys, sort_keys, default_sort, args)
+    args += [q.page_size + 1, q.offset]
+    rows = await conn.fetch(f"SELECT * FROM {table} WHERE {where} ORDER BY {order}"
+                            f" LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
+    return list(rows[: q.page_size]), len(rows) > q.page_size

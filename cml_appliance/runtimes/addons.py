@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import ListQuery, fetch_listing
 from cml_appliance.core import audit
 from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PayloadTooLarge
 
@@ -69,12 +69,8 @@ class RuntimeAddons:
         return self.directory / str(addon_id)
 
     async def list(self, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
-        args: list[Any] = []
-        where, order = sql_where_and_order(q, FILTER_KEYS, SORT_KEYS, "identifier ASC", args)
-        args += [q.page_size + 1, q.offset]
-        rows = await self.pool.fetch(
-            f"SELECT * FROM runtime_addons WHERE {where} ORDER BY {order} LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
-        return [addon_json(r) for r in rows[: q.page_size]], len(rows) > q.page_size
+        rows, more = await fetch_listing(self.pool, "runtime_addons", q, FILTER_KEYS, SORT_KEYS, "identifier ASC")
+        return [addon_json(r) for r in rows], more
 
     async def add(self, actor_id: int, metadata_raw: bytes, archive: Path) -> dict[str, Any]:
         try:

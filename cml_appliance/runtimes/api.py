@@ -74,6 +74,14 @@ async def delete_profile(request: web.Request) -> web.Response:
 # Custom runtimes ---------------------------------------------------------------------------------
 
 
+def _ids(raw: object, name: str) -> list[int]:
+    """A list of numeric ids in a status update (those no row can have are dropped)."""
+    ids = raw or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidArgument(f"{name} must list whole numbers")
+    return [i for i in ids if 0 < i < 2**63]
+
+
 def _credential_id(raw: object) -> int | None:
     return None if raw in (None, "", "0") else credentials.parse_id(raw)
 
@@ -95,11 +103,8 @@ async def register_runtime(request: web.Request) -> web.Response:
 async def update_runtime_status(request: web.Request) -> web.Response:
     admin = require_site_admin(request)
     body = await json_body(request, {"status": STR, "runtime_id": ANY, "image_identifier": STR_LIST})
-    ids = body.get("runtime_id") or []
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise InvalidArgument("runtime_id must list whole numbers")
     rows = await request.app[CUSTOM_RUNTIMES].update_status(
-        admin.id, body.get("status", "ENABLED"), [i for i in ids if 0 < i < 2**63], body.get("image_identifier", []))
+        admin.id, body.get("status", "ENABLED"), _ids(body.get("runtime_id"), "runtime_id"), body.get("image_identifier", []))
     return web.json_response({"rows_affected": rows})
 
 
@@ -192,10 +197,8 @@ async def list_addons(request: web.Request) -> web.Response:
 async def update_addon_status(request: web.Request) -> web.Response:
     admin = require_site_admin(request)
     body = await json_body(request, {"status": STR, "ids": ANY, "identifiers": STR_LIST})
-    ids = body.get("ids") or []
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids):
-        raise InvalidArgument("ids must list whole numbers")
-    rows = await request.app[RUNTIME_ADDONS].update_status(admin.id, body.get("status", ""), ids, body.get("identifiers", []))
+    rows = await request.app[RUNTIME_ADDONS].update_status(admin.id, body.get("status", ""), _ids(body.get("ids"), "ids"),
+                                                           body.get("identifiers", []))
     return web.json_response({"rows_affected": rows})
 
 

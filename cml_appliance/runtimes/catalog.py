@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import ListQuery, fetch_listing
 from cml_appliance.core import audit
 from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -45,13 +45,8 @@ def runtime_json(row: asyncpg.Record) -> dict[str, Any]:
 
 
 async def list_runtimes(pool: asyncpg.Pool, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
-    args: list[Any] = []
-    where, order = sql_where_and_order(q, RUNTIME_FILTER_KEYS, RUNTIME_SORT_KEYS, "r.image_identifier ASC", args)
-    args += [q.page_size + 1, q.offset]
-    rows = await pool.fetch(
-        f"SELECT * FROM runtimes r WHERE {where} ORDER BY {order} LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args
-    )
-    return [runtime_json(r) for r in rows[: q.page_size]], len(rows) > q.page_size
+    rows, more = await fetch_listing(pool, "runtimes r", q, RUNTIME_FILTER_KEYS, RUNTIME_SORT_KEYS, "r.image_identifier ASC")
+    return [runtime_json(r) for r in rows], more
 
 
 async def get_runtime(pool: asyncpg.Pool, image_identifier: str) -> dict[str, Any]:
@@ -92,13 +87,9 @@ async def seed_profiles(conn: asyncpg.Pool, profiles: Iterable[Mapping[str, Any]
 
 
 async def list_profiles(pool: asyncpg.Pool, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
-    args: list[Any] = []
-    where, order = sql_where_and_order(q, PROFILE_FILTER_KEYS, PROFILE_SORT_KEYS, "cpu ASC, memory ASC, id ASC", args)
-    args += [q.page_size + 1, q.offset]
-    rows = await pool.fetch(
-        f"SELECT * FROM cpu_profiles WHERE {where} ORDER BY {order} LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args
-    )
-    return [profile_json(r) for r in rows[: q.page_size]], len(rows) > q.page_size
+    rows, more = await fetch_listing(pool, "cpu_profiles", q, PROFILE_FILTER_KEYS, PROFILE_SORT_KEYS,
+                                     "cpu ASC, memory ASC, id ASC")
+    return [profile_json(r) for r in rows], more
 
 
 async def create_profile(pool: asyncpg.Pool, actor_id: int, cpu: float, memory: float, group: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import ListQuery, fetch_listing
 from cml_appliance.core import audit
 from cml_appliance.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
@@ -92,12 +92,8 @@ class DockerCredentials:
         self.secret_key = secret_key
 
     async def list(self, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
-        args: list[Any] = []
-        where, order = sql_where_and_order(q, FILTER_KEYS, SORT_KEYS, "name ASC", args)
-        args += [q.page_size + 1, q.offset]
-        rows = await self.pool.fetch(
-            f"SELECT * FROM docker_credentials WHERE {where} ORDER BY {order} LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
-        return [public_json(r) for r in rows[: q.page_size]], len(rows) > q.page_size
+        rows, more = await fetch_listing(self.pool, "docker_credentials", q, FILTER_KEYS, SORT_KEYS, "name ASC")
+        return [public_json(r) for r in rows], more
 
     async def get(self, credential_id: int) -> asyncpg.Record:
         row = await self.pool.fetchrow("SELECT * FROM docker_credentials WHERE id = $1", credential_id)

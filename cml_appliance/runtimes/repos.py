@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from cml_appliance.api.listing import ListQuery, sql_where_and_order
+from cml_appliance.api.listing import ListQuery, fetch_listing
 from cml_appliance.core import audit
 from cml_appliance.core.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -44,12 +44,8 @@ def _taken(name: str, url: str) -> AlreadyExists:
 
 
 async def list_repos(pool: asyncpg.Pool, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
-    args: list[Any] = []
-    where, order = sql_where_and_order(q, FILTER_KEYS, SORT_KEYS, "name ASC", args)
-    args += [q.page_size + 1, q.offset]
-    rows = await pool.fetch(
-        f"SELECT * FROM runtime_repos WHERE {where} ORDER BY {order} LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
-    return [repo_json(r) for r in rows[: q.page_size]], len(rows) > q.page_size
+    rows, more = await fetch_listing(pool, "runtime_repos", q, FILTER_KEYS, SORT_KEYS, "name ASC")
+    return [repo_json(r) for r in rows], more
 
 
 async def create_repo(pool: asyncpg.Pool, actor_id: int, name: str | None, url: str | None) -> dict[str, Any]:
