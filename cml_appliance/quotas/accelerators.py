@@ -24,7 +24,8 @@ import asyncpg
 from cml_appliance.api.listing import ListQuery, sql_where_and_order
 from cml_appliance.auth.users import User
 from cml_appliance.core import audit
-from cml_appliance.core.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from cml_appliance.core.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from cml_appliance.engines.base import EngineUnavailable
 
 GPU_RESOURCE = "nvidia.com/gpu"
 PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -91,7 +92,12 @@ class Accelerators:
 
     async def _nodes(self) -> list[dict[str, Any]]:
         kubernetes = self.engines.get("kubernetes")
-        return await kubernetes.node_resources() if kubernetes is not None else []
+        if kubernetes is None:
+            return []
+        try:
+            return list(await kubernetes.node_resources())
+        except EngineUnavailable as exc:  # 503 with why, not a 500
+            raise Unavailable(f"the Kubernetes nodes cannot be read now: {exc}") from None
 
     async def groups(self, q: ListQuery) -> tuple[list[dict[str, Any]], bool]:
         await self.seed_groups()

@@ -41,6 +41,7 @@ def addon_json(row: asyncpg.Record) -> dict[str, Any]:
 
 def _unpack(archive: Path, target: Path, max_bytes: int) -> tuple[int, int]:
     """(files, bytes) unpacked from a tar (gzip, bzip2 or xz too) into target."""
+    target.mkdir(parents=True, exist_ok=True)  # an empty archive is an empty add-on
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()

@@ -62,6 +62,8 @@ async def test_an_addon_is_uploaded_and_mounted_read_only_into_sessions(admin: A
         assert_error(status, body, 400)
         assert why in body["message"], body
     assert_error(*await upload(admin, {"identifier": "../x"}, tarball(FILES)), 400)
+    status, empty = await upload(admin, {"identifier": "empty"}, tarball({}))  # nothing in it: an empty add-on
+    assert status == 200 and empty["status"] == "AVAILABLE", empty
     _, listed = await alice.get("/api/v2/runtimeaddons", params={"search_filter": json.dumps({"component": "Tools"})})
     assert [a["identifier"] for a in listed["runtime_addons"]] == ["team-tools"]
 
