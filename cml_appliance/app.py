@@ -122,7 +122,7 @@ from cml_appliance.web.metrics import Metrics
 from cml_appliance.api import unimplemented
 from cml_appliance.quotas import api as quotas_api
 from cml_appliance.quotas import ui as quotas_ui
-from cml_appliance.quotas import accelerators_api
+from cml_appliance.quotas import accelerators_api, resources_ui
 from cml_appliance.quotas.accelerators import Accelerators
 from cml_appliance.quotas.service import QuotaService
 from cml_appliance.teams import api as teams_api
@@ -409,6 +409,7 @@ def create_app(settings: Settings, *, migrate_on_start: bool | None = None, allo
     app.router.add_routes(quotas_ui.routes())
     app.router.add_routes(workloads_ui.routes())
     app.router.add_routes(diagnostics_ui.routes())
+    app.router.add_routes(resources_ui.routes())
     app.router.add_routes(auth_ui.routes())
     app.router.add_routes(projects_ui.routes())
     app.router.add_routes(runtimes_ui.routes())

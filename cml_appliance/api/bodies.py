@@ -136,6 +136,8 @@ def check_body(body: Mapping[str, Any], spec: Mapping[str, str], ignored: frozen
 
 async def open_multipart(request: web.Request) -> MultipartReader:
     """The request's multipart reader; a form without a boundary is a 400, not aiohttp's ValueError."""
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidArgument(f"the upload must be multipart/form-data, not {request.content_type or 'no content type'}")
     try:
         return await request.multipart()
     except ValueError as exc:

@@ -49,7 +49,7 @@ def _meminfo_gib() -> int:
     return 0
 
 
-def _number(raw: Any, what: str, *, whole: bool = True, allow_empty: bool = False) -> Any:
+def number(raw: Any, what: str, *, whole: bool = True, allow_empty: bool = False) -> Any:
     if allow_empty and raw in (None, ""):
         return None
     try:
@@ -151,7 +151,7 @@ class Accelerators:
         allowed = await self.pool.fetchval(f"SELECT {column} FROM resource_groups WHERE name = $1", engine)
         if allowed is False:
             raise FailedPrecondition(f"the {engine} resource group does not take {KIND_WORDS[kind]}: a site administrator "
-                                     f"closed it to them (Site admin → Resource groups)")
+                                     f"closed it to them (Site admin → Resources)")
 
     # Accelerators -----------------------------------------------------------------------------
 
@@ -197,8 +197,8 @@ class Accelerators:
         rows = 0
         async with self.pool.acquire() as conn, conn.transaction():
             for raw_id, raw in values.items():
-                label_id = _number(raw_id, "accelerator id")
-                value = _number(raw, column, allow_empty=True)
+                label_id = number(raw_id, "accelerator id")
+                value = number(raw, column, allow_empty=True)
                 if column == "max_gpu_per_workload" and value == 0:
                     value = None  # 0 GPUs per workload would make the accelerator useless: it means no limit
                 done = await conn.execute(f"UPDATE accelerator_labels SET {column} = $2, updated_at = now() WHERE id = $1",
@@ -211,7 +211,7 @@ class Accelerators:
         return rows
 
     async def _group_id(self, raw: Any) -> int:
-        group_id = _number(raw, "resource_group_id")
+        group_id = number(raw, "resource_group_id")
         if not await self.pool.fetchval("SELECT 1 FROM resource_groups WHERE id = $1", group_id):
             raise NotFound(f"there is no resource group {raw}")
         return int(group_id)
@@ -231,16 +231,16 @@ class Accelerators:
 
     @staticmethod
     def _profile(fields: dict[str, Any]) -> tuple[int, float, float]:
-        gpus = _number(fields.get("gpu_count"), "gpu_count")
-        cpu = _number(fields.get("cpu"), "cpu", whole=False)
-        memory = _number(fields.get("memory"), "memory", whole=False)
+        gpus = number(fields.get("gpu_count"), "gpu_count")
+        cpu = number(fields.get("cpu"), "cpu", whole=False)
+        memory = number(fields.get("memory"), "memory", whole=False)
         if not gpus or not cpu or not memory:
             raise InvalidArgument("a GPU profile needs gpu_count, cpu (vCPU) and memory (GB), each more than 0")
         return int(gpus), float(cpu), float(memory)
 
     async def update_profile(self, actor_id: int, raw_group: Any, fields: dict[str, Any]) -> int:
         group_id = await self._group_id(raw_group)
-        profile_id = _number(fields.get("id"), "id")
+        profile_id = number(fields.get("id"), "id")
         gpus, cpu, memory = self._profile(fields)
         try:
             done = await self.pool.execute(
@@ -256,7 +256,7 @@ class Accelerators:
 
     async def delete_profile(self, actor_id: int, raw_group: Any, raw_id: Any) -> int:
         group_id = await self._group_id(raw_group)
-        profile_id = _number(raw_id, "id")
+        profile_id = number(raw_id, "id")
         done = await self.pool.execute(
             "DELETE FROM accelerator_labels WHERE id = $1 AND resource_group_id = $2 AND gpu_count IS NOT NULL",
             profile_id, group_id)
@@ -286,9 +286,9 @@ class Accelerators:
             for entry in entries:
                 if not isinstance(entry, dict):
                     raise InvalidArgument(f"each quota is an object with {who}, accelerator_id and gpu_quota")
-                account = _number(entry.get(who), who)
-                label = _number(entry.get("accelerator_id"), "accelerator_id")
-                gpus = _number(entry.get("gpu_quota"), "gpu_quota", allow_empty=True)
+                account = number(entry.get(who), who)
+                label = number(entry.get("accelerator_id"), "accelerator_id")
+                gpus = number(entry.get("gpu_quota"), "gpu_quota", allow_empty=True)
                 is_team = await conn.fetchval("SELECT is_team FROM users WHERE id = $1", account)
                 if is_team is None or is_team != teams:
                     raise NotFound(f"there is no {'team' if teams else 'user'} {entry.get(who)}")

@@ -113,10 +113,9 @@ async def set_team_quotas(request: web.Request) -> web.Response:
 
 async def _accounts(request: web.Request, teams: bool) -> web.Response:
     user = current_user(request)
-    only = "" if user.is_admin and user.scope_project_id is None else user.username
-    if teams and only:  # a team's quota is for administrators to see, and its members
-        only = "\x00"  # nobody: members read their teams' quotas on the team page
-    rows = await request.app[ACCELERATORS].accounts(teams, only)
+    admin = user.is_admin and user.scope_project_id is None
+    # Site admins see every account; a user sees their own (teams' GPU quotas: administrators only).
+    rows = [] if teams and not admin else await request.app[ACCELERATORS].accounts(teams, "" if admin else user.username)
     key = "team_accelerator_quota" if teams else "user_accelerator_quota"
     return web.json_response({key: rows, "next_page_token": "", "total_count": str(len(rows))})
 

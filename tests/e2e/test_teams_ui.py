@@ -155,3 +155,45 @@ async def test_a_site_admin_makes_and_downloads_a_diagnostics_bundle(browser: Br
         assert any(name.endswith("/system.json") for name in tar.getnames())
     await browser.shot("diagnostics")
     browser.assert_clean()
+
+
+async def test_a_site_admin_closes_an_engine_to_sessions_and_sets_gpu_limits(browser: Browser, make_user: Any) -> None:
+    """Site admin → Resources: the local engine closed to sessions refuses a user's start with
+    why; a GPU kind's limits are saved (the kind is one a cluster's node would offer)."""
+    from playwright.async_api import expect
+
+    from cml_appliance.web.keys import POOL
+
+    await make_user("root", admin=True, password=PASSWORD)
+    alice = await make_user("alice", password=PASSWORD)
+    gpu_id = await alice.client.app[POOL].fetchval(
+        "INSERT INTO accelerator_labels (label_key, label_value, available, max_gpu_count)"
+        " VALUES ('nvidia.com/gpu.product', 'Tesla-T4', false, 4) RETURNING id")
+    page = browser.page
+    await browser.sign_in("root")
+    await page.goto(browser.url("/admin/resources"))
+    row = page.locator("#resource-groups tr[data-group=local]")
+    await row.locator("input[name=allow_sessions]").uncheck()
+    await row.locator("button[type=submit]").click()
+    await expect(page.locator(".flash.ok")).to_contain_text("Saved what the local resource group takes")
+    await expect(page.locator("#resource-groups tr[data-group=local] input[name=allow_sessions]")).not_to_be_checked()
+    gpu = page.locator("#accelerators tr[data-accelerator=Tesla-T4]")
+    await expect(gpu).to_contain_text("no node offers it now")
+    await gpu.locator("input[name=max_gpu_per_workload]").fill("2")
+    await gpu.locator("input[name=default_quota]").fill("1")
+    await gpu.locator("button[type=submit]").click()
+    await expect(page.locator(".flash.ok")).to_contain_text("Saved the GPU limits")
+    await expect(page.locator("#accelerators tr[data-accelerator=Tesla-T4] input[name=max_gpu_per_workload]")).to_have_value("2")
+    browser.expected_errors.add((400, f"/admin/resources/accelerators/{gpu_id}"))
+    await gpu.locator("input[name=default_quota]").fill("many")
+    await gpu.locator("button[type=submit]").click()
+    await expect(page.locator(".flash.error")).to_contain_text("default_quota must be a number")
+    await page.set_viewport_size(PHONE)
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the resources page is {width} px wide on a phone"
+    await browser.shot("resources-phone")
+
+    _, project = await alice.post("/api/v2/projects", json={"name": "closed"})
+    status, body = await alice.post(f"/api/v2/projects/{project['id']}/sessions", json={"name": "refused"})
+    assert status == 400 and "does not take sessions" in body["message"], body
+    browser.assert_clean()

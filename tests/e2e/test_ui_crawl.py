@@ -153,7 +153,7 @@ def main_pages(site: dict[str, Any]) -> dict[str, str]:
         f"/projects/{site['cloned']}/experiments/{site['experiment']}/runs/{site['run']}": "experiment-run",
         "/experiments": "experiments-all", "/registry": "registry", f"/registry/{site['registered']}": "registered-model",
         "/teams": "teams", "/teams/data-science": "team", "/admin/quotas": "admin-quotas", "/admin/usage": "admin-usage",
-        "/admin/diagnostics": "admin-diagnostics",
+        "/admin/diagnostics": "admin-diagnostics", "/admin/resources": "admin-resources",
     }
 
 

@@ -118,6 +118,9 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
         if (await client.app[DIAGNOSTICS].get(bundle["public_id"]))["status"] != "DIAG_IN_PROGRESS":
             break
         await asyncio.sleep(0.05)
+    accelerator_id = await client.app[POOL].fetchval(
+        "INSERT INTO accelerator_labels (label_key, label_value) VALUES ('nvidia.com/gpu.product', $1) RETURNING id",
+        f"matrix-{secrets.token_hex(4)}")
     credential_id = await client.app[POOL].fetchval(
         "INSERT INTO docker_credentials (name, server, username, password_sealed) VALUES ($1, 'r.example.com', 'u', 'x')"
         " RETURNING id", f"matrix {secrets.token_hex(4)}")
@@ -129,7 +132,7 @@ async def _world(client: TestClient, owner: Api) -> dict[str, str]:
         "replica_id": replica_id, "path": "notes.txt", "owner": "owner", "slug": project["slug"],
         "experiment_id": eid, "experiment_run_id": exp_run["id"], "metric_key": "loss",
         "registered_model_id": registered["model_id"], "version_id": registered["model_versions"][0]["model_version_id"],
-        "team_name": team["username"], "ui_credential_id": str(credential_id),
+        "team_name": team["username"], "ui_credential_id": str(credential_id), "accelerator_id": str(accelerator_id),
         "request_id": bundle["public_id"],
     }
 
@@ -146,6 +149,8 @@ def _url(path: str, ids: dict[str, str], who: Principal, route: str) -> str:
     values["action"] = "stop" if "deployment" in route else "restart"
     if "collaborator" in route:
         values["username"] = "uread"  # a collaborator, and not the caller
+    if route == "ui_admin_accelerator":
+        values["id"] = ids["accelerator_id"]
     if route == "ui_delete_docker_credential":
         values["id"] = ids["ui_credential_id"]
     if route == "api_download_file":
