@@ -74,8 +74,8 @@ class RegistryClient:
         params = _challenge_params(challenge)
         # Several scopes (a mount: push here, pull there) are asked for together, space-separated.
         query = [("service", params.get("service", ""))] + [("scope", s) for s in scope.split(" ") if s]
-        async with self.session.get(params["realm"], params=query,
-                                    auth=aiohttp.BasicAuth(self.username, self.password)) as resp:
+        async with self.session.get(params["realm"], params=query, headers={
+                "Authorization": aiohttp.encode_basic_auth(self.username, self.password)}) as resp:
             if resp.status != 200:
                 raise RegistryError(resp.status, "the token service refused: " + (await resp.text())[:300])
             body = await resp.json()

@@ -85,16 +85,16 @@ async def test_clone_push_and_see_the_files(alice: Api, bob: Api, make_user: Any
         async with http.get(base + "/info/refs?service=git-upload-pack") as resp:
             assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Basic")
         # Someone else's key under alice's name is refused too.
-        async with http.get(base + "/info/refs?service=git-upload-pack", auth=aiohttp.BasicAuth("alice", bob.key)) as resp:
+        async with http.get(base + "/info/refs?service=git-upload-pack", headers={"Authorization": aiohttp.encode_basic_auth("alice", bob.key)}) as resp:
             assert resp.status == 401
         # Only the smart protocol: no file of the repository, no dumb HTTP, no other path.
-        auth = aiohttp.BasicAuth("alice", alice.key)
+        auth = {"Authorization": aiohttp.encode_basic_auth("alice", alice.key)}
         for path in ("/HEAD", "/config", "/objects/info/packs", "/info/refs", "/info/refs?service=git-upload-archive",
                      "/../../secret_key", "/%2e%2e/%2e%2e/secret_key"):
-            async with http.get(base + path, auth=auth) as resp:
+            async with http.get(base + path, headers=auth) as resp:
                 assert resp.status == 404, (path, resp.status)
         async with http.get(f"http://127.0.0.1:{client.server.port}/git/alice/..%2f..%2fsecret_key.git/info/refs"
-                            "?service=git-upload-pack", auth=auth) as resp:
+                            "?service=git-upload-pack", headers=auth) as resp:
             assert resp.status == 404
 
     # A change on disk (a session's edit, an upload) is never overwritten by a push: git refuses.

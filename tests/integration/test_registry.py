@@ -84,12 +84,12 @@ async def test_token_auth_grants_what_the_project_role_allows(alice: Api, bob: A
             raise AssertionError("a reader pushed")
         # The token says exactly what was granted.
         async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull,push", "service": "cml-appliance"},
-                            auth=aiohttp.BasicAuth("bob", bob.key)) as resp:
+                            headers=basic("bob", bob.key)) as resp:
             body = await resp.json()
             assert resp.status == 200 and body["expires_in"] == 300 and body["token"] == body["access_token"]
         # Another user's key under alice's name is no credential at all.
         async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull"},
-                            auth=aiohttp.BasicAuth("alice", bob.key)) as resp:
+                            headers=basic("alice", bob.key)) as resp:
             assert resp.status == 401
         # A blob of alice's cannot be mounted into carol's repository: it becomes an upload.
         carol = await make_user("carol")
@@ -99,15 +99,14 @@ async def test_token_auth_grants_what_the_project_role_allows(alice: Api, bob: A
         assert await carols.mount(f"carol/{theirs['slug']}/copy", layer, repo) is False
         assert await owner.mount(f"alice/{project['slug']}/copy", layer, repo) is True
         # No catalog of everyone's repositories; names outside projects are refused.
-        async with http.get(base + "/v2/_catalog", auth=aiohttp.BasicAuth("alice", alice.key)) as resp:
+        async with http.get(base + "/v2/_catalog", headers=basic("alice", alice.key)) as resp:
             assert resp.status == 403
-        async with http.get(base + "/v2/library/busybox/manifests/latest", auth=aiohttp.BasicAuth("alice", alice.key)) as resp:
+        async with http.get(base + "/v2/library/busybox/manifests/latest", headers=basic("alice", alice.key)) as resp:
             assert resp.status in (401, 403, 404)
         # A range request streams part of a blob; an unknown digest is a 404, not a 500.
-        async with http.get(base + f"/v2/{repo}/blobs/{layer}", auth=aiohttp.BasicAuth("alice", alice.key),
-                            headers={"Range": "bytes=0-4"}) as resp:
+        async with http.get(base + f"/v2/{repo}/blobs/{layer}", headers={"Range": "bytes=0-4", **basic("alice", alice.key)}) as resp:
             assert resp.status == 206 and await resp.read() == b"layer"
-        async with http.get(base + f"/v2/{repo}/blobs/sha256:{'0' * 64}", auth=aiohttp.BasicAuth("alice", alice.key)) as resp:
+        async with http.get(base + f"/v2/{repo}/blobs/sha256:{'0' * 64}", headers=basic("alice", alice.key)) as resp:
             assert resp.status == 404
         # Deleting a tag's manifest needs the write role.
         assert await owner.delete_manifest(repo, "v1") is True
@@ -200,7 +199,11 @@ def _write(data: bytes) -> Path:
     return path
 
 
+def basic(username: str, password: str) -> dict[str, str]:
+    return {"Authorization": aiohttp.encode_basic_auth(username, password)}
+
+
 async def _token(http: aiohttp.ClientSession, base: str, api: Api, repo: str) -> str:
     async with http.get(base + "/v2/token", params={"scope": f"repository:{repo}:pull,push", "service": "cml-appliance"},
-                        auth=aiohttp.BasicAuth(api.username, api.key)) as resp:
+                        headers=basic(api.username, api.key)) as resp:
         return str((await resp.json())["token"])
