@@ -291,7 +291,9 @@ async def _session_in_the_browser(browser: Browser, alice: Any, *, runtime: str,
     await expect(page.locator("#session-status")).to_have_text("Running")
     await expect(page.locator("#session-status")).to_have_attribute("title", "ENGINE_RUNNING")
     await expect(page.locator("#terminal-state")).to_have_text("connected")
-    await expect(page.locator("#console")).to_contain_text("is running in project terminal-demo")
+    # The session's first line comes through its log stream (a pod's, read from the kubelet, can
+    # take a few seconds under load).
+    await expect(page.locator("#console")).to_contain_text("is running in project terminal-demo", timeout=20_000)
     if while_running is not None:
         await while_running()
 

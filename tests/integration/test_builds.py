@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import os
+import secrets
 import shutil
 import tarfile
 from pathlib import Path
@@ -196,7 +197,9 @@ async def test_a_build_script_runs_in_the_sandbox_and_its_home_is_the_layer(aioh
         "echo building in $(pwd) as $(id -u)\nmkdir -p /home/cdsw/.local/lib\necho 'VALUE = 42' > /home/cdsw/.local/lib/dep.py\n"
         "echo made > made-by-script.txt\n")
     (directory / "fail.sh").write_text("echo about to fail\necho boom >&2\nexit 3\n")
-    (directory / "forever.sh").write_text("echo starting; sleep 600\n")
+    # A sleep of its own length, so that no other test's process is taken for this one's.
+    forever = f"sleep {600 + secrets.randbelow(1000) / 1000:.3f}"
+    (directory / "forever.sh").write_text(f"echo starting; {forever}\n")
     _, model = await alice.post(f"/api/v2/projects/{pid}/models", json={"name": "scripted"})
     built = await build(alice, pid, model["id"], runtime_identifier="host/python3", model_root_dir="model")
     assert built["status"] == "built", built["failure_reason"]
@@ -219,7 +222,7 @@ async def test_a_build_script_runs_in_the_sandbox_and_its_home_is_the_layer(aioh
     slow = await build(alice, pid, model["id"], runtime_identifier="host/python3", model_root_dir="model",
                        build_script_path="forever.sh")
     assert slow["status"] == "timedout", slow
-    left = subprocess.run(["pgrep", "-f", "sleep 600"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-f", f"^{forever}$"], capture_output=True, text=True).stdout.split()
     assert not left, f"the build script's processes outlived it: {left}"
     # A script path that is not in the snapshot, or that leaves the project: refused.
     missing = await build(alice, pid, model["id"], runtime_identifier="host/python3", build_script_path="nope.sh",
