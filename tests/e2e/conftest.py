@@ -57,6 +57,11 @@ class Browser:
         # A page's expected HTTP error also logs "Failed to load resource": counted once, as a response.
         if "Failed to load resource" in text and self.expected_errors:
             return
+        # Chromium aborts the requests in flight when the machine's interfaces change, as Podman
+        # and the cluster's CNI do when a container or pod starts elsewhere: the machine's doing,
+        # not the page's (a page that does not recover fails the test's own checks).
+        if "net::ERR_NETWORK_CHANGED" in text:
+            return
         self.console_errors.append(f"{self.page.url}: {text}")
 
     def _response(self, response: Any) -> None:
@@ -72,6 +77,16 @@ class Browser:
         target = screenshots_dir() / f"{name}.png"
         await self.page.screenshot(path=str(target), full_page=True)
         return target
+
+    async def assert_fits_phone(self, what: str, shot: str | None = None) -> None:
+        """At a phone's width (set here if it is not yet) the page scrolls nothing sideways: wide
+        tables scroll inside their own cards. `what` names the page in the failure."""
+        if self.page.viewport_size != PHONE:
+            await self.page.set_viewport_size(PHONE)
+        width = await self.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"{what} is {width} px wide on a {PHONE['width']} px phone"
+        if shot:
+            await self.shot(shot)
 
     async def sign_in(self, username: str, password: str = PASSWORD) -> None:
         from playwright.async_api import expect
