@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import wait_build
-from tests.e2e.conftest import PASSWORD, TIMEOUT_MS, Browser
+from tests.e2e.conftest import PASSWORD, PHONE, TIMEOUT_MS, Browser
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -260,7 +260,7 @@ async def test_kubernetes_session_in_the_browser_shows_where_it_runs_and_why_it_
     status, waiting = await alice.post(f"/api/v2/projects/{project['id']}/sessions",
                                        json={"runtime_identifier": BUSYBOX_IMAGE, "cpu": 8, "memory": 1, "name": "Huge"})
     assert status == 200, waiting
-    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.set_viewport_size(PHONE)
     await page.goto(kube_browser.url(f"/projects/{project['id']}/sessions"))
     row = page.locator(f"tr[data-session='{waiting['id']}']")
     await expect(row).to_contain_text("Insufficient cpu", timeout=30_000)
@@ -268,7 +268,7 @@ async def test_kubernetes_session_in_the_browser_shows_where_it_runs_and_why_it_
     await kube_browser.shot("sessions-kubernetes-waiting-phone")
     await page.goto(kube_browser.url(f"/projects/{project['id']}/sessions/{waiting['id']}"))
     await expect(page.locator("#session-reason")).to_contain_text("waiting for a node")
-    await kube_browser.shot("session-kubernetes-waiting-phone")
+    await kube_browser.assert_fits_phone("the waiting session's page", shot="session-kubernetes-waiting-phone")
     await alice.post(f"/api/v2/projects/{project['id']}/sessions/{waiting['id']}:stop")
     kube_browser.assert_clean()
 

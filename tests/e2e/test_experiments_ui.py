@@ -126,11 +126,7 @@ async def test_experiment_pages_table_charts_artifacts_and_registry(browser: Bro
     await page.set_viewport_size(PHONE)
     await page.goto(browser.url(f"/projects/{pid}/experiments"))
     await page.click("#experiment-list >> text=churn")
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px phone"
-    await browser.shot("experiment-runs-phone")
+    await browser.assert_fits_phone("the runs page", shot="experiment-runs-phone")
     await page.goto(browser.url(f"/projects/{pid}/experiments/{page.url.split('/experiments/')[1]}/runs/{medium}"))
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the run page is {width} px wide on a phone"
-    await browser.shot("experiment-run-phone")
+    await browser.assert_fits_phone("the run page", shot="experiment-run-phone")
     browser.assert_clean()

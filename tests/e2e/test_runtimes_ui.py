@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import BUSYBOX_IMAGE, _podman_env, podman_cli, user_maker
-from tests.e2e.conftest import PASSWORD, PHONE, Browser
+from tests.e2e.conftest import PASSWORD, Browser
 from tests.e2e.test_browser import TERMINAL_TEXT
 
 
@@ -47,10 +47,7 @@ async def test_an_admin_registers_a_runtime_and_a_user_works_on_it(container_bro
     await row.locator("select[name=status]").select_option("DEPRECATED")
     await row.locator("button:has-text('Set')").click()
     await expect(page.locator(".flash.ok")).to_contain_text("is now deprecated")
-    await page.set_viewport_size(PHONE)
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the runtimes page is {width} px wide on a phone"
-    await browser.shot("runtimes-admin-phone")
+    await browser.assert_fits_phone("the runtimes page", shot="runtimes-admin-phone")
     await page.set_viewport_size({"width": 1366, "height": 900})
 
     # Alice starts a session on the new runtime from the UI; the image really runs.

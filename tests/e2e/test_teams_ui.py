@@ -47,9 +47,7 @@ async def test_a_team_shares_its_project(browser: Browser, make_user: Any) -> No
     await expect(page.locator("form#upload, input[type=file]").first).to_be_attached()
     await page.set_viewport_size(PHONE)
     await page.goto(browser.url("/teams/data-science"))
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the team page is {width} px wide on a phone"
-    await browser.shot("team-phone")
+    await browser.assert_fits_phone("the team page", shot="team-phone")
     browser.assert_clean()
 
 
@@ -78,10 +76,7 @@ async def test_a_site_admin_sets_quotas_and_sees_what_each_uses(browser: Browser
     await row.locator("input[name=cpu]").fill("3")
     await row.locator("button[value=set]").click()
     await expect(page.locator("tr[data-account=alice]")).to_contain_text("3 vCPU")
-    await page.set_viewport_size(PHONE)
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the quotas page is {width} px wide on a phone"
-    await browser.shot("admin-quotas-phone")
+    await browser.assert_fits_phone("the quotas page", shot="admin-quotas-phone")
     await alice.post(f"/api/v2/projects/{project['id']}/sessions/{session['id']}:stop")
     browser.assert_clean()
 
@@ -125,9 +120,7 @@ async def test_a_site_admin_sees_usage_as_charts(browser: Browser, make_user: An
     await browser.shot("usage")
     await page.set_viewport_size(PHONE)
     await page.reload()
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the usage page is {width} px wide on a phone"
-    await browser.shot("usage-phone")
+    await browser.assert_fits_phone("the usage page", shot="usage-phone")
     browser.assert_clean()
 
 
@@ -188,10 +181,7 @@ async def test_a_site_admin_closes_an_engine_to_sessions_and_sets_gpu_limits(bro
     await gpu.locator("input[name=default_quota]").fill("many")
     await gpu.locator("button[type=submit]").click()
     await expect(page.locator(".flash.error")).to_contain_text("default_quota must be a number")
-    await page.set_viewport_size(PHONE)
-    width = await page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the resources page is {width} px wide on a phone"
-    await browser.shot("resources-phone")
+    await browser.assert_fits_phone("the resources page", shot="resources-phone")
 
     _, project = await alice.post("/api/v2/projects", json={"name": "closed"})
     status, body = await alice.post(f"/api/v2/projects/{project['id']}/sessions", json={"name": "refused"})

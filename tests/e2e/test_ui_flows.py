@@ -137,7 +137,7 @@ async def test_the_menu_folds_on_a_phone(client: TestClient, make_user: Any) -> 
         await expect(menu).to_have_attribute("aria-expanded", "true")
         await page.click("header nav a:has-text('Runtimes')")
         await expect(page.locator("h1")).to_have_text("Runtimes")
-        assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        await browser.assert_fits_phone("the runtimes page")
         browser.assert_clean()
 
 
