@@ -1,6 +1,6 @@
 """Runtime add-ons: an administrator uploads a tarball of files with its metadata; a session that
 asks for the add-on sees its files read-only at /runtime-addons/<identifier>, in the local
-engine's sandbox and in a Podman container; archives that could escape, links, and what is not
+engine's sandbox, in a Podman container and in a pod; archives that could escape, links, and what is not
 an archive are refused; disabled and deleted add-ons cannot be asked for."""
 
 from __future__ import annotations
@@ -103,3 +103,18 @@ async def test_an_addon_is_mounted_into_a_container(aiohttp_client: Any, contain
     screen = await sees_addon(carl, project["id"], session["id"])
     assert "reference data" in screen and "hello from the add-on" in screen, screen
     await carl.post(f"/api/v2/projects/{project['id']}/sessions/{session['id']}:stop")
+
+
+async def test_an_addon_is_mounted_into_a_pod(kube_client: Any) -> None:
+    """On the test cluster the node sees the appliance's disk (no projects volume), so the add-on
+    is a read-only hostPath volume of the pod."""
+    make = user_maker(kube_client)
+    admin, kim = await make("root", admin=True), await make("kim")
+    status, addon = await upload(admin, {"identifier": "team-tools"}, tarball(FILES))
+    assert status == 200, addon
+    _, project = await kim.post("/api/v2/projects", json={"name": "addons in a pod"})
+    session = await start_running_session(kim, project["id"], runtime_identifier=BUSYBOX_IMAGE,
+                                          runtime_addon_identifiers=["team-tools"])
+    screen = await sees_addon(kim, project["id"], session["id"])
+    assert "reference data" in screen and "odd name" in screen and "hello from the add-on" in screen, screen
+    await kim.post(f"/api/v2/projects/{project['id']}/sessions/{session['id']}:stop")

@@ -137,6 +137,25 @@ async def test_project_files_come_from_a_claim_or_the_nodes_disk() -> None:
     assert _engine()._project_volume(_spec("/data/projects/p1", mount=False)) is None  # a built image's own
 
 
+async def test_addons_are_read_only_host_paths_only_where_the_node_sees_the_appliances_disk() -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from cml_appliance.engines.base import EngineError
+
+    pod = objects.pod_body(
+        name="cml-w1", site_id="s1", workload_id="w1", kind="session", project_id="p1", image="img:1",
+        command=["sleep", "1"], env={}, cpu=1, memory_mb=512, gpus=0, grace_seconds=5, project_volume=None,
+        tls_secret=None, pull_secret=None, relay=None,
+        readonly_host_paths={"/runtime-addons/tools": "/data/runtime-addons/3"})
+    assert pod["spec"]["volumes"] == [{"name": "readonly-0", "hostPath": {"path": "/data/runtime-addons/3", "type": "Directory"}}]
+    assert pod["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "readonly-0", "mountPath": "/runtime-addons/tools", "readOnly": True}]
+    spec = dataclasses.replace(_spec("/data/projects/p1"), readonly_mounts={"/runtime-addons/tools": Path("/data/runtime-addons/3")})
+    with pytest.raises(EngineError, match="sees the appliance's disk"):
+        await _engine("shared-projects")._start_in("cml-alice", spec)  # refused before any call to the cluster
+
+
 async def test_transient_apiserver_errors_are_retried_and_409_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
     from kubernetes_asyncio.client.rest import ApiException
 

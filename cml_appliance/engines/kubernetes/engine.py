@@ -284,8 +284,11 @@ class KubernetesEngine:
         return EngineError(f"Kubernetes refused the workload ({exc.status}): {message}")
 
     async def _start_in(self, namespace: str, spec: LaunchSpec) -> str:
-        if spec.readonly_mounts:
-            raise EngineError("runtime add-ons are mounted on the local and container engines, not yet into pods")
+        if spec.readonly_mounts and self.settings.projects_volume:
+            # Add-ons are folders of the appliance's data dir: a node reaches them only when it
+            # sees the appliance's disk, as it does projects when no projects volume is set.
+            raise EngineError("runtime add-ons reach pods only when the node sees the appliance's disk "
+                              "(CML_KUBERNETES_PROJECTS_VOLUME unset); this site keeps projects on a volume")
         name = objects.pod_name(spec.workload_id)
         labels = {objects.SITE_LABEL: self.site_id, objects.WORKLOAD_LABEL: spec.workload_id,
                   objects.MANAGED_LABEL: objects.MANAGED_BY}
@@ -316,6 +319,7 @@ class KubernetesEngine:
             memory_mb=spec.memory_mb, gpus=spec.gpus, grace_seconds=self.stop_grace,
             project_volume=self._project_volume(spec), tls_secret=tls_secret, pull_secret=pull_secret, relay=relay,
             node_selector=spec.node_selector,
+            readonly_host_paths={inside: str(source) for inside, source in spec.readonly_mounts.items()},
         )
         await create_idempotent(lambda: self.core.create_namespaced_pod(namespace, pod), f"pod {name}")
         if relay is not None:

@@ -110,9 +110,11 @@ def pod_body(*, name: str, site_id: str, workload_id: str, kind: str, project_id
              command: list[str], env: dict[str, str], cpu: float, memory_mb: int, gpus: int,
              grace_seconds: int, project_volume: dict[str, Any] | None, tls_secret: str | None,
              pull_secret: str | None, relay: tuple[list[str], int] | None,
-             node_selector: dict[str, str] | None = None) -> dict[str, Any]:
+             node_selector: dict[str, str] | None = None,
+             readonly_host_paths: dict[str, str] | None = None) -> dict[str, Any]:
     """A workload's pod: non-root (uid 8536), no privilege escalation, no capabilities, no
-    service account token, the resource profile as requests and limits."""
+    service account token, the resource profile as requests and limits. `readonly_host_paths`
+    (where inside → the node's folder) are mounted read-only: runtime add-ons."""
     resources: dict[str, Any] = {
         "requests": {"cpu": f"{int(cpu * 1000)}m", "memory": _quantity_mb(memory_mb)},
         "limits": {"cpu": f"{int(cpu * 1000)}m", "memory": _quantity_mb(memory_mb)},
@@ -132,6 +134,9 @@ def pod_body(*, name: str, site_id: str, workload_id: str, kind: str, project_id
     if tls_secret:
         volumes.append({"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": 0o440}})
         mounts.append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
+    for index, (inside, host_path) in enumerate(sorted((readonly_host_paths or {}).items())):
+        volumes.append({"name": f"readonly-{index}", "hostPath": {"path": host_path, "type": "Directory"}})
+        mounts.append({"name": f"readonly-{index}", "mountPath": inside, "readOnly": True})
     main = {
         "name": MAIN_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent", "command": command,
         "env": [{"name": k, "value": v} for k, v in env.items()], "workingDir": CONTAINER_HOME,
