@@ -34,8 +34,11 @@ export CONTAINERS_REGISTRIES_CONF="$PWD/config/podman/registries.conf"
 export CML_ARTIFACTS_DIR="${CML_ARTIFACTS_DIR:-$PWD/artifacts}"
 mkdir -p "$CML_ARTIFACTS_DIR"
 
+# Two workers (pytest-xdist) by default: most of a test's time is spent waiting on a container,
+# a pod or a browser. A file's tests stay on one worker, and so do all that use the test
+# cluster (tests/conftest.py). CML_TEST_WORKERS=0 runs everything in this process.
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${CML_TEST_WORKERS:-2}" --dist loadgroup "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

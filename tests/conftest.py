@@ -1,11 +1,12 @@
 """Test fixtures: a real Postgres (DATABASE_URL, else an embedded pgserver), a fresh database per
-test run, and every test starting from empty tables."""
+test run (per pytest-xdist worker), and every test starting from empty tables."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,27 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CML_APPS_PORT", "0")
 os.environ.setdefault("CML_EDITORS_PORT", "0")
 os.environ.setdefault("CML_GRPC_PORT", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist (scripts/test.sh runs `--dist loadgroup`): a file's tests stay
+    together on one worker, in order (module fixtures; test_swagger_client.py's last test counts
+    what the others drove), and every test that uses the one-node test cluster runs on the same
+    worker, one at a time, as the node's CPUs would otherwise leave pods of two tests pending."""
+    for item in items:
+        group = "kubernetes" if "kube_cluster" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """One test process at a time on this machine (xdist workers, or two runs) for what they
+    share: an image made under a fixed name."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / f"cml-test-{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def require_tool(available: bool, what: str) -> None:
@@ -304,8 +326,15 @@ def busybox_image(podman_url: str) -> str:
     import subprocess
 
     env = _podman_env()
-    if subprocess.run(["podman", "image", "exists", BUSYBOX_IMAGE], env=env).returncode == 0:
-        return BUSYBOX_IMAGE
+    with machine_lock("busybox-image"):
+        if subprocess.run(["podman", "image", "exists", BUSYBOX_IMAGE], env=env).returncode != 0:
+            _import_busybox(env)
+    return BUSYBOX_IMAGE
+
+
+def _import_busybox(env: dict[str, str]) -> None:
+    import subprocess
+
     busybox = shutil.which("busybox")
     require_tool(busybox is not None, "busybox (Debian's busybox-static)")
     root = Path(tempfile.mkdtemp(prefix="cml-busybox-"))
@@ -327,7 +356,6 @@ def busybox_image(podman_url: str) -> str:
         tar.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return BUSYBOX_IMAGE
 
 
 PYTHON_IMAGE = "localhost/debian-python:bookworm"

@@ -106,7 +106,14 @@ def test_main_processes_die_with_the_appliance(launcher: str, tmp_path: Path) ->
                 engine._launcher = None
             handle = await engine.start(LaunchSpec(workload_id="dieswithparent01", kind="job_run",
                 command=["sleep", "60"], env={{}}, project_dir=Path({str(tmp_path)!r}), image="", cpu=1, memory_mb=0))
-            print(handle.split(":")[0], flush=True)
+            pid = handle.split(":")[0]
+            # setpriv sets the parent-death signal after its exec, and a signal asked for once the
+            # parent is gone never comes: wait until it has exec'd the command (under load that
+            # takes a while). An appliance killed within that moment leaves the process to the
+            # restart's reconciliation (tests/integration/test_reconcile_after_crash.py).
+            while not Path(f"/proc/{{pid}}/cmdline").read_bytes().split(b"\\0")[0].endswith(b"sleep"):
+                await asyncio.sleep(0.001)
+            print(pid, flush=True)
             os._exit(0)
 
         asyncio.run(main())
