@@ -149,6 +149,40 @@ async def test_job_runs_end_with_their_exit_code_and_output(kate: Api) -> None:
     assert ended["status"] == "ENGINE_SUCCEEDED", ended
 
 
+async def test_the_output_of_a_pod_that_waited_for_a_node_is_all_kept(kate: Api, core: Any) -> None:
+    """The apiserver answers a log request for a pod not yet on a node with an empty 200 (a
+    loaded scheduler made a job's output vanish so): the follower asks again until the pod is
+    placed, and keeps every line."""
+    import uuid
+    from pathlib import Path
+
+    from cml_appliance.engines.base import LaunchSpec
+    from cml_appliance.web.keys import WORKLOADS
+
+    engine = kate.client.app[WORKLOADS].engines["kubernetes"]
+    (node,) = (await core.list_node()).items
+    label = "cml-test/late-node"
+    spec = LaunchSpec(workload_id="late" + uuid.uuid4().hex[:12], kind="job_run",
+                      command=["/bin/sh", "-c", "echo placed at last; echo and ran"], env={}, project_dir=Path("/nonexistent"),
+                      image=BUSYBOX_IMAGE, cpu=0.1, memory_mb=64, mount_project=False, owner="kate",
+                      node_selector={label: "yes"})
+    handle = await engine.start(spec)
+
+    async def read_all() -> bytes:
+        return b"".join([chunk async for chunk in engine.output(handle)])
+
+    try:
+        reader = asyncio.create_task(read_all())
+        await asyncio.sleep(2)
+        assert not reader.done(), "the follower gave up on a pod that waits for a node"
+        await core.patch_node(node.metadata.name, {"metadata": {"labels": {label: "yes"}}})
+        output = await asyncio.wait_for(reader, 60)
+        assert b"placed at last" in output and b"and ran" in output, output
+    finally:
+        await core.patch_node(node.metadata.name, {"metadata": {"labels": {label: None}}})
+        await engine.cleanup(handle)
+
+
 async def test_memory_limit_kills_with_oomkilled(kate: Api) -> None:
     _, project = await kate.post("/api/v2/projects", json={"name": "oom"})
     pid = project["id"]

@@ -346,7 +346,8 @@ class KubernetesEngine:
 
     async def output(self, handle: str, *, new_only: bool = False) -> AsyncIterator[bytes]:
         """The main container's output, followed until it ends. Before the container runs the
-        log API answers 400 ("waiting to start"): asked again until it does, or the pod is gone."""
+        log API answers 400 ("waiting to start"), and 204 while the pod is not on a node: asked
+        again until it runs, or the pod is gone."""
         namespace, name = self._split(handle)
         first = True
         while True:
@@ -366,7 +367,9 @@ class KubernetesEngine:
                 continue
             if response.status != 200:  # unread content: errors come back as answers here
                 response.release()
-                if response.status == 400:  # "waiting to start": not running yet
+                # 400: "waiting to start", not running yet. 204: not on a node yet (a loaded
+                # scheduler made a job's output vanish when this was taken for the end).
+                if response.status in (400, 204):
                     await asyncio.sleep(0.3)
                     continue
                 return  # 404: the pod is gone
