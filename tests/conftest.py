@@ -35,16 +35,6 @@ os.environ.setdefault("CML_EDITORS_PORT", "0")
 os.environ.setdefault("CML_GRPC_PORT", "0")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist (scripts/test.sh runs `--dist loadgroup`): a file's tests stay
-    together on one worker, in order (module fixtures; test_swagger_client.py's last test counts
-    what the others drove), and every test that uses the one-node test cluster runs on the same
-    worker, one at a time, as the node's CPUs would otherwise leave pods of two tests pending."""
-    for item in items:
-        group = "kubernetes" if "kube_cluster" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @contextlib.contextmanager
 def machine_lock(name: str) -> Iterator[None]:
     """One test process at a time on this machine (xdist workers, or two runs) for what they
@@ -53,6 +43,19 @@ def machine_lock(name: str) -> Iterator[None]:
 
     with open(Path(tempfile.gettempdir()) / f"cml-test-{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _one_cluster_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With two test workers (CML_TEST_WORKERS=2: pytest-xdist, a file's tests on one worker),
+    they take turns on the one-node test cluster, a whole test at a time: its CPUs would
+    otherwise leave the pods of two tests pending. (xdist's `loadgroup` does not group on
+    pytest 9.2.)"""
+    if "kube_cluster" not in request.fixturenames:
+        yield
+        return
+    with machine_lock("cluster"):
         yield
 
 
@@ -429,24 +432,44 @@ TEST_CLUSTER = REPO / "scripts" / "test-cluster.sh"
 POD_GATEWAY = "10.88.93.1"
 
 
+def _cluster_is_up() -> bool:
+    import subprocess
+
+    return os.getuid() == 0 and subprocess.run([str(TEST_CLUSTER), "status"], capture_output=True).returncode == 0
+
+
+CLUSTER_WAS_UP = pytest.StashKey[bool]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run itself, not one of its workers
+        session.config.stash[CLUSTER_WAS_UP] = _cluster_is_up()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The cluster is stopped after the run if the run started it: here, once every worker is
+    done with it (a worker that finished first must not stop it under the other)."""
+    import subprocess
+
+    if os.environ.get("PYTEST_XDIST_WORKER") or session.config.stash.get(CLUSTER_WAS_UP, True):
+        return
+    if _cluster_is_up():
+        subprocess.run([str(TEST_CLUSTER), "down"], capture_output=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
-def kube_cluster() -> Iterator[Path]:
+def kube_cluster() -> Path:
     """The test cluster's admin kubeconfig. Built on first use (about 7 minutes, then cached
-    under /var/tmp/cml-test-cluster), started when it is not up, stopped after the run if this
-    run started it."""
+    under /var/tmp/cml-test-cluster), started when it is not up (test-cluster.sh serialises two
+    workers asking at once)."""
     import subprocess
 
     require_tool(os.getuid() == 0, "root, for the test cluster's kubelet and containerd (scripts/test-cluster.sh)")
-    already_up = subprocess.run([str(TEST_CLUSTER), "status"], capture_output=True).returncode == 0
     proc = subprocess.run([str(TEST_CLUSTER), "up"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"scripts/test-cluster.sh up failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     kubeconfig = Path(proc.stdout.strip().splitlines()[-1])
     assert kubeconfig.is_file(), proc.stdout
-    try:
-        yield kubeconfig
-    finally:
-        if not already_up:
-            subprocess.run([str(TEST_CLUSTER), "down"], capture_output=True, timeout=300)
+    return kubeconfig
 
 
 def _containerd_has(image: str) -> bool:
@@ -461,18 +484,23 @@ def _containerd_has(image: str) -> bool:
 @pytest.fixture(scope="session")
 def kube_images(kube_cluster: Path, busybox_image: str, python_image: str) -> tuple[str, str]:
     """The test runtimes, loaded into the node's containerd (nothing can be pulled here)."""
+    for image in (busybox_image, python_image):
+        _load_into_cluster(image)
+    return busybox_image, python_image
+
+
+def _load_into_cluster(image: str) -> None:
+    """An image of Podman's into the node's containerd, once (both workers may ask)."""
     import subprocess
 
-    for image in (busybox_image, python_image):
-        if _containerd_has(image):
-            continue
-        with tempfile.TemporaryDirectory(prefix="cml-image-") as folder:
-            archive = Path(folder) / "image.tar"
-            subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), image],
-                           env=_podman_env(), check=True, capture_output=True, timeout=600)
-            subprocess.run([str(TEST_CLUSTER), "import", str(archive)], check=True, capture_output=True, timeout=600)
-        assert _containerd_has(image), f"{image} is not in the node's containerd after the import"
-    return busybox_image, python_image
+    with machine_lock("cluster-images"):
+        if not _containerd_has(image):
+            with tempfile.TemporaryDirectory(prefix="cml-image-") as folder:
+                archive = Path(folder) / "image.tar"
+                subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), image],
+                               env=_podman_env(), check=True, capture_output=True, timeout=600)
+                subprocess.run([str(TEST_CLUSTER), "import", str(archive)], check=True, capture_output=True, timeout=900)
+    assert _containerd_has(image), f"{image} is not in the node's containerd after the import"
 
 
 @pytest.fixture
@@ -528,15 +556,7 @@ def jupyterlab_image(podman_url: str, python_image: str, workload_python: Path) 
 @pytest.fixture(scope="session")
 def kube_jupyterlab_image(kube_cluster: Path, jupyterlab_image: str) -> str:
     """The JupyterLab runtime in the test node's containerd too (nothing can be pulled here)."""
-    import subprocess
-
-    if not _containerd_has(jupyterlab_image):
-        with tempfile.TemporaryDirectory(prefix="cml-image-") as folder:
-            archive = Path(folder) / "image.tar"
-            subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), jupyterlab_image],
-                           env=_podman_env(), check=True, capture_output=True, timeout=600)
-            subprocess.run([str(TEST_CLUSTER), "import", str(archive)], check=True, capture_output=True, timeout=900)
-    assert _containerd_has(jupyterlab_image), f"{jupyterlab_image} is not in the node's containerd after the import"
+    _load_into_cluster(jupyterlab_image)
     return jupyterlab_image
 
 
