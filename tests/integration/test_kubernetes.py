@@ -303,7 +303,10 @@ async def test_sigkill_and_restart_adopt_running_pods_and_fail_lost_ones(
                 pid = (await resp.json())["id"]
             sids = []
             for _ in range(2):
-                async with http.post(f"{url}/api/v2/projects/{pid}/sessions", json={"runtime_identifier": busybox}) as resp:
+                # Half a core each: two sessions of the default 1 vCPU fill the node's 2 cores, and
+                # a pod of the test before, still ending, then left one to the scheduler's retry.
+                async with http.post(f"{url}/api/v2/projects/{pid}/sessions",
+                                     json={"runtime_identifier": busybox, "cpu": 0.5, "memory": 1}) as resp:
                     body = await resp.json()
                     assert resp.status == 200, body
                 sids.append(body["id"])
