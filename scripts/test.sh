@@ -36,8 +36,8 @@ mkdir -p "$CML_ARTIFACTS_DIR"
 
 # CML_TEST_WORKERS=2 runs the suite on two pytest-xdist workers, about 10 minutes instead of 17
 # (a file's tests stay on one worker; tests that use the test cluster take turns, see
-# tests/conftest.py). One process is the default until the cluster's tests are proven steady
-# beside a second worker (docs/architecture.md).
+# tests/conftest.py). One process is the default until two workers have more runs behind them
+# (docs/architecture.md).
 set +e
 .venv/bin/python -m pytest -n "${CML_TEST_WORKERS:-0}" --dist loadfile "$@"
 rc=$?
