@@ -150,7 +150,7 @@ async def test_job_runs_end_with_their_exit_code_and_output(kate: Api) -> None:
 
 
 async def test_the_output_of_a_pod_that_waited_for_a_node_is_all_kept(kate: Api, core: Any) -> None:
-    """The apiserver answers a log request for a pod not yet on a node with an empty 200 (a
+    """The apiserver answers a log request for a pod not yet on a node with 204 No Content (a
     loaded scheduler made a job's output vanish so): the follower asks again until the pod is
     placed, and keeps every line."""
     import uuid
