@@ -339,11 +339,18 @@ start_etcd() {
     --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT+10))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT+10))" \
     --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT+10))" --logger zap --log-level warn >> "$R/etcd.log" 2>&1 8>&- 9>&- &
   echo $! > "$R/etcd.pid"
+  local healthy=""
   for _ in $(seq 1 100); do
-    "$K/root/usr/bin/etcdctl" --endpoints="127.0.0.1:$ETCD_PORT" endpoint health >/dev/null 2>&1 && return
+    "$K/root/usr/bin/etcdctl" --endpoints="127.0.0.1:$ETCD_PORT" endpoint health >/dev/null 2>&1 && { healthy=1; break; }
     sleep 0.2
   done
-  log "etcd did not become healthy; see $R/etcd.log"; exit 1
+  [ -n "$healthy" ] || { log "etcd did not become healthy; see $R/etcd.log"; exit 1; }
+  # Some history before the apiserver starts, as any real cluster's store has: the apiserver's
+  # watch caches then begin past resourceVersion 1, so a watch from an old resourceVersion gets
+  # 410 Gone as on a real cluster (on an empty store the pods' cache would serve it from rv 1).
+  for i in $(seq 1 20); do
+    "$K/root/usr/bin/etcdctl" --endpoints="127.0.0.1:$ETCD_PORT" put /cml-test-cluster/history "$i" >/dev/null
+  done
 }
 
 start_apiserver() {

@@ -460,13 +460,21 @@ async def test_the_watch_survives_a_cut_a_silent_stall_and_410_gone(kate: Api, c
         # 3. 410 Gone: the watch is told to resume from a resourceVersion the apiserver no longer
         # keeps; it lists again instead of giving up.
         expired, relists = watcher.expired, watcher.relists
-        await cut_a_watch_in_flight()
-        # While it backs off, its resourceVersion becomes one the apiserver no longer keeps; kept
-        # at "1" until the watch has connected again.
+        # The proxy refuses new connections, so the cut watch cannot come back before its resume
+        # point is one the apiserver no longer keeps. (Setting it while the watch merely backed
+        # off raced the reconnect, and a stale-watch restart's list, which sets the point anew.)
+        proxy.refusing = True
+        failures = watcher.restarts
+        proxy.cut()
+        await wait_for(lambda: _true(watcher.restarts > failures), 30, "the cut watch to fail")
         async with asyncio.timeout(60):
-            while not proxy.links:
+            while True:  # until a refused reconnect leaves the point at "1" (no list came between)
                 watcher.resource_version = "1"
-                await asyncio.sleep(0.01)
+                failures = watcher.restarts
+                await wait_for(lambda: _true(watcher.restarts > failures), 30, "a refused reconnect")
+                if watcher.resource_version == "1":
+                    break
+        proxy.refusing = False
         await wait_for(lambda: _true(watcher.expired > expired and watcher.relists > relists), 30, "a relist after 410 Gone")
         await kate.post(f"/api/v2/projects/{pid}/sessions/{second['id']}:stop")
         await wait_status(kate, pid, second["id"], "ENGINE_STOPPED", timeout=60)
