@@ -263,7 +263,12 @@ async def wait_build(api: Api, project_id: str, model_id: str, build_id: str | N
             _, deployments = await api.get(f"{base}/{build['id']}/deployments")
             if deployments.get("model_deployments"):
                 return dict(build)
-        assert time.monotonic() < deadline, f"the build is still {build.get('status')} after {timeout} s"
+        if time.monotonic() > deadline:
+            shown = ""
+            if build.get("id"):  # where it stands, for whoever reads the failure
+                _, log = await api.get(f"{base}/{build['id']}/logs")
+                shown = (log.get("content") or "")[-3000:] if isinstance(log, dict) else ""
+            raise AssertionError(f"the build is still {build.get('status')} after {timeout} s; its log:\n{shown}")
         await asyncio.sleep(0.1)
 
 

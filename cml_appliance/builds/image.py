@@ -36,6 +36,7 @@ import aiodocker
 
 from cml_appliance.builds.layers import PREFIX, BadSnapshot, Layer, file_digest, make_layer, make_layer_from_dir, unpack
 from cml_appliance.core import ownership
+from cml_appliance.engines.container import followed_log
 from cml_appliance.engines.sandbox import Sandbox
 from cml_appliance.gitserver.repos import run_git
 from cml_appliance.registry.client import RegistryClient, RegistryError
@@ -224,11 +225,15 @@ class ImageBuilder:
                            "PidsLimit": 1024, "Memory": 4 * 1024 ** 3, "NetworkMode": "bridge"},
         }
         container = await docker.containers.create(config, name=f"cml-build-{spec.build_id}")
+        partial = ""  # the start of a line that the next chunk ends
         try:
             await container.start()
-            async for chunk in container.log(stdout=True, stderr=True, follow=True):
-                for line in chunk.splitlines():
+            async for chunk in followed_log(container):
+                *lines, partial = (partial + chunk).replace("\r\n", "\n").split("\n")
+                for line in lines:
                     show(line)
+            if partial:
+                show(partial)
             return int((await container.wait()).get("StatusCode", 1))
         finally:
             with contextlib.suppress(aiodocker.DockerError):

@@ -44,6 +44,7 @@ PIDS_LIMIT = 1024
 RELAY_PORT_OFFSET = 10000
 RELAYED_KINDS = frozenset({"application", "model_replica"})
 RELAY_SOURCE = (Path(__file__).parent / "port_relay.py").read_text()
+LOG_DRAIN_SECONDS = 5  # after a container exits, for the rest of its followed log
 
 
 def _source_address_towards(ip: str) -> str:
@@ -52,6 +53,56 @@ def _source_address_towards(ip: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((ip, 9))  # UDP: picks the route, sends nothing
         return str(probe.getsockname()[0])
+
+
+async def followed_log(container: Any) -> AsyncIterator[str]:
+    """A container's output (stdout and stderr) as it comes, ending once the container has exited.
+
+    The exit is the container's wait, not the end of the followed log: Podman's follow does not
+    always end when the container does (podman#6627, #11461; a build here once hung on it). What
+    the follow has not delivered LOG_DRAIN_SECONDS after the exit is read once, unfollowed."""
+    chunks: asyncio.Queue[str | None] = asyncio.Queue()
+    received = 0
+
+    async def follow() -> None:
+        try:
+            async for chunk in container.log(stdout=True, stderr=True, follow=True):
+                chunks.put_nowait(chunk)
+        finally:
+            chunks.put_nowait(None)
+
+    following = asyncio.ensure_future(follow())
+    exited = asyncio.ensure_future(container.wait())
+    loop = asyncio.get_running_loop()
+    drain_until: float | None = None
+    try:
+        while True:
+            getting = asyncio.ensure_future(chunks.get())
+            waiting: set[asyncio.Future[Any]] = {getting} if drain_until is not None else {getting, exited}
+            timeout = None if drain_until is None else max(0.0, drain_until - loop.time())
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if getting in done:
+                chunk = getting.result()
+                if chunk is None:
+                    following.result()  # the follow's own error, if it ended on one
+                    return
+                received += len(chunk)
+                yield chunk
+                continue
+            getting.cancel()
+            if drain_until is None:  # it has exited: the follow has a moment to deliver the rest
+                drain_until = loop.time() + LOG_DRAIN_SECONDS
+                continue
+            log.warning("the followed log of container %s did not end with it; reading it once", str(container.id)[:12])
+            following.cancel()
+            rest = "".join(await container.log(stdout=True, stderr=True))[received:]
+            if rest:
+                yield rest
+            return
+    finally:
+        for task in (following, exited):
+            task.cancel()
+        await asyncio.gather(following, exited, return_exceptions=True)
 
 
 def _unavailable(exc: Exception) -> EngineUnavailable:
@@ -282,7 +333,7 @@ class ContainerEngine:
     async def output(self, handle: str) -> AsyncIterator[bytes]:
         container = self.docker.containers.container(handle)
         try:
-            async for text in container.log(stdout=True, stderr=True, follow=True):
+            async for text in followed_log(container):
                 yield text.encode() if isinstance(text, str) else text
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             log.warning("log stream of container %s ended: %s", handle[:12], exc)
