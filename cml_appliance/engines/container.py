@@ -44,7 +44,9 @@ PIDS_LIMIT = 1024
 RELAY_PORT_OFFSET = 10000
 RELAYED_KINDS = frozenset({"application", "model_replica"})
 RELAY_SOURCE = (Path(__file__).parent / "port_relay.py").read_text()
-LOG_DRAIN_SECONDS = 5  # after a container exits, for the rest of its followed log
+# After a container exits, for the rest of its followed log; under the workloads service's
+# OUTPUT_DRAIN_SECONDS, so that an unfollowed read of what the follow missed still has time.
+LOG_DRAIN_SECONDS = 2
 
 
 def _source_address_towards(ip: str) -> str:
@@ -75,6 +77,7 @@ async def followed_log(container: Any) -> AsyncIterator[str]:
     exited = asyncio.ensure_future(container.wait())
     loop = asyncio.get_running_loop()
     drain_until: float | None = None
+    getting: asyncio.Future[str | None] | None = None
     try:
         while True:
             getting = asyncio.ensure_future(chunks.get())
@@ -100,9 +103,10 @@ async def followed_log(container: Any) -> AsyncIterator[str]:
                 yield rest
             return
     finally:
-        for task in (following, exited):
+        tasks = [task for task in (following, exited, getting) if task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(following, exited, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _unavailable(exc: Exception) -> EngineUnavailable:

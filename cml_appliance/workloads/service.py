@@ -55,7 +55,7 @@ LAUNCH_GRACE_SECONDS = 60
 # An ended pod that no process here follows is removed after this long (one that follows its
 # output, perhaps in another appliance process, removes it as soon as it has read it).
 REPORTED_CLEANUP_DELAY = 15
-# How long a pod's end waits for its output to be read to the end before it is recorded.
+# How long a workload's end waits for its output to be read to the end before it is recorded.
 OUTPUT_DRAIN_SECONDS = 5.0
 # Variables the platform sets; user environments cannot change them.
 PLATFORM_VARIABLES = frozenset(
@@ -473,7 +473,7 @@ class WorkloadService:
             code = await engine.wait(handle)
             if pumping is not None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(pumping), 5)
+                    await asyncio.wait_for(asyncio.shield(pumping), OUTPUT_DRAIN_SECONDS)
                 except TimeoutError:
                     pumping.cancel()
         finally:
