@@ -247,6 +247,29 @@ async def test_a_start_over_the_namespace_quota_is_refused_with_the_quota_named(
     await wait_status(kate, pid, first["id"], "ENGINE_STOPPED", timeout=60)
 
 
+async def test_the_appliance_quota_holds_on_the_cluster_too(kate: Api, core: Any) -> None:
+    """A start over the user's quota is refused before any pod is made, with the quota and what
+    runs named, as on the local and container engines (test_quotas.py)."""
+    from tests.conftest import assert_error, user_maker
+
+    admin = await user_maker(kate.client)("root", admin=True)
+    assert (await admin.put("/api/v2/usersquota/kate", json={"cpu": "1", "memory": "8"}))[0] == 200
+    _, project = await kate.post("/api/v2/projects", json={"name": "held"})
+    pid = project["id"]
+    status, first = await kate.post(f"/api/v2/projects/{pid}/sessions", json={
+        "runtime_identifier": BUSYBOX_IMAGE, "name": "first", "cpu": 0.5, "memory": 1})
+    assert status == 200 and first["engine"] == "kubernetes", first
+    running = await wait_status(kate, pid, first["id"], "ENGINE_RUNNING", timeout=60)
+    status, body = await kate.post(f"/api/v2/projects/{pid}/sessions", json={
+        "runtime_identifier": BUSYBOX_IMAGE, "name": "second", "cpu": 1, "memory": 1})
+    assert_error(status, body, 429)
+    assert "kate's quota of 1 vCPU, 8 GB" in body["message"] and "session 'first' in 'held'" in body["message"], body
+    pods = await core.list_namespaced_pod(running["namespace"])
+    assert [pod.metadata.name for pod in pods.items] == [f"cml-{first['id']}"]
+    await kate.post(f"/api/v2/projects/{pid}/sessions/{first['id']}:stop")
+    await wait_status(kate, pid, first["id"], "ENGINE_STOPPED", timeout=60)
+
+
 async def test_a_pod_deleted_by_hand_fails_its_workload_with_a_reason(kate: Api, core: Any) -> None:
     _, project = await kate.post("/api/v2/projects", json={"name": "deleted"})
     pid = project["id"]
